@@ -1,0 +1,49 @@
+"""Loading and feeding the board model: engine selection, TorchScript load, normalisation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from agent.errors import BundleError
+from agent.torchwarnings import known_torch_deprecations
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 NCHW images -> float32, scaled to [0, 1] then standardised per channel.
+
+    Host and board both call this, so the board's input is bit-for-bit the host's.
+    """
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images.to(torch.float32) / 255.0 - m) / s
+
+
+def set_engine(engine: str) -> None:
+    """Select torch's quantized engine, or raise BundleError naming what this torch has."""
+    available = torch.backends.quantized.supported_engines
+    if engine not in available:
+        raise BundleError(f"quantized engine {engine!r} is not available in this torch "
+                          f"{torch.__version__} (it has: {', '.join(available)}); rebuild the "
+                          f"bundle with quantize.engine set to one of those")
+    torch.backends.quantized.engine = engine
+
+
+def load_scripted(path: Path, engine: str) -> torch.jit.ScriptModule:
+    """Load a TorchScript file with `engine` selected first (packed weights depend on it).
+
+    Loading TorchScript runs code: callers must have checked the file's sha256 first.
+    """
+    set_engine(engine)
+    try:
+        with known_torch_deprecations():
+            module = torch.jit.load(str(path), map_location="cpu")
+    except FileNotFoundError:
+        raise BundleError(f"{path}: model file missing (copy the whole bundle)") from None
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"{path}: not a loadable TorchScript file ({first})") from None
+    module.eval()
+    return module

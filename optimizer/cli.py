@@ -1,0 +1,67 @@
+"""edge-optimize: build a verified int8 board bundle from a trained (or trainable) CNN.
+
+    edge-optimize run|train|prune|quantize|export|report [--config PATH] [--set s.k=v ...]
+                  [--out DIR] [--data cifar10|synthetic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from agent.config import default_config_path, load_config
+from agent.errors import EdgeforgeError
+from optimizer import pipeline
+from optimizer.config import ALL_SECTIONS
+
+STEPS: dict[str, tuple[Callable[[pipeline.Context], Any], str]] = {
+    "run": (pipeline.step_run, "the whole pipeline (trains only when no baseline exists)"),
+    "train": (pipeline.step_train, "train the fp32 baseline -> baseline_cnn.pth"),
+    "prune": (pipeline.step_prune, "prune + masked fine-tune -> pruned_cnn.pth"),
+    "quantize": (pipeline.step_quantize, "int8 behind the accuracy gate -> quantized_cnn.pt"),
+    "export": (pipeline.step_export,
+               "TorchScript + fresh-process check -> quantized_cnn_scripted.pt, manifest.json"),
+    "report": (pipeline.step_report, "measure every variant -> report.md/.json/.png"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-optimize", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in STEPS.items():
+        s = sub.add_parser(name, help=help_text, description=help_text)
+        s.add_argument("--config", type=Path, default=None,
+                       help="config file (default: ./config.yaml if present, else built-in "
+                            "defaults)")
+        s.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
+        s.add_argument("--out", type=Path, default=Path("models"),
+                       help="bundle directory (default: models/)")
+        s.add_argument("--data", choices=("cifar10", "synthetic"), default=None,
+                       help="dataset (overrides data.source; synthetic = offline stand-in)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.source={args.data}")
+    try:
+        config_path = args.config or default_config_path(["config.yaml"])
+        cfg = load_config(config_path, overrides, ALL_SECTIONS)
+        STEPS[args.command][0](pipeline.Context(cfg=cfg, out=args.out))
+    except EdgeforgeError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

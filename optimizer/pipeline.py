@@ -1,0 +1,283 @@
+"""The optimizer's steps, each reading its inputs from and writing its outputs to `out/`.
+
+train -> baseline_cnn.pth -> prune -> pruned_cnn.pth -> quantize -> quantized_cnn.pt ->
+export -> quantized_cnn_scripted.pt, sample.pt, manifest.json -> report -> report.*
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import agent
+from agent.errors import ConfigError
+from agent.manifest import BOARD_MODEL, SAMPLE_FILE, Manifest, file_entry
+from agent.model import load_scripted, set_engine
+from agent.torchwarnings import known_torch_deprecations
+from optimizer import data as datasets
+from optimizer import export as exporting
+from optimizer import latency, quantize, report
+from optimizer.data import ImageData
+from optimizer.model import (
+    accuracy_pct,
+    build,
+    load_state_dict_into,
+    predict,
+    save_state_dict,
+    serialized_bytes,
+)
+from optimizer.prune import compressed_size, prune_, sparsity
+from optimizer.train import evaluate, fit_, normalized_test
+
+BASELINE, PRUNED, QUANTIZED = "baseline_cnn.pth", "pruned_cnn.pth", "quantized_cnn.pt"
+
+
+@dataclass
+class Context:
+    """What every step needs: the built config sections, the output folder, the data."""
+
+    cfg: dict[str, Any]
+    out: Path
+    _data: ImageData | None = field(default=None, repr=False)
+
+    @property
+    def data(self) -> ImageData:
+        if self._data is None:
+            print(f"loading data: {self.cfg['data'].source}", file=sys.stderr)
+            self._data = datasets.load(self.cfg["data"])
+            self._check_shape(self._data)
+        return self._data
+
+    def _check_shape(self, d: ImageData) -> None:
+        want = self.cfg["train"].input_shape
+        if d.input_shape != want:
+            raise ConfigError(f"train.input_shape: {want} does not match the {d.source} images "
+                              f"{d.input_shape} (set train.input_shape={d.input_shape})")
+        classes = self.cfg["train"].classes
+        if classes is not None and len(classes) != len(d.classes):
+            raise ConfigError(f"train.classes: {len(classes)} names for a dataset with "
+                              f"{len(d.classes)} classes (list {len(d.classes)} names or null)")
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.cfg["train"].classes or self.data.classes)
+
+    def fresh_model(self) -> nn.Module:
+        return build(self.cfg["train"].factory, len(self.classes))
+
+    def load_fp32(self, name: str, produced_by: str) -> nn.Module:
+        return load_state_dict_into(self.fresh_model(), self.out / name,
+                                    f"{name.split('_')[0]} checkpoint",
+                                    f"run edge-optimize {produced_by} first")
+
+
+def step_train(ctx: Context) -> nn.Module:
+    """Train the baseline (or adopt train.checkpoint) and save baseline_cnn.pth."""
+    t = ctx.cfg["train"]
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    model = ctx.fresh_model()
+    if t.checkpoint:
+        load_state_dict_into(model, Path(t.checkpoint), "train.checkpoint",
+                             "point train.checkpoint at a state_dict saved from train.factory")
+        print(f"adopted {t.checkpoint}: test accuracy {evaluate(model, ctx.data):.2f}%",
+              file=sys.stderr)
+    else:
+        d = ctx.cfg["data"]
+        fit_(model, ctx.data, epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay,
+             batch_size=d.batch_size, augment=d.augment, seed=t.seed, label="train")
+    save_state_dict(model, ctx.out / BASELINE)
+    print(f"wrote {ctx.out / BASELINE}", file=sys.stderr)
+    return model
+
+
+def step_prune(ctx: Context) -> nn.Module:
+    """Prune the baseline, fine-tune with masks, save pruned_cnn.pth."""
+    model = ctx.load_fp32(BASELINE, "train")
+    before = evaluate(model, ctx.data)
+    prune_(model, ctx.cfg["prune"], ctx.data, ctx.cfg["train"], ctx.cfg["data"])
+    save_state_dict(model, ctx.out / PRUNED)
+    s = sparsity(model)
+    print(f"pruned to {100 * s['overall']:.1f}% zeros: accuracy {before:.2f}% -> "
+          f"{evaluate(model, ctx.data):.2f}%; wrote {ctx.out / PRUNED}", file=sys.stderr)
+    return model
+
+
+def _calibration(ctx: Context) -> torch.Tensor:
+    n = min(ctx.cfg["quantize"].calibration_images, ctx.data.train_images.shape[0])
+    idx = torch.randperm(ctx.data.train_images.shape[0],
+                         generator=torch.Generator().manual_seed(ctx.cfg["train"].seed))[:n]
+    return next(datasets.batches(ctx.data.train_images[idx], ctx.data.train_labels[idx], n,
+                                 ctx.data.mean, ctx.data.std))[0]
+
+
+def step_quantize(ctx: Context) -> quantize.GateResult:
+    """Quantize for the configured engine behind the accuracy gate; save quantized_cnn.pt."""
+    q = ctx.cfg["quantize"]
+    baseline = ctx.load_fp32(BASELINE, "train")
+    source = baseline if q.source == "baseline" else ctx.load_fp32(PRUNED, "prune")
+    test_inputs = normalized_test(ctx.data)
+    base_acc = accuracy_pct(predict(baseline, test_inputs), ctx.data.test_labels)
+    result = quantize.gate(source, q.engine, _calibration(ctx), test_inputs,
+                           ctx.data.test_labels, base_acc, q.max_accuracy_drop)
+    record = {"baseline_accuracy_pct": base_acc, "source": q.source,
+              "max_accuracy_drop": q.max_accuracy_drop, "attempts": result.attempts,
+              "calibration_images": q.calibration_images, "data": ctx.data.describe()}
+    quantize.save_quantized(ctx.out / QUANTIZED, result.model, mode=result.mode,
+                            engine=q.engine, factory=ctx.cfg["train"].factory,
+                            num_classes=len(ctx.classes), input_shape=ctx.data.input_shape,
+                            record=record)
+    for a in result.attempts:
+        print(f"  {a['mode']:<19} {'passed' if a['passed'] else 'failed'}: {a['reason']}",
+              file=sys.stderr)
+    print(f"quantized ({result.mode}, engine {q.engine}); wrote {ctx.out / QUANTIZED}",
+          file=sys.stderr)
+    return result
+
+
+def step_export(ctx: Context) -> Manifest:
+    """Export the board file, verify it in a fresh process, write sample.pt and the manifest."""
+    e = ctx.cfg["export"]
+    module, payload = quantize.load_quantized(ctx.out / QUANTIZED)
+    engine, record = payload["engine"], payload["record"]
+    d = ctx.data
+    normalization = {"mean": list(d.mean), "std": list(d.std)}
+    metadata = {"engine": engine, "input_shape": d.input_shape, "normalization": normalization,
+                "classes": ctx.classes, "torch_version": torch.__version__,
+                "quantization_mode": payload["mode"], "data_source": d.source}
+    test_inputs = normalized_test(d)
+    board = ctx.out / BOARD_MODEL
+    exporting.export(module, e, engine, test_inputs[:1], metadata, board)
+    set_engine(engine)
+    expected = predict(module, test_inputs)
+    if e.verify:
+        verification = exporting.verify_in_fresh_process(board, engine, test_inputs,
+                                                         d.test_labels, expected,
+                                                         e.logit_tolerance)
+        print(f"verified {board} in a fresh process: {verification['images']} images, max "
+              f"|logit diff| {verification['max_abs_logit_diff']:.3g}, accuracy "
+              f"{verification['accuracy_pct_file']:.2f}%", file=sys.stderr)
+    else:
+        verification = {"status": "skipped (export.verify=false)", "engine": engine}
+    n = min(e.sample_size, d.test_images.shape[0])
+    torch.save({"images": d.test_images[:n].clone(), "labels": d.test_labels[:n].clone(),
+                "logits": expected[:n].clone()}, ctx.out / SAMPLE_FILE)
+    acc = accuracy_pct(expected, d.test_labels)
+    names = [BASELINE, PRUNED, QUANTIZED, BOARD_MODEL, SAMPLE_FILE]
+    files = {name: file_entry(ctx.out / name) for name in names if (ctx.out / name).is_file()}
+    base_bytes = files[BASELINE]["bytes"] if BASELINE in files else None
+    manifest = Manifest(
+        created_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        edgeforge_version=agent.__version__, torch_version=torch.__version__,
+        architecture={"factory": payload["factory"], "name": type(ctx.fresh_model()).__name__,
+                      "parameters": sum(p.numel() for p in ctx.fresh_model().parameters())},
+        input={"shape": d.input_shape, "dtype": "float32", "layout": "NCHW",
+               "normalization": normalization, "pixel_scale": "uint8 / 255"},
+        classes=ctx.classes, engine=engine,
+        quantization={"mode": payload["mode"], "source": record["source"],
+                      "max_accuracy_drop": record["max_accuracy_drop"],
+                      "calibration_images": record["calibration_images"],
+                      "attempts": record["attempts"]},
+        data=d.describe(),
+        metrics={"accuracy_pct": acc, "baseline_accuracy_pct": record["baseline_accuracy_pct"],
+                 "accuracy_drop_pts": record["baseline_accuracy_pct"] - acc,
+                 "board_model_bytes": files[BOARD_MODEL]["bytes"],
+                 "baseline_bytes": base_bytes,
+                 "test_images": int(d.test_labels.shape[0])},
+        sample={"file": SAMPLE_FILE, "count": n,
+                "accuracy_pct": accuracy_pct(expected[:n], d.test_labels[:n]),
+                "logit_tolerance": e.logit_tolerance},
+        verification=verification, files=files)
+    manifest.write(ctx.out)
+    print(f"wrote {board} and {ctx.out / 'manifest.json'}", file=sys.stderr)
+    return manifest
+
+
+def _row(variant: str, file: str | None, payload: bytes, model: Any, ctx: Context,
+         test_inputs: torch.Tensor, runtime: str, verification: str) -> dict[str, Any]:
+    r = ctx.cfg["report"]
+    acc = accuracy_pct(predict(model, test_inputs), ctx.data.test_labels)
+    timing = latency.measure(model, ctx.data.input_shape, threads=r.threads, warmup=r.warmup,
+                             iters=r.latency_iters, throughput_batches=r.throughput_batches)
+    print(f"  measured {variant}: {acc:.2f}%, p50 {timing['p50_us']:.0f} us", file=sys.stderr)
+    return {"variant": variant, "file": file, "bytes": len(payload),
+            "xz_bytes": compressed_size(payload), "accuracy_pct": acc, "runtime": runtime,
+            "verification": verification, **timing}
+
+
+def _scripted(model: nn.Module, engine: str) -> Any:
+    """An in-memory frozen TorchScript copy: how dynamic/static variants run on a board."""
+    set_engine(engine)
+    with known_torch_deprecations():
+        return torch.jit.freeze(torch.jit.script(model.eval()))
+
+
+def step_report(ctx: Context) -> dict[str, Any]:
+    """Measure every variant and write report.md, report.json and report.png."""
+    manifest = Manifest.read(ctx.out)
+    engine = manifest.engine
+    test_inputs = normalized_test(ctx.data)
+    baseline = ctx.load_fp32(BASELINE, "train")
+    pruned = ctx.load_fp32(PRUNED, "prune")
+    source = pruned if manifest.quantization["source"] == "pruned" else baseline
+    calib = _calibration(ctx)
+    dyn = quantize.quantize_dynamic(source, engine)
+    static = quantize.quantize_static(source, engine, calib, per_channel=True)
+    chosen = manifest.quantization["mode"]
+    label = manifest.quantization["source"]
+    print("measuring variants", file=sys.stderr)
+    rows = [
+        _row("fp32 baseline", BASELINE, (ctx.out / BASELINE).read_bytes(), baseline, ctx,
+             test_inputs, "eager", "-"),
+        _row("pruned fp32", PRUNED, (ctx.out / PRUNED).read_bytes(), pruned, ctx, test_inputs,
+             "eager", "-"),
+        _row(f"dynamic int8 ({label})", QUANTIZED if chosen == "dynamic" else None,
+             serialized_bytes(dyn.state_dict()), _scripted(dyn, engine), ctx, test_inputs,
+             "TorchScript (frozen)", "-"),
+        _row(f"static int8 ({label})",
+             QUANTIZED if chosen == "static_per_channel" else None,
+             serialized_bytes(static.state_dict()), _scripted(static, engine), ctx,
+             test_inputs, "TorchScript (frozen)", "-"),
+    ]
+    board_path = manifest.verified_path(ctx.out, BOARD_MODEL)
+    rows.append(_row(f"board file ({chosen})", BOARD_MODEL, board_path.read_bytes(),
+                     load_scripted(board_path, engine), ctx, test_inputs,
+                     "TorchScript from disk", manifest.verification["status"]))
+    base = rows[0]
+    for r in rows:
+        r["size_ratio"] = r["bytes"] / base["bytes"]
+        r["xz_ratio"] = r["xz_bytes"] / base["bytes"]
+        r["accuracy_change_pts"] = r["accuracy_pct"] - base["accuracy_pct"]
+    result = {
+        "schema": "edgeforge.report/1", "created_utc": manifest.created_utc,
+        "data": ctx.data.describe(),
+        "environment": {"engine": engine, "torch_version": torch.__version__,
+                        "threads": ctx.cfg["report"].threads,
+                        "warmup": ctx.cfg["report"].warmup,
+                        "latency_iters": ctx.cfg["report"].latency_iters,
+                        "cpu": platform.processor() or platform.machine(),
+                        "machine": platform.machine()},
+        "quantization": manifest.quantization, "sparsity": sparsity(pruned), "rows": rows,
+    }
+    paths = report.write(ctx.out, result)
+    print(report.table(result))
+    print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return result
+
+
+def step_run(ctx: Context) -> dict[str, Any]:
+    """The whole pipeline; trains only when no baseline exists yet."""
+    if (ctx.out / BASELINE).is_file():
+        print(f"using existing {ctx.out / BASELINE} (delete it to retrain)", file=sys.stderr)
+    else:
+        step_train(ctx)
+    step_prune(ctx)
+    step_quantize(ctx)
+    step_export(ctx)
+    return step_report(ctx)

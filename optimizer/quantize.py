@@ -1,0 +1,172 @@
+"""int8 quantization for the board's engine, behind an accuracy gate.
+
+Modes, in the order the gate tries them:
+    static_per_channel  whole network int8: conv/linear+ReLU fused, per-channel weights
+    static_per_tensor   the same with one scale per weight tensor
+    dynamic             int8 weights for nn.Linear only (the reference method)
+    fp32                no quantization (always passes: it is the baseline's own accuracy)
+
+`quantized_cnn.pt` is a plain dict of tensors and strings, loadable with
+`torch.load(weights_only=True)` (no pickled code); `load_quantized` rebuilds the module.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.ao.quantization as tq
+from torch import nn
+
+from agent.model import set_engine
+from agent.torchwarnings import known_torch_deprecations
+from optimizer.errors import CheckpointError, QuantizationError
+from optimizer.model import build, check_fits, load_payload, predict
+
+MODES = ("static_per_channel", "static_per_tensor", "dynamic", "fp32")
+FORMAT = "edgeforge.quantized/1"
+
+
+def qconfig(engine: str, per_channel: bool) -> tq.QConfig:
+    """Histogram-calibrated uint8 activations, symmetric int8 weights for `engine`.
+
+    x86/fbgemm kernels want activations in 7 bits (their int16 accumulation can overflow);
+    qnnpack uses the full 8.
+    """
+    quant_max = 255 if engine == "qnnpack" else 127
+    activation = tq.HistogramObserver.with_args(dtype=torch.quint8, quant_min=0,
+                                                quant_max=quant_max)
+    if per_channel:
+        weight = tq.PerChannelMinMaxObserver.with_args(dtype=torch.qint8,
+                                                       qscheme=torch.per_channel_symmetric)
+    else:
+        weight = tq.MinMaxObserver.with_args(dtype=torch.qint8,
+                                             qscheme=torch.per_tensor_symmetric)
+    return tq.QConfig(activation=activation, weight=weight)
+
+
+def _prepare_static(model: nn.Module, engine: str, per_channel: bool) -> nn.Module:
+    """Wrap with Quant/DeQuant stubs, fuse the model's FUSE pairs, attach observers."""
+    set_engine(engine)
+    wrapped = tq.QuantWrapper(copy.deepcopy(model).eval())
+    with known_torch_deprecations():
+        groups = [[f"module.{name}" for name in group]
+                  for group in getattr(model, "FUSE", [])]
+        if groups:
+            wrapped = tq.fuse_modules(wrapped, groups)
+        wrapped.qconfig = qconfig(engine, per_channel)
+        return tq.prepare(wrapped)
+
+
+def _convert(prepared: nn.Module) -> nn.Module:
+    with known_torch_deprecations():
+        return tq.convert(prepared).eval()
+
+
+def quantize_static(model: nn.Module, engine: str, calibration: torch.Tensor,
+                    per_channel: bool = True) -> nn.Module:
+    """Static post-training int8 of the whole network, calibrated on `calibration` inputs.
+
+    Raises:
+        QuantizationError: an observer saw no data (its layer is never reached in forward).
+    """
+    prepared = _prepare_static(model, engine, per_channel)
+    predict(prepared, calibration, batch_size=64)
+    blind = [name for name, m in prepared.named_modules()
+             if isinstance(m, tq.ObserverBase) and hasattr(m, "min_val")
+             and (m.min_val.numel() == 0 or bool(torch.isinf(m.min_val).any()))]
+    if blind:
+        raise QuantizationError(f"observers {', '.join(blind[:3])} saw no data during "
+                                f"calibration (is quantize.calibration_images > 0, and does "
+                                f"forward() reach every layer?)")
+    return _convert(prepared)
+
+
+def quantize_dynamic(model: nn.Module, engine: str) -> nn.Module:
+    """The reference method: int8 weights for nn.Linear, activations quantized on the fly."""
+    set_engine(engine)
+    with known_torch_deprecations():
+        return tq.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear},
+                                   dtype=torch.qint8)
+
+
+def make(mode: str, model: nn.Module, engine: str, calibration: torch.Tensor) -> nn.Module:
+    """Build the `mode` variant of fp32 `model`."""
+    if mode == "static_per_channel":
+        return quantize_static(model, engine, calibration, per_channel=True)
+    if mode == "static_per_tensor":
+        return quantize_static(model, engine, calibration, per_channel=False)
+    if mode == "dynamic":
+        return quantize_dynamic(model, engine)
+    return copy.deepcopy(model).eval()
+
+
+@dataclass(frozen=True)
+class GateResult:
+    mode: str
+    model: nn.Module
+    attempts: list[dict[str, Any]]  # one per mode tried: mode, accuracy, drop, passed, reason
+
+
+def gate(model: nn.Module, engine: str, calibration: torch.Tensor, test_inputs: torch.Tensor,
+         test_labels: torch.Tensor, baseline_accuracy: float, max_drop: float) -> GateResult:
+    """Try each mode in order; keep the first whose accuracy drop is within `max_drop`."""
+    attempts: list[dict[str, Any]] = []
+    for mode in MODES:
+        try:
+            candidate = make(mode, model, engine, calibration)
+        except (QuantizationError, RuntimeError) as exc:
+            attempts.append({"mode": mode, "passed": False, "accuracy_pct": None,
+                             "drop_pts": None, "reason": f"could not be built: {exc}"})
+            continue
+        logits = predict(candidate, test_inputs)
+        acc = 100.0 * float((logits.argmax(1) == test_labels).float().mean())
+        drop = baseline_accuracy - acc
+        passed = mode == "fp32" or drop <= max_drop
+        reason = (f"accuracy drop {drop:.2f} pts <= {max_drop} allowed" if passed else
+                  f"accuracy drop {drop:.2f} pts > {max_drop} allowed")
+        attempts.append({"mode": mode, "passed": passed, "accuracy_pct": acc,
+                         "drop_pts": drop, "reason": reason})
+        if passed:
+            return GateResult(mode=mode, model=candidate, attempts=attempts)
+    raise AssertionError("unreachable: fp32 always passes the gate")
+
+
+def save_quantized(path: Path, model: nn.Module, *, mode: str, engine: str, factory: str,
+                   num_classes: int, input_shape: list[int], record: dict[str, Any]) -> None:
+    """Write `quantized_cnn.pt`: the state_dict plus what is needed to rebuild the module."""
+    payload = {"format": FORMAT, "mode": mode, "engine": engine, "factory": factory,
+               "num_classes": num_classes, "input_shape": list(input_shape),
+               "record": record, "state_dict": model.state_dict()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_quantized(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the quantized module saved by `save_quantized`; returns (module, payload).
+
+    Loading is `torch.load(weights_only=True)`: no code from the file is ever run.
+    """
+    hint = "run edge-optimize quantize to write it again"
+    payload = load_payload(path, "quantized model", hint)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an edgeforge quantized model (expected format "
+                              f"{FORMAT!r}) ({hint})")
+    mode, engine = payload["mode"], payload["engine"]
+    if mode not in MODES:
+        raise CheckpointError(f"{path}: unknown quantization mode {mode!r} ({hint})")
+    shell = build(payload["factory"], payload["num_classes"])
+    if mode.startswith("static"):
+        # Observers must see one batch before convert; the real scales come from the file.
+        calib = torch.randn(2, *payload["input_shape"], generator=torch.Generator().manual_seed(0))
+        shell = quantize_static(shell, engine, calib, per_channel=mode == "static_per_channel")
+    elif mode == "dynamic":
+        shell = quantize_dynamic(shell, engine)
+    check_fits(shell, payload["state_dict"], path, "quantized model")
+    set_engine(engine)
+    shell.load_state_dict(payload["state_dict"])
+    return shell.eval(), payload

@@ -1,0 +1,102 @@
+"""models/report.md, report.json and report.png: one row per variant, side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write(out: Path, report: dict[str, Any]) -> list[Path]:
+    """Write report.json, report.md and report.png into `out`; return their paths."""
+    paths = [out / "report.json", out / "report.md", out / "report.png"]
+    slim = {**report, "rows": [{k: v for k, v in r.items() if k != "samples_us"}
+                               for r in report["rows"]]}
+    paths[0].write_text(json.dumps(slim, indent=2) + "\n", encoding="utf-8")
+    paths[1].write_text(markdown(report), encoding="utf-8")
+    plot(report, paths[2])
+    return paths
+
+
+def _fmt(value: Any, spec: str, none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def table(report: dict[str, Any]) -> str:
+    """The variants table in Markdown (also what the CLI prints)."""
+    head = ("| variant | file | bytes | x baseline | xz bytes | xz x baseline | accuracy % | "
+            "change pts | p50 us | p90 us | p99 us | batch-64 img/s | runtime | verified |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['variant']} | {r['file'] or '(not saved)'} | {r['bytes']} | "
+            f"{r['size_ratio']:.3f} | {r['xz_bytes']} | {r['xz_ratio']:.3f} | "
+            f"{r['accuracy_pct']:.2f} | {r['accuracy_change_pts']:+.2f} | "
+            f"{r['p50_us']:.0f} | {r['p90_us']:.0f} | {r['p99_us']:.0f} | "
+            f"{r['throughput_ips']:.0f} | {r['runtime']} | {r['verification']} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The whole human-readable report."""
+    data, env, q = report["data"], report["environment"], report["quantization"]
+    parts = [
+        "# edgeforge optimization report\n",
+        f"- data: **{data['source']}**: {data['description']} "
+        f"({data['train_images']} train / {data['test_images']} test images)",
+        f"- engine: `{env['engine']}`; torch {env['torch_version']}; timing threads "
+        f"{env['threads']}; {env['latency_iters']} batch-1 runs after {env['warmup']} warm-up "
+        f"runs; CPU: {env['cpu']}",
+        f"- board file mode: **{q['mode']}** (max accuracy drop {q['max_accuracy_drop']} pts "
+        f"against the fp32 baseline, quantized from the {q['source']} model)",
+        f"- created: {report['created_utc']}\n",
+        "## Variants\n", table(report),
+        "Sizes are bytes on disk (state_dict for .pth, TorchScript archive for the board "
+        "file); `xz` is the transfer size after `xz -9`. Rows marked (not saved) were measured "
+        "in memory. Latency is single-image forward time on this host, not a board.\n",
+        "## Quantization gate\n", "| mode | accuracy % | drop pts | result |", "|---|---|---|---|",
+    ]
+    for a in q["attempts"]:
+        parts.append(f"| {a['mode']} | {_fmt(a['accuracy_pct'], '.2f')} | "
+                     f"{_fmt(a['drop_pts'], '+.2f')} | "
+                     f"{'passed' if a['passed'] else 'failed'}: {a['reason']} |")
+    parts += ["", "## Pruning\n",
+              f"Overall sparsity of conv and linear weights: "
+              f"{100 * report['sparsity']['overall']:.1f} %\n",
+              "| layer | weights | zeros | sparsity % |", "|---|---|---|---|"]
+    for name, s in report["sparsity"]["layers"].items():
+        parts.append(f"| {name} | {s['weights']} | {s['zeros']} | {100 * s['sparsity']:.1f} |")
+    parts += ["", "![size, accuracy and latency](report.png)", ""]
+    return "\n".join(parts)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Size vs accuracy (left) and batch-1 latency distributions (right), one PNG."""
+    rows = report["rows"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for r in rows:
+        left.scatter(r["bytes"] / 1024, r["accuracy_pct"], s=60)
+        left.annotate(f"{r['variant']}\n{r['p50_us']:.0f} us p50",
+                      (r["bytes"] / 1024, r["accuracy_pct"]), fontsize=8,
+                      textcoords="offset points", xytext=(6, 4))
+    left.set_xlabel("size on disk (KiB)")
+    left.set_ylabel(f"top-1 accuracy % ({report['data']['source']} test set)")
+    left.set_title("size vs accuracy (label: batch-1 p50 latency)")
+    left.grid(alpha=0.3)
+    right.boxplot([r["samples_us"] for r in rows], showfliers=False)
+    right.set_xticks(range(1, len(rows) + 1), [r["variant"] for r in rows], rotation=20,
+                     ha="right", fontsize=8)
+    right.set_ylabel("batch-1 latency (us)")
+    right.set_title(f"latency distribution, engine {report['environment']['engine']}, "
+                    f"{report['environment']['threads']} thread(s)")
+    right.grid(alpha=0.3, axis="y")
+    if report["data"]["source"] != "cifar10":
+        fig.suptitle("stand-in synthetic data: accuracy is not CIFAR-10 accuracy", color="C3")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
