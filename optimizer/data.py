@@ -116,6 +116,8 @@ def fetch_cifar10(root: Path, *, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5)
                 shutil.copyfileobj(response, tmp)
             Path(tmp.name).replace(archive)
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            if isinstance(exc, urllib.error.HTTPError):
+                exc.close()  # it holds the open response
             reason = getattr(exc, "reason", exc)
             raise DataError(f"CIFAR-10 is not in {root / CIFAR10_DIR} and the download from "
                             f"{url} failed ({reason}) (copy cifar-10-python.tar.gz into "
@@ -149,6 +151,10 @@ class _CifarUnpickler(pickle.Unpickler):
             return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct
         if module == "numpy" and name in ("ndarray", "dtype"):
             return getattr(np, name)
+        if (module, name) == ("_codecs", "encode"):  # protocol-2 bytes written by Python 3
+            import codecs
+
+            return codecs.encode
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 

@@ -81,7 +81,10 @@ def load_payload(path: Path, what: str, hint: str) -> Any:
 
     `what` names the file's role ("baseline checkpoint"); `hint` says how to get a good one.
     """
+    corrupt = f"{path}: {what} is corrupt or truncated"
     try:
+        if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+            raise CheckpointError(f"{corrupt} (not a torch.save archive) ({hint})")
         with known_torch_deprecations():
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -94,8 +97,7 @@ def load_payload(path: Path, what: str, hint: str) -> Any:
         raise CheckpointError(f"{path}: {what} holds more than tensors and was refused "
                               f"unloaded ({detail}) ({hint})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: {what} is corrupt or truncated "
-                              f"({type(exc).__name__}) ({hint})") from None
+        raise CheckpointError(f"{corrupt} ({type(exc).__name__}) ({hint})") from None
 
 
 def load_state_dict_into(model: nn.Module, path: Path, what: str, hint: str) -> nn.Module:

@@ -74,7 +74,9 @@ def quantize_static(model: nn.Module, engine: str, calibration: torch.Tensor,
         QuantizationError: an observer saw no data (its layer is never reached in forward).
     """
     prepared = _prepare_static(model, engine, per_channel)
-    predict(prepared, calibration, batch_size=64)
+    with torch.inference_mode(), known_torch_deprecations():
+        for start in range(0, calibration.shape[0], 64):
+            prepared(calibration[start:start + 64])
     blind = [name for name, m in prepared.named_modules()
              if isinstance(m, tq.ObserverBase) and hasattr(m, "min_val")
              and (m.min_val.numel() == 0 or bool(torch.isinf(m.min_val).any()))]

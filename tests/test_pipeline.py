@@ -1,0 +1,133 @@
+"""The host pipeline end to end: files, manifest, report, safe formats, verification."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from agent.manifest import BOARD_MODEL, Manifest, sha256_of
+from agent.model import load_scripted, normalize
+from optimizer import export as exporting
+from optimizer import quantize
+from optimizer.data import synthetic
+from optimizer.errors import QuantizationError, VerificationError
+from optimizer.model import SimpleCNN, predict
+from optimizer.prune import prune_, sparsity, state_sizes
+from optimizer.config import DataConfig, PruneConfig, TrainConfig
+
+FILES = ["baseline_cnn.pth", "pruned_cnn.pth", "quantized_cnn.pt", BOARD_MODEL]
+
+
+def test_run_writes_the_four_model_files_manifest_and_report(bundle: Path) -> None:
+    for name in [*FILES, "manifest.json", "sample.pt", "report.md", "report.json",
+                 "report.png"]:
+        assert (bundle / name).is_file(), name
+    assert (bundle / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_manifest_lists_every_file_with_its_true_sha256(bundle: Path) -> None:
+    m = Manifest.read(bundle)
+    for name in FILES:
+        assert m.files[name]["sha256"] == sha256_of(bundle / name)
+        assert m.files[name]["bytes"] == (bundle / name).stat().st_size
+    assert m.engine == "qnnpack" and m.input_shape == [3, 32, 32] and len(m.classes) == 10
+    assert m.data["source"] == "synthetic" and m.verification["status"] == "passed"
+    assert m.quantization["mode"] in quantize.MODES
+
+
+def test_reports_say_which_data_was_used(bundle: Path) -> None:
+    assert "synthetic" in (bundle / "report.md").read_text()
+    assert "not CIFAR-10" in (bundle / "report.md").read_text()
+    report = json.loads((bundle / "report.json").read_text())
+    assert report["data"]["source"] == "synthetic"
+    assert [r["variant"].split(" (")[0] for r in report["rows"]] == [
+        "fp32 baseline", "pruned fp32", "dynamic int8", "static int8", "board file"]
+    for row in report["rows"]:
+        assert row["p50_us"] <= row["p90_us"] <= row["p99_us"]
+        assert row["threads"] == 1 and row["throughput_ips"] > 0
+
+
+def test_pruning_pays_in_transfer_size_not_raw_size(bundle: Path) -> None:
+    rows = {r["variant"]: r for r in json.loads((bundle / "report.json").read_text())["rows"]}
+    base, pruned = rows["fp32 baseline"], rows["pruned fp32"]
+    assert abs(pruned["bytes"] - base["bytes"]) < 1024
+    assert pruned["xz_bytes"] < 0.6 * base["xz_bytes"]
+
+
+def test_scripted_file_embeds_metadata_for_the_board(bundle: Path) -> None:
+    meta = exporting.read_metadata(bundle / BOARD_MODEL)
+    assert meta["engine"] == "qnnpack" and meta["input_shape"] == [3, 32, 32]
+    assert set(meta["normalization"]) == {"mean", "std"} and len(meta["classes"]) == 10
+    assert meta["torch_version"] == torch.__version__
+
+
+def test_quantized_pt_loads_with_weights_only_in_a_fresh_process(bundle: Path) -> None:
+    """No pickled code: plain torch.load(weights_only=True) reads it in a new interpreter."""
+    code = ("import torch,sys; p=torch.load(sys.argv[1], weights_only=True); "
+            "print(p['format'], p['mode'])")
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code,
+                           str(bundle / "quantized_cnn.pt")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == quantize.FORMAT
+
+
+def test_project_loader_rebuilds_the_same_model_as_the_board_file(bundle: Path) -> None:
+    module, payload = quantize.load_quantized(bundle / "quantized_cnn.pt")
+    m = Manifest.read(bundle)
+    sample = m.load_sample(bundle)
+    x = normalize(sample["images"], m.mean, m.std)
+    board = load_scripted(bundle / BOARD_MODEL, payload["engine"])
+    assert torch.equal(predict(module, x), predict(board, x))
+    assert torch.equal(predict(board, x), sample["logits"])
+
+
+def test_fresh_process_verification_catches_a_mismatch(bundle: Path) -> None:
+    m = Manifest.read(bundle)
+    sample = m.load_sample(bundle)
+    x = normalize(sample["images"], m.mean, m.std)
+    good = exporting.verify_in_fresh_process(bundle / BOARD_MODEL, m.engine, x,
+                                             sample["labels"], sample["logits"], 1e-4)
+    assert good["status"] == "passed" and good["bit_exact"]
+    with pytest.raises(VerificationError, match="disagrees with the in-memory model"):
+        exporting.verify_in_fresh_process(bundle / BOARD_MODEL, m.engine, x, sample["labels"],
+                                          sample["logits"] + 0.5, 1e-4)
+
+
+def test_gate_falls_back_in_order_and_records_why() -> None:
+    d = synthetic(200, 100)
+    x = normalize(d.test_images, d.mean, d.std)
+    model = SimpleCNN()
+    result = quantize.gate(model, "qnnpack", x[:32], x, d.test_labels,
+                           baseline_accuracy=1000.0, max_drop=1.0)  # nothing int8 can pass
+    assert result.mode == "fp32"
+    assert [a["mode"] for a in result.attempts] == list(quantize.MODES)
+    assert all("> 1.0 allowed" in a["reason"] for a in result.attempts[:3])
+    lenient = quantize.gate(model, "qnnpack", x[:32], x, d.test_labels,
+                            baseline_accuracy=0.0, max_drop=1.0)
+    assert lenient.mode == "static_per_channel" and len(lenient.attempts) == 1
+
+
+def test_observer_that_never_saw_data_is_an_error() -> None:
+    with pytest.raises(QuantizationError, match="saw no data"):
+        quantize.quantize_static(SimpleCNN(), "qnnpack", torch.zeros(0, 3, 32, 32))
+
+
+def test_pruning_hits_the_amount_and_makes_masks_permanent() -> None:
+    d = synthetic(64, 10)
+    model = SimpleCNN()
+    raw_before, xz_before = state_sizes(model)
+    prune_(model, PruneConfig(amount=0.6, finetune_epochs=1), d, TrainConfig(), DataConfig())
+    s = sparsity(model)
+    assert abs(s["overall"] - 0.6) < 0.01
+    assert not any(name.endswith("_orig") for name, _ in model.named_parameters())
+    raw_after, xz_after = state_sizes(model)
+    assert abs(raw_after - raw_before) < 1024 and xz_after < xz_before
+    per_layer = SimpleCNN()
+    prune_(per_layer, PruneConfig(amount=0.5, scope="layer", finetune_epochs=0), d,
+           TrainConfig(), DataConfig())
+    assert all(abs(v["sparsity"] - 0.5) < 0.01 for v in sparsity(per_layer)["layers"].values())
