@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,12 +200,14 @@ def step_export(ctx: Context) -> Manifest:
     return manifest
 
 
-def _row(variant: str, file: str | None, payload: bytes, model: Any, ctx: Context,
-         test_inputs: torch.Tensor, runtime: str, verification: str) -> dict[str, Any]:
+def _row(variant: str, file: str | None, payload: bytes, make: Callable[[], Any],
+         ctx: Context, test_inputs: torch.Tensor, runtime: str,
+         verification: str) -> dict[str, Any]:
+    """Measure one variant; `make` gives a fresh instance per measurement (see latency)."""
     r = ctx.cfg["report"]
-    acc = accuracy_pct(predict(model, test_inputs), ctx.data.test_labels)
-    timing = latency.measure(model, ctx.data.input_shape, threads=r.threads, warmup=r.warmup,
+    timing = latency.measure(make, ctx.data.input_shape, threads=r.threads, warmup=r.warmup,
                              iters=r.latency_iters, throughput_batches=r.throughput_batches)
+    acc = accuracy_pct(predict(make(), test_inputs), ctx.data.test_labels)
     print(f"  measured {variant}: {acc:.2f}%, p50 {timing['p50_us']:.0f} us", file=sys.stderr)
     return {"variant": variant, "file": file, "bytes": len(payload),
             "xz_bytes": compressed_size(payload), "accuracy_pct": acc, "runtime": runtime,
@@ -233,21 +236,21 @@ def step_report(ctx: Context) -> dict[str, Any]:
     label = manifest.quantization["source"]
     print("measuring variants", file=sys.stderr)
     rows = [
-        _row("fp32 baseline", BASELINE, (ctx.out / BASELINE).read_bytes(), baseline, ctx,
+        _row("fp32 baseline", BASELINE, (ctx.out / BASELINE).read_bytes(),
+             lambda: baseline, ctx, test_inputs, "eager", "-"),
+        _row("pruned fp32", PRUNED, (ctx.out / PRUNED).read_bytes(), lambda: pruned, ctx,
              test_inputs, "eager", "-"),
-        _row("pruned fp32", PRUNED, (ctx.out / PRUNED).read_bytes(), pruned, ctx, test_inputs,
-             "eager", "-"),
         _row(f"dynamic int8 ({label})", QUANTIZED if chosen == "dynamic" else None,
-             serialized_bytes(dyn.state_dict()), _scripted(dyn, engine), ctx, test_inputs,
-             "TorchScript (frozen)", "-"),
+             serialized_bytes(dyn.state_dict()), lambda: _scripted(dyn, engine), ctx,
+             test_inputs, "TorchScript (frozen)", "-"),
         _row(f"static int8 ({label})",
              QUANTIZED if chosen == "static_per_channel" else None,
-             serialized_bytes(static.state_dict()), _scripted(static, engine), ctx,
+             serialized_bytes(static.state_dict()), lambda: _scripted(static, engine), ctx,
              test_inputs, "TorchScript (frozen)", "-"),
     ]
     board_path = manifest.verified_path(ctx.out, BOARD_MODEL)
     rows.append(_row(f"board file ({chosen})", BOARD_MODEL, board_path.read_bytes(),
-                     load_scripted(board_path, engine), ctx, test_inputs,
+                     lambda: load_scripted(board_path, engine), ctx, test_inputs,
                      "TorchScript from disk", manifest.verification["status"]))
     base = rows[0]
     for r in rows:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import lzma
 from typing import Any
 
-import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
@@ -49,7 +48,7 @@ def sparsity(model: nn.Module) -> dict[str, Any]:
     layers = {}
     zeros = total = 0
     for name, m in prunable_layers(model):
-        w = m.weight.detach()
+        w = m.get_parameter("weight").detach()
         z = int((w == 0).sum())
         layers[name] = {"weights": w.numel(), "zeros": z, "sparsity": z / w.numel()}
         zeros += z

@@ -57,7 +57,7 @@ def _prepare_static(model: nn.Module, engine: str, per_channel: bool) -> nn.Modu
                   for group in getattr(model, "FUSE", [])]
         if groups:
             wrapped = tq.fuse_modules(wrapped, groups)
-        wrapped.qconfig = qconfig(engine, per_channel)
+        wrapped.qconfig = qconfig(engine, per_channel)  # type: ignore[assignment]
         return tq.prepare(wrapped)
 
 
@@ -78,13 +78,17 @@ def quantize_static(model: nn.Module, engine: str, calibration: torch.Tensor,
         for start in range(0, calibration.shape[0], 64):
             prepared(calibration[start:start + 64])
     blind = [name for name, m in prepared.named_modules()
-             if isinstance(m, tq.ObserverBase) and hasattr(m, "min_val")
-             and (m.min_val.numel() == 0 or bool(torch.isinf(m.min_val).any()))]
+             if isinstance(m, tq.ObserverBase) and _never_saw_data(m)]
     if blind:
         raise QuantizationError(f"observers {', '.join(blind[:3])} saw no data during "
                                 f"calibration (is quantize.calibration_images > 0, and does "
                                 f"forward() reach every layer?)")
     return _convert(prepared)
+
+
+def _never_saw_data(observer: nn.Module) -> bool:
+    low = getattr(observer, "min_val", None)
+    return isinstance(low, torch.Tensor) and (low.numel() == 0 or bool(torch.isinf(low).any()))
 
 
 def quantize_dynamic(model: nn.Module, engine: str) -> nn.Module:

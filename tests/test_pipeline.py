@@ -14,11 +14,11 @@ from agent.manifest import BOARD_MODEL, Manifest, sha256_of
 from agent.model import load_scripted, normalize
 from optimizer import export as exporting
 from optimizer import quantize
+from optimizer.config import DataConfig, PruneConfig, TrainConfig
 from optimizer.data import synthetic
 from optimizer.errors import QuantizationError, VerificationError
 from optimizer.model import SimpleCNN, predict
 from optimizer.prune import prune_, sparsity, state_sizes
-from optimizer.config import DataConfig, PruneConfig, TrainConfig
 
 FILES = ["baseline_cnn.pth", "pruned_cnn.pth", "quantized_cnn.pt", BOARD_MODEL]
 
