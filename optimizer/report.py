@@ -76,18 +76,25 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Size vs accuracy (left) and batch-1 latency distributions (right), one PNG."""
+    """Sizes with accuracy (left) and batch-1 latency distributions (right), one PNG."""
     rows = report["rows"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    for r in rows:
-        left.scatter(r["bytes"] / 1024, r["accuracy_pct"], s=60)
-        left.annotate(f"{r['variant']}\n{r['p50_us']:.0f} us p50",
-                      (r["bytes"] / 1024, r["accuracy_pct"]), fontsize=8,
-                      textcoords="offset points", xytext=(6, 4))
-    left.set_xlabel("size on disk (KiB)")
-    left.set_ylabel(f"top-1 accuracy % ({report['data']['source']} test set)")
-    left.set_title("size vs accuracy (label: batch-1 p50 latency)")
-    left.grid(alpha=0.3)
+    names = [r["variant"] for r in rows]
+    ys = range(len(rows))
+    left.barh([y + 0.2 for y in ys], [r["bytes"] / 1024 for r in rows], height=0.4,
+              label="on disk")
+    left.barh([y - 0.2 for y in ys], [r["xz_bytes"] / 1024 for r in rows], height=0.4,
+              label="xz -9 (transfer)")
+    for y, r in zip(ys, rows):
+        left.text(r["bytes"] / 1024, y + 0.2, f"  {r['accuracy_pct']:.1f} %", va="center",
+                  fontsize=8)
+    left.set_yticks(list(ys), names, fontsize=8)
+    left.invert_yaxis()
+    left.set_xlim(0, max(r["bytes"] for r in rows) / 1024 * 1.25)
+    left.set_xlabel(f"KiB (label: top-1 accuracy, {report['data']['source']} test set)")
+    left.set_title("size on disk and to ship")
+    left.legend(loc="lower right", fontsize=8)
+    left.grid(alpha=0.3, axis="x")
     right.boxplot([r["samples_us"] for r in rows], showfliers=False)
     right.set_xticks(range(1, len(rows) + 1), [r["variant"] for r in rows], rotation=20,
                      ha="right", fontsize=8)
