@@ -85,7 +85,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
               label="on disk")
     left.barh([y - 0.2 for y in ys], [r["xz_bytes"] / 1024 for r in rows], height=0.4,
               label="xz -9 (transfer)")
-    for y, r in zip(ys, rows):
+    for y, r in enumerate(rows):
         left.text(r["bytes"] / 1024, y + 0.2, f"  {r['accuracy_pct']:.1f} %", va="center",
                   fontsize=8)
     left.set_yticks(list(ys), names, fontsize=8)
