@@ -110,12 +110,13 @@ def fetch_cifar10(root: Path, *, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5)
     archive = root / url.rsplit("/", 1)[-1]
     if not archive.is_file():
         print(f"downloading {url} -> {archive}", file=sys.stderr)
+        partial = Path(tempfile.mkstemp(dir=root, prefix=".cifar-download-")[1])
         try:
-            with urllib.request.urlopen(url, timeout=30) as response, \
-                    tempfile.NamedTemporaryFile(dir=root, delete=False) as tmp:
-                shutil.copyfileobj(response, tmp)
-            Path(tmp.name).replace(archive)
+            with urllib.request.urlopen(url, timeout=30) as response, partial.open("wb") as f:
+                shutil.copyfileobj(response, f)
+            partial.replace(archive)
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            partial.unlink(missing_ok=True)  # never leave half an archive behind
             if isinstance(exc, urllib.error.HTTPError):
                 exc.close()  # it holds the open response
             reason = getattr(exc, "reason", exc)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,6 @@ def export(model: nn.Module, cfg: ExportConfig, engine: str, example: torch.Tens
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """The metadata embedded by `export`, read without running the model's code."""
-    import zipfile
-
     with zipfile.ZipFile(path) as z:
         name = next(n for n in z.namelist() if n.endswith(f"extra/{METADATA_FILE}"))
         return dict(json.loads(z.read(name)))

@@ -173,11 +173,12 @@ def step_export(ctx: Context) -> Manifest:
     names = [BASELINE, PRUNED, QUANTIZED, BOARD_MODEL, SAMPLE_FILE]
     files = {name: file_entry(ctx.out / name) for name in names if (ctx.out / name).is_file()}
     base_bytes = files[BASELINE]["bytes"] if BASELINE in files else None
+    fp32 = ctx.fresh_model()
     manifest = Manifest(
         created_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         edgeforge_version=agent.__version__, torch_version=torch.__version__,
-        architecture={"factory": payload["factory"], "name": type(ctx.fresh_model()).__name__,
-                      "parameters": sum(p.numel() for p in ctx.fresh_model().parameters())},
+        architecture={"factory": payload["factory"], "name": type(fp32).__name__,
+                      "parameters": sum(p.numel() for p in fp32.parameters())},
         input={"shape": d.input_shape, "dtype": "float32", "layout": "NCHW",
                "normalization": normalization, "pixel_scale": "uint8 / 255"},
         classes=ctx.classes, engine=engine,

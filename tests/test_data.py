@@ -110,6 +110,7 @@ def test_download_failure_names_the_url_and_the_offline_option(
     base, _ = http_root
     with pytest.raises(DataError, match="download from .* failed .*--data synthetic"):
         data.cifar10(tmp_path / "root", url=f"{base}/absent.tar.gz")
+    assert list((tmp_path / "root").iterdir()) == []  # no partial download left behind
 
 
 def test_batch_file_that_unpickles_code_is_refused(tmp_path: Path) -> None:
