@@ -29,7 +29,7 @@ def measure(make: Callable[[], Model], input_shape: list[int], *,
 
     `make` returns a fresh instance of the variant for each of the two measurements:
     TorchScript's profiling executor specialises a module on the first input shape it runs,
-    and a module first run at batch 256 was measured here at 1.7x its batch-1 latency.
+    so a module first run at another batch size times slower at batch 1.
     """
     g = torch.Generator().manual_seed(seed)
     x1 = torch.randn(1, *input_shape, generator=g)
