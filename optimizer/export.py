@@ -17,6 +17,7 @@ from agent.model import set_engine
 from agent.torchwarnings import known_torch_deprecations
 from optimizer.config import ExportConfig
 from optimizer.errors import ExportError, VerificationError
+from optimizer.model import accuracy_pct
 
 METADATA_FILE = "edgeforge.json"  # the _extra_files entry inside the TorchScript archive
 
@@ -82,8 +83,7 @@ def verify_in_fresh_process(path: Path, engine: str, inputs: torch.Tensor,
         raise VerificationError(f"{path}: reloaded model gives logits of shape "
                                 f"{tuple(got.shape)}, the in-memory model {tuple(expected.shape)}")
     max_diff = float((got - expected).abs().max())
-    acc_file = 100.0 * float((got.argmax(1) == labels).float().mean())
-    acc_mem = 100.0 * float((expected.argmax(1) == labels).float().mean())
+    acc_file, acc_mem = accuracy_pct(got, labels), accuracy_pct(expected, labels)
     record = {"status": "passed", "engine": engine, "images": int(labels.shape[0]),
               "max_abs_logit_diff": max_diff, "logit_tolerance": tolerance,
               "accuracy_pct_file": acc_file, "accuracy_pct_in_memory": acc_mem,

@@ -24,7 +24,7 @@ from torch import nn
 from agent.model import set_engine
 from agent.torchwarnings import known_torch_deprecations
 from optimizer.errors import CheckpointError, QuantizationError
-from optimizer.model import build, check_fits, load_payload, predict
+from optimizer.model import accuracy_pct, build, check_fits, load_payload, predict
 
 MODES = ("static_per_channel", "static_per_tensor", "dynamic", "fp32")
 FORMAT = "edgeforge.quantized/1"
@@ -128,8 +128,7 @@ def gate(model: nn.Module, engine: str, calibration: torch.Tensor, test_inputs: 
             attempts.append({"mode": mode, "passed": False, "accuracy_pct": None,
                              "drop_pts": None, "reason": f"could not be built: {exc}"})
             continue
-        logits = predict(candidate, test_inputs)
-        acc = 100.0 * float((logits.argmax(1) == test_labels).float().mean())
+        acc = accuracy_pct(predict(candidate, test_inputs), test_labels)
         drop = baseline_accuracy - acc
         passed = mode == "fp32" or drop <= max_drop
         reason = (f"accuracy drop {drop:.2f} pts <= {max_drop} allowed" if passed else
