@@ -1,96 +1,122 @@
 """edge-agent: the board side of edgeforge.
 
+    edge-agent run   [--config PATH] [--set section.key=value ...] [--duration S]
     edge-agent check [--config PATH] [--set section.key=value ...]
+    edge-agent bench [--config PATH] [--set ...] [--batch-sizes 1,8] [--iters N] [--json]
 
-`check` validates the config and the bundle (manifest, sha256 of every file it loads, the
-engine, one inference, and the bundled sample reproducing the host's logits and accuracy);
-it exits 0, or 2 with one line naming the problem. Installers and ExecStartPre use it.
+`run` verifies the bundle, runs the timed inference loop and publishes telemetry over MQTT
+through the on-disk spool; it runs until SIGTERM/SIGINT (or --duration). `check` validates
+the config and the bundle (manifest, sha256, engine, one inference, the bundled sample
+reproducing the host's logits and accuracy) and exits 0, or 2 with one line naming the
+problem: installers and ExecStartPre use it. `bench` times the model on this board.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-import torch
-
+from agent.bench import bench, table
+from agent.bundle import Bundle
 from agent.config import BOARD_SECTIONS, default_config_path, load_config
-from agent.errors import BundleError, EdgeforgeError
-from agent.manifest import Manifest
-from agent.model import load_scripted, normalize
-from agent.torchwarnings import known_torch_deprecations
+from agent.errors import EdgeforgeError
 
 DEFAULT_CONFIGS = ("/etc/edgeforge/config.yaml", "config.yaml")
 
 
-def check_bundle(bundle: Path, threads: int = 1) -> dict[str, Any]:
-    """Verify `bundle` end to end on this machine; return what was checked.
-
-    Raises:
-        BundleError: anything that means this board must not run the bundle.
-    """
-    manifest = Manifest.read(bundle)
-    model_path = manifest.verified_path(bundle, manifest.board_model)
-    sample = manifest.load_sample(bundle)
-    torch.set_num_threads(threads)
-    module = load_scripted(model_path, manifest.engine)
-    shape = manifest.input_shape
-    with torch.inference_mode(), known_torch_deprecations():
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
         try:
-            out = module(torch.zeros(1, *shape))
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise BundleError(f"{model_path}: one inference on input [1, "
-                              f"{', '.join(map(str, shape))}] failed ({first}): the model does "
-                              f"not take the manifest's input shape") from None
-        if tuple(out.shape) != (1, len(manifest.classes)):
-            raise BundleError(f"{model_path}: output shape {tuple(out.shape)}, the manifest "
-                              f"expects (1, {len(manifest.classes)})")
-        logits = module(normalize(sample["images"], manifest.mean, manifest.std))
-    diff = float((logits - sample["logits"]).abs().max())
-    tolerance = float(manifest.sample["logit_tolerance"])
-    accuracy = 100.0 * float((logits.argmax(1) == sample["labels"]).float().mean())
-    if diff > tolerance:
-        raise BundleError(f"{model_path}: this board's logits differ from the host's by up to "
-                          f"{diff:.3g} (> {tolerance}) on the bundled sample: do not run it here")
-    if abs(accuracy - float(manifest.sample["accuracy_pct"])) > 1e-6:
-        raise BundleError(f"{model_path}: sample accuracy {accuracy:.2f}% here, "
-                          f"{manifest.sample['accuracy_pct']:.2f}% on the host")
-    return {"bundle": str(bundle), "engine": manifest.engine, "mode":
-            manifest.quantization["mode"], "sample_images": int(sample["labels"].shape[0]),
-            "max_abs_logit_diff": diff, "bit_exact": diff == 0.0,
-            "sample_accuracy_pct": accuracy, "torch_version": torch.__version__}
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers such as "
+                                         f"1,8, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return sizes
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    s = sub.add_parser("check", help="validate the config and the bundle, exit 0 or 2")
-    s.add_argument("--config", type=Path, default=None,
-                   help=f"config file (default: the first of {', '.join(DEFAULT_CONFIGS)}, "
-                        f"else built-in defaults)")
-    s.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
+    commands = {
+        "run": sub.add_parser("run", help="run the inference loop and publish telemetry"),
+        "check": sub.add_parser("check", help="validate the config and the bundle, exit 0 or 2"),
+        "bench": sub.add_parser("bench", help="one-shot latency benchmark on this board"),
+    }
+    for s in commands.values():
+        s.add_argument("--config", type=Path, default=None,
+                       help=f"config file (default: the first of {', '.join(DEFAULT_CONFIGS)}, "
+                            f"else built-in defaults)")
+        s.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
+    commands["run"].add_argument("--duration", type=_positive(float), default=None,
+                                 metavar="S", help="stop after S seconds (default: run until "
+                                                   "SIGTERM or Ctrl-C)")
+    b = commands["bench"]
+    b.add_argument("--batch-sizes", type=_batch_sizes, default=None, metavar="1,8",
+                   help="batch sizes to time (default: loop.batch_size)")
+    b.add_argument("--iters", type=_positive(int), default=500, help="timed runs per batch size")
+    b.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
+
+
+def setup_logging() -> None:
+    """Log lines to stderr; journald adds its own timestamps, a terminal gets ours."""
+    under_journald = bool(os.environ.get("JOURNAL_STREAM"))
+    fmt = "%(levelname)s %(message)s" if under_journald else \
+        "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    setup_logging()
     try:
         cfg = load_config(args.config or default_config_path(DEFAULT_CONFIGS), args.overrides,
                           BOARD_SECTIONS)
-        result = check_bundle(Path(cfg["model"].dir), cfg["loop"].threads)
+        if args.command == "run":
+            from agent.runner import run_agent  # paho and psutil only where needed
+
+            return run_agent(cfg, args.duration)
+        bundle = Bundle.open(Path(cfg["model"].dir))
+        if args.command == "check":
+            import torch
+
+            torch.set_num_threads(cfg["loop"].threads)
+            r = bundle.check()
+            print(f"ok: {r['bundle']} ({r['mode']}, engine {r['engine']}, torch "
+                  f"{r['torch_version']}): sample of {r['sample_images']} images reproduced, "
+                  f"max |logit diff| {r['max_abs_logit_diff']:.3g}, accuracy "
+                  f"{r['sample_accuracy_pct']:.2f}%")
+            return 0
+        result = bench(bundle, args.batch_sizes or [cfg["loop"].batch_size], args.iters,
+                       cfg["loop"].warmup, cfg["loop"].threads)
+        print(json.dumps(result, indent=2) if args.json else table(result))
+        return 0
     except EdgeforgeError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(f"ok: {result['bundle']} ({result['mode']}, engine {result['engine']}, torch "
-          f"{result['torch_version']}): sample of {result['sample_images']} images reproduced, "
-          f"max |logit diff| {result['max_abs_logit_diff']:.3g}, accuracy "
-          f"{result['sample_accuracy_pct']:.2f}%")
-    return 0
+    except KeyboardInterrupt:  # Ctrl-C before the loop installed its own handler
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -121,23 +121,42 @@ class Manifest:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
     def verified_path(self, bundle: Path, name: str) -> Path:
-        """Path of bundle file `name` after checking its size and sha256 against the manifest.
+        """Path of bundle file `name` after checking its sha256 against the manifest.
 
         Raises:
             BundleError: not listed, missing, or its sha256 differs (never load it then).
         """
-        entry = self.files.get(name)
-        if entry is None:
+        path = self._listed(bundle, name)
+        self._compare(path, sha256_of(path))
+        return path
+
+    def verified_bytes(self, bundle: Path, name: str) -> bytes:
+        """The content of bundle file `name`, read once and checked against its sha256.
+
+        Loading from these bytes leaves no window for the file to change after the check.
+        """
+        path = self._listed(bundle, name)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{path}: cannot read ({exc.strerror})") from None
+        self._compare(path, hashlib.sha256(data).hexdigest())
+        return data
+
+    def _listed(self, bundle: Path, name: str) -> Path:
+        if name not in self.files:
             raise BundleError(f"{bundle / MANIFEST}: does not list {name} (rebuild the bundle)")
         path = bundle / name
         if not path.is_file():
             raise BundleError(f"{path}: missing from the bundle (copy the whole bundle)")
-        digest = sha256_of(path)
-        if digest != entry["sha256"]:
-            raise BundleError(f"{path}: sha256 {digest[:12]}... does not match the manifest's "
-                              f"{entry['sha256'][:12]}... (refusing to load it: copy the "
-                              f"bundle again from the host)")
         return path
+
+    def _compare(self, path: Path, digest: str) -> None:
+        expected = self.files[path.name]["sha256"]
+        if digest != expected:
+            raise BundleError(f"{path}: sha256 {digest[:12]}... does not match the manifest's "
+                              f"{expected[:12]}... (refusing to load it: copy the bundle again "
+                              f"from the host)")
 
     def load_sample(self, bundle: Path) -> dict[str, torch.Tensor]:
         """The verified labelled sample: uint8 images, labels and the host's logits."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,16 +32,19 @@ def set_engine(engine: str) -> None:
     torch.backends.quantized.engine = engine
 
 
-def load_scripted(path: Path, engine: str) -> torch.jit.ScriptModule:
+def load_scripted(path: Path, engine: str, data: bytes | None = None) -> torch.jit.ScriptModule:
     """Load a TorchScript file with `engine` selected first (packed weights depend on it).
 
-    Loading TorchScript runs code: callers must have checked the file's sha256 first.
+    Loading TorchScript runs code: callers must have checked the file's sha256 first. With
+    `data` (the file's verified content) the model is loaded from those bytes and `path`
+    only names it in messages.
     """
     set_engine(engine)
     _consume_quint8_warning()
     try:
         with known_torch_deprecations():
-            module = torch.jit.load(str(path), map_location="cpu")
+            source = io.BytesIO(data) if data is not None else str(path)
+            module = torch.jit.load(source, map_location="cpu")
     except FileNotFoundError:
         raise BundleError(f"{path}: model file missing (copy the whole bundle)") from None
     except (RuntimeError, ValueError) as exc:

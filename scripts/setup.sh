@@ -1,10 +1,27 @@
 #!/usr/bin/env bash
 # Set up everything edgeforge needs on a fresh Debian/Ubuntu machine, idempotently:
+# Debian's mosquitto (the tests' real broker) and systemd-analyze (unit file checks), and
 # a virtual environment in .venv with edgeforge, its host extras and the test tools.
 # torch is pinned through .ci/constraints.txt (the CPU wheel); a board picks its own build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
+
+missing=()
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then sudo=(); elif sudo -n true 2>/dev/null; then sudo=(sudo -n)
+    else
+        echo "setup: missing ${missing[*]}: run 'sudo apt-get install ${missing[*]}' and retry" >&2
+        exit 1
+    fi
+    echo "setup: installing ${missing[*]} from Debian's packages"
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi

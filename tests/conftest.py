@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.broker import Broker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,3 +48,42 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, small_config: Path) -> Path
                    "--out", out)
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A real mosquitto on a free loopback port, stopped after the test."""
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+class Agent:
+    """`python -m agent run` as a real subprocess, its log captured to a file."""
+
+    def __init__(self, bundle: Path, port: int, workdir: Path, *overrides: str,
+                 duration: float | None = None, env: dict[str, str] | None = None) -> None:
+        self.log = workdir / f"agent-{time.monotonic_ns()}.log"
+        args = [sys.executable, "-m", "agent", "run", "--set", f"model.dir={bundle}",
+                "--set", f"mqtt.port={port}", "--set", "mqtt.host=127.0.0.1",
+                "--set", "device.id=testboard", "--set", f"spool.path={workdir / 'spool.db'}",
+                "--set", "loop.window_s=0.5", "--set", "loop.warmup=2"]
+        for item in overrides:
+            args += ["--set", item]
+        if duration is not None:
+            args += ["--duration", str(duration)]
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **(env or {})})
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

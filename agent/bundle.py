@@ -1,0 +1,90 @@
+"""A verified bundle on the board: the model's bytes checked once, then loaded fresh on demand.
+
+`Bundle.open` reads the manifest and the board model and checks its sha256; every module is
+loaded from those verified bytes, so the file cannot change between check and load. `check`
+proves the bundle on this board (engine, one inference at the manifest's input shape, and the
+bundled sample reproducing the host's logits and accuracy) on a module of its own: TorchScript
+specialises a module on the first input shapes it runs, so the inference loop gets a fresh one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agent.errors import BundleError
+from agent.manifest import Manifest
+from agent.model import load_scripted, normalize
+from agent.torchwarnings import known_torch_deprecations
+
+
+@dataclass(frozen=True)
+class Bundle:
+    dir: Path
+    manifest: Manifest
+    model_path: Path
+    model_bytes: bytes
+
+    @property
+    def sha256(self) -> str:
+        return str(self.manifest.files[self.manifest.board_model]["sha256"])
+
+    @classmethod
+    def open(cls, directory: Path) -> Bundle:
+        """Read the manifest and the sha256-verified board model of `directory`.
+
+        Raises:
+            BundleError: no manifest, a file missing or changed, or an unusable manifest.
+        """
+        manifest = Manifest.read(directory)
+        data = manifest.verified_bytes(directory, manifest.board_model)
+        return cls(directory, manifest, directory / manifest.board_model, data)
+
+    def load(self) -> torch.jit.ScriptModule:
+        """A freshly loaded module, with the manifest's quantized engine selected first."""
+        return load_scripted(self.model_path, self.manifest.engine, self.model_bytes)
+
+    def sample(self) -> dict[str, torch.Tensor]:
+        """The verified labelled sample: uint8 images, labels and the host's logits."""
+        return self.manifest.load_sample(self.dir)
+
+    def check(self) -> dict[str, Any]:
+        """Prove the bundle on this board; return what was checked.
+
+        Raises:
+            BundleError: anything that means this board must not run the bundle.
+        """
+        manifest = self.manifest
+        sample = self.sample()
+        module = self.load()
+        shape = manifest.input_shape
+        with torch.inference_mode(), known_torch_deprecations():
+            try:
+                out = module(torch.zeros(1, *shape))
+            except RuntimeError as exc:
+                first = str(exc).strip().splitlines()[0]
+                raise BundleError(f"{self.model_path}: one inference on input [1, "
+                                  f"{', '.join(map(str, shape))}] failed ({first}): the model "
+                                  f"does not take the manifest's input shape") from None
+            if tuple(out.shape) != (1, len(manifest.classes)):
+                raise BundleError(f"{self.model_path}: output shape {tuple(out.shape)}, the "
+                                  f"manifest expects (1, {len(manifest.classes)})")
+            logits = module(normalize(sample["images"], manifest.mean, manifest.std))
+        diff = float((logits - sample["logits"]).abs().max())
+        tolerance = float(manifest.sample["logit_tolerance"])
+        accuracy = 100.0 * float((logits.argmax(1) == sample["labels"]).float().mean())
+        if diff > tolerance:
+            raise BundleError(f"{self.model_path}: this board's logits differ from the host's by "
+                              f"up to {diff:.3g} (> {tolerance}) on the bundled sample: do not "
+                              f"run it here")
+        if abs(accuracy - float(manifest.sample["accuracy_pct"])) > 1e-6:
+            raise BundleError(f"{self.model_path}: sample accuracy {accuracy:.2f}% here, "
+                              f"{manifest.sample['accuracy_pct']:.2f}% on the host")
+        return {"bundle": str(self.dir), "engine": manifest.engine,
+                "mode": manifest.quantization["mode"],
+                "sample_images": int(sample["labels"].shape[0]), "max_abs_logit_diff": diff,
+                "bit_exact": diff == 0.0, "sample_accuracy_pct": accuracy,
+                "torch_version": torch.__version__}

@@ -1,0 +1,324 @@
+"""The publisher thread: owns the spool and the MQTT connection, so the loop never waits.
+
+The inference loop hands each closed window to `submit` (a non-blocking queue put) and goes
+on. This thread samples resource stats, builds the telemetry message, commits it to the spool
+and only then hands it to paho; a row leaves the spool when the broker acknowledges it.
+
+One thread owns everything here: it calls paho's `loop()` itself, so paho's callbacks run on
+this thread too, and they only set fields (nothing blocks in them). At most `INFLIGHT`
+spooled messages are with paho at a time, so a long outage costs disk, not memory. Messages
+handed to paho before a disconnect are re-sent by paho on reconnect (same client, QoS >= 1);
+the rest are replayed from the spool in id order, so a subscriber sees seq in order.
+
+Reconnects back off exponentially with jitter (1 s doubling to 60 s, each delay drawn from
+[d/2, d]), and each failed attempt is logged once, whatever the number of messages waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import random
+import ssl
+import threading
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent.config import MqttConfig
+from agent.errors import ConfigError
+from agent.spool import Spool
+from agent.stats import ResourceStats
+from agent.telemetry import (
+    EVENT_SCHEMA,
+    OFFLINE,
+    ONLINE,
+    TELEMETRY_SCHEMA,
+    Topics,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+INFLIGHT = 20
+BACKOFF_MIN_S = 1.0
+BACKOFF_MAX_S = 60.0
+CONNECT_TIMEOUT_S = 3.0
+
+
+@dataclass
+class Window:
+    """What the loop measured in one window; the publisher turns it into telemetry."""
+
+    index: int
+    end_ts: float  # wall clock, seconds since the epoch
+    duration_s: float
+    batch_size: int
+    latencies_s: array  # one per forward pass
+    correct: int | None = None  # top-1 hits when the input is the labelled sample
+    labelled: int = 0
+
+
+def percentile(ordered: array | list[float], pct: float) -> float:
+    """Nearest-rank percentile of an ascending sequence."""
+    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def telemetry_fields(window: Window) -> dict[str, Any]:
+    """The loop-derived part of a telemetry message (latencies in ms)."""
+    lat = sorted(window.latencies_s)
+    n = len(lat)
+    images = n * window.batch_size
+    ms = 1000.0
+    fields: dict[str, Any] = {
+        "window_s": round(window.duration_s, 3),
+        "batch_size": window.batch_size,
+        "inferences": images,
+        "throughput_ips": round(images / window.duration_s, 2) if window.duration_s > 0 else None,
+        "latency_p50_ms": round(percentile(lat, 50) * ms, 4) if n else None,
+        "latency_p90_ms": round(percentile(lat, 90) * ms, 4) if n else None,
+        "latency_p99_ms": round(percentile(lat, 99) * ms, 4) if n else None,
+        "latency_max_ms": round(lat[-1] * ms, 4) if n else None,
+        "latency_mean_ms": round(sum(lat) / n * ms, 4) if n else None,
+    }
+    if window.correct is not None:
+        fields["accuracy_pct"] = (round(100.0 * window.correct / window.labelled, 2)
+                                  if window.labelled else None)
+    return fields
+
+
+class Publisher(threading.Thread):
+    """Spools every window's telemetry and publishes it over MQTT; see the module docstring."""
+
+    def __init__(self, cfg: MqttConfig, device: str, spool: Spool, stats: ResourceStats,
+                 info: dict[str, Any], model_sha256: str,
+                 client_factory: Callable[[str], mqtt.Client] | None = None) -> None:
+        super().__init__(name="publisher", daemon=True)
+        self.cfg = cfg
+        self.device = device
+        self.topics = Topics.for_device(cfg.topic_prefix, device)
+        self.spool = spool
+        self.stats = stats
+        self.info = info
+        self.model_sha256 = model_sha256
+        self._inbox: queue.SimpleQueue[Window | None] = queue.SimpleQueue()
+        self._deadline: float | None = None  # monotonic time by which to be gone
+        self.connected = False
+        self._handed: dict[int, int] = {}  # paho mid -> spool row id
+        self._last_handed = 0  # highest spool row id ever given to this client
+        self._acked: list[int] = []
+        self._attempt = 0
+        self._next_attempt = 0.0
+        self._socket_open = False
+        self.error: BaseException | None = None
+        self.client = (client_factory or self._make_client)(f"edgeforge-{device}")
+
+    # --- the API the loop uses (any thread) ------------------------------------------------
+
+    def submit(self, window: Window) -> None:
+        """Queue a closed window; never blocks."""
+        self._inbox.put(window)
+
+    def close(self, timeout_s: float) -> None:
+        """Ask the thread to flush, publish offline and disconnect within `timeout_s`; join."""
+        self._deadline = time.monotonic() + timeout_s
+        self._inbox.put(None)
+        self.join(timeout_s + 1.0)
+
+    # --- the thread ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # a bug: the loop sees it through .error and exits 1
+            self.error = exc
+            log.exception("publisher thread failed")
+
+    def _run(self) -> None:
+        self.stats.start()
+        self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive)
+        if self.spool.reset_reason:
+            self._event("spool_reset", self.spool.reset_reason)
+        stopping = False
+        while True:
+            stopping = self._drain_inbox(block=not self._socket_open) or stopping
+            if stopping:
+                self._shutdown()
+                return
+            if self._socket_open:
+                rc = self.client.loop(timeout=0.05)
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    self._lost(mqtt.error_string(rc))
+            elif time.monotonic() >= self._next_attempt:
+                self._connect()
+            self._flush_acks()
+            self._hand_over()
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Spool every queued window; True once the stop sentinel has been seen."""
+        try:
+            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return False
+        while True:
+            if item is None:
+                return True
+            self._record(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return False
+
+    def _record(self, window: Window) -> None:
+        fields = telemetry_fields(window)
+        if not fields["inferences"]:
+            return  # a window cut short before its first inference says nothing
+        fields.update(self.stats.sample())
+        depth, dropped = self.spool.depth, self.spool.dropped_total
+
+        def payload(seq: int) -> bytes:
+            msg = {"schema": TELEMETRY_SCHEMA, "device": self.device, "seq": seq,
+                   "ts": round(window.end_ts, 3), **fields, "spool_depth": depth,
+                   "dropped_total": dropped, "model_sha256": self.model_sha256}
+            return encode(msg)
+
+        _, seq = self.spool.append(self.topics.telemetry, payload, "telemetry", self.cfg.qos)
+        log.info("%s", console_line(window.index, seq, fields, self.connected, self.spool))
+
+    def _event(self, kind: str, detail: str) -> None:
+        log.warning("event %s: %s", kind, detail)
+
+        def payload(seq: int) -> bytes:
+            return encode({"schema": EVENT_SCHEMA, "device": self.device, "seq": seq,
+                           "ts": round(time.time(), 3), "event": kind, "detail": detail})
+
+        self.spool.append(self.topics.event, payload, "event", qos=1)
+
+    # --- connection ------------------------------------------------------------------------
+
+    def _make_client(self, client_id: str) -> mqtt.Client:
+        cfg = self.cfg
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             clean_session=True)
+        client.connect_timeout = CONNECT_TIMEOUT_S
+        client.max_inflight_messages_set(INFLIGHT)
+        client.will_set(self.topics.status, OFFLINE, qos=1, retain=True)
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls:
+            try:
+                client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file,
+                               keyfile=cfg.key_file, cert_reqs=ssl.CERT_REQUIRED)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise ConfigError(f"mqtt.tls: cannot use ca_file={cfg.ca_file!r}, cert_file="
+                                  f"{cfg.cert_file!r}, key_file={cfg.key_file!r} ({exc}): check "
+                                  f"those paths and that the key matches the certificate") from None
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        return client
+
+    def _connect(self) -> None:
+        try:
+            self.client.reconnect()
+            self._socket_open = True
+        except (OSError, ValueError) as exc:  # refused, unreachable, timeout, TLS
+            self._lost(str(exc) or type(exc).__name__)
+
+    def _lost(self, why: str) -> None:
+        """The connection failed or dropped: schedule the next attempt and say so once."""
+        was_connected = self.connected
+        self.connected = False
+        self._socket_open = False
+        self._attempt += 1
+        ceiling = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (self._attempt - 1))
+        delay = random.uniform(ceiling / 2, ceiling)
+        self._next_attempt = time.monotonic() + delay
+        log.warning("mqtt: %s %s:%d (%s); retrying in %.1f s, spooling meanwhile (%d waiting)",
+                    "lost the broker at" if was_connected else "cannot reach broker",
+                    self.cfg.host, self.cfg.port, why, delay, self.spool.depth)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                    reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            log.warning("mqtt: broker %s:%d refused the connection: %s (check mqtt.username, "
+                        "mqtt.password and the broker's ACL)", self.cfg.host, self.cfg.port,
+                        reason_code)
+            return
+        self.connected = True
+        self._attempt = 0
+        client.publish(self.topics.status, ONLINE, qos=1, retain=True)
+        client.publish(self.topics.info, encode({**self.info, "ts": round(time.time(), 3)}),
+                       qos=1, retain=True)
+        log.info("mqtt: connected to %s:%d; %d spooled message(s) to send", self.cfg.host,
+                 self.cfg.port, self.spool.depth)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                       reason_code: Any, properties: Any) -> None:
+        self.connected = False
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any,
+                    properties: Any) -> None:
+        row = self._handed.pop(mid, None)
+        if row is not None:
+            self._acked.append(row)
+
+    def _flush_acks(self) -> None:
+        if self._acked:
+            self.spool.ack(self._acked)
+            self._acked.clear()
+
+    def _hand_over(self) -> None:
+        """Give paho the next spooled rows, oldest first, up to INFLIGHT outstanding."""
+        if not self.connected or len(self._handed) >= INFLIGHT:
+            return
+        for entry in self.spool.pending(self._last_handed, INFLIGHT - len(self._handed)):
+            info = self.client.publish(entry.topic, entry.payload, entry.qos, entry.retain)
+            self._last_handed = entry.id
+            if entry.qos == 0:
+                self._acked.append(entry.id)  # QoS 0 has no acknowledgement to wait for
+            else:
+                self._handed[info.mid] = entry.id
+
+    def _shutdown(self) -> None:
+        """Send what can be sent before the deadline, then publish offline and disconnect."""
+        deadline = self._deadline or time.monotonic()
+        while self._socket_open and self.connected and time.monotonic() < deadline - 0.5:
+            self._hand_over()
+            if not self._handed and not self.spool.pending(self._last_handed, 1):
+                break
+            if self.client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                break
+            self._flush_acks()
+        self._flush_acks()
+        if self._socket_open and self.connected:
+            info = self.client.publish(self.topics.status, OFFLINE, qos=1, retain=True)
+            while not info.is_published() and time.monotonic() < deadline:
+                if self.client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                    break
+            self.client.disconnect()
+            self.client.loop(timeout=0.05)
+        left = self.spool.depth
+        if left:
+            log.info("mqtt: %d message(s) stay spooled for the next start", left)
+
+
+def console_line(index: int, seq: int, f: dict[str, Any], connected: bool, spool: Spool) -> str:
+    """One readable line per window, as journald shows it."""
+    def num(value: Any, fmt: str, unit: str = "") -> str:
+        return "n/a" if value is None else f"{value:{fmt}}{unit}"
+
+    acc = f" acc {num(f['accuracy_pct'], '.1f', '%')}" if "accuracy_pct" in f else ""
+    return (f"window {index} seq {seq}: {num(f['throughput_ips'], ',.1f')} img/s, "
+            f"{f['inferences']:,} in {f['window_s']:.1f} s | latency ms p50 "
+            f"{num(f['latency_p50_ms'], '.3f')} p90 {num(f['latency_p90_ms'], '.3f')} p99 "
+            f"{num(f['latency_p99_ms'], '.3f')} max {num(f['latency_max_ms'], '.3f')}{acc} | "
+            f"cpu {num(f['proc_cpu_percent'], '.0f', '%')} rss {num(f['rss_mb'], '.0f', ' MB')} "
+            f"temp {num(f['soc_temp_c'], '.1f', ' C')} | mqtt "
+            f"{'up' if connected else 'down'}, spool {spool.depth}, dropped {spool.dropped_total}")

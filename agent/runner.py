@@ -1,0 +1,145 @@
+"""`edge-agent run`: verify and load the bundle, start the publisher, run the loop, stop cleanly.
+
+Start-up order: config -> bundle verified and checked on this board -> spool opened (restart
+count and last exit reason read) -> a fresh module loaded, timed and warmed up -> publisher
+thread started (it connects in the background) -> READY=1 -> the loop. SIGTERM or SIGINT
+close the current window, flush what the broker will take within a few seconds, publish
+`offline` and exit 0; whatever was not acknowledged stays spooled for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import signal
+import socket
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+
+import agent
+from agent.bundle import Bundle
+from agent.loop import InferenceLoop, Inputs
+from agent.model import normalize
+from agent.publisher import Publisher
+from agent.sdnotify import Notifier
+from agent.spool import Spool
+from agent.stats import ResourceStats
+from agent.telemetry import INFO_SCHEMA
+
+log = logging.getLogger(__name__)
+
+STOP_BUDGET_S = 4.0  # SIGTERM to exit; systemd's TimeoutStopSec in the unit is longer
+
+
+def resolve_spool_path(configured: str, environ: dict[str, str] | os._Environ[str]) -> Path:
+    """A relative spool.path lives in $STATE_DIRECTORY (set by systemd), else the cwd."""
+    path = Path(configured).expanduser()
+    state = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return path if path.is_absolute() or not state else Path(state) / path
+
+
+def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
+    """Run the agent until a signal or `duration_s`; return the exit code."""
+    notifier = Notifier()
+    device = cfg["device"].resolved_id
+    loop_cfg = cfg["loop"]
+    torch.set_num_threads(loop_cfg.threads)
+
+    bundle = Bundle.open(Path(cfg["model"].dir))
+    checked = bundle.check()
+    log.info("bundle %s verified: sha256 %s..., %s on %s, sample of %d reproduced (max |logit "
+             "diff| %.3g)", bundle.dir, bundle.sha256[:12], checked["mode"], checked["engine"],
+             checked["sample_images"], checked["max_abs_logit_diff"])
+
+    spool_cfg = cfg["spool"]
+    spool = Spool(resolve_spool_path(spool_cfg.path, os.environ),
+                  int(spool_cfg.max_mb * 2**20), spool_cfg.max_age_s)
+    starts = int(spool.get("starts", 0) or 0) + 1
+    last_exit = str(spool.get("last_exit") or "first start")
+    if spool.get("running"):
+        last_exit = "killed (no clean shutdown: SIGKILL, watchdog, crash or power loss)"
+    spool.set("starts", starts)
+    spool.set("running", 1)
+
+    t0 = time.perf_counter()
+    module = bundle.load()
+    load_ms = (time.perf_counter() - t0) * 1000
+    inputs = make_inputs(bundle, loop_cfg.input, loop_cfg.batch_size)
+    loop = InferenceLoop(module, inputs, loop_cfg, lambda w: publisher.submit(w), notifier,
+                         healthy=lambda: publisher.error is None)
+    first_ms = loop.warm_up() * 1000
+
+    info = birth_info(cfg, device, bundle, checked, starts, last_exit, load_ms, first_ms)
+    publisher = Publisher(cfg["mqtt"], device, spool, ResourceStats(), info, bundle.sha256)
+
+    reason = ["duration" if duration_s is not None else "stopped"]
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        loop.stop()
+        reason[0] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    publisher.start()
+    log.info("running %s: model loaded in %.0f ms, first inference %.1f ms, %d warm-up runs; "
+             "input %s, batch %d, %s, %d thread(s), windows of %g s; telemetry to %s:%d %s",
+             device, load_ms, first_ms, loop_cfg.warmup, loop_cfg.input, loop_cfg.batch_size,
+             f"{loop_cfg.rate_hz:g} Hz" if loop_cfg.rate_hz else "full rate",
+             loop_cfg.threads, loop_cfg.window_s, cfg["mqtt"].host, cfg["mqtt"].port,
+             publisher.topics.telemetry)
+    notifier.ready(f"running {device}: {bundle.sha256[:12]} on {checked['engine']}")
+    code = 0
+    try:
+        loop.run(duration_s)
+    except RuntimeError as exc:
+        # A forward pass that fails mid-run: exit 1 so systemd restarts the service.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.error("inference failed: %s", first)
+        reason[0], code = f"error: {first}", 1
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        notifier.stopping()
+        if publisher.error is not None:
+            reason[0], code = f"error: publisher failed ({publisher.error})", 1
+        publisher.close(STOP_BUDGET_S)
+        spool.set("last_exit", reason[0])
+        spool.set("running", 0)
+        spool.close()
+        notifier.close()
+    log.info("stopped (%s) after %d window(s)", reason[0], loop.windows)
+    return code
+
+
+def make_inputs(bundle: Bundle, kind: str, batch_size: int) -> Inputs:
+    """Random tensors at the manifest's shape, or the bundle's labelled sample, normalised."""
+    m = bundle.manifest
+    if kind == "random":
+        return Inputs.random(batch_size, m.input_shape)
+    sample = bundle.sample()
+    return Inputs.sample(normalize(sample["images"], m.mean, m.std), sample["labels"], batch_size)
+
+
+def birth_info(cfg: dict[str, Any], device: str, bundle: Bundle, checked: dict[str, Any],
+               starts: int, last_exit: str, load_ms: float, first_ms: float) -> dict[str, Any]:
+    """The retained `info` message: who this agent is and what it runs."""
+    m = bundle.manifest
+    loop_cfg = cfg["loop"]
+    return {
+        "schema": INFO_SCHEMA, "device": device, "agent_version": agent.__version__,
+        "torch_version": torch.__version__, "python_version": platform.python_version(),
+        "machine": platform.machine(), "hostname": socket.gethostname(), "pid": os.getpid(),
+        "engine": m.engine, "threads": loop_cfg.threads, "batch_size": loop_cfg.batch_size,
+        "input": loop_cfg.input, "rate_hz": loop_cfg.rate_hz, "window_s": loop_cfg.window_s,
+        "model_file": m.board_model, "model_sha256": bundle.sha256,
+        "quantization_mode": m.quantization.get("mode"), "data_source": m.data.get("source"),
+        "bundle_created_utc": m.created_utc, "manifest_metrics": m.metrics,
+        "sample_accuracy_pct": checked["sample_accuracy_pct"],
+        "sample_max_abs_logit_diff": checked["max_abs_logit_diff"],
+        "load_ms": round(load_ms, 2), "first_inference_ms": round(first_ms, 3),
+        "restart_count": starts - 1, "last_exit": last_exit,
+    }

@@ -1,0 +1,85 @@
+"""The agent's MQTT messages: topics and payloads. Owned by the board; monitors read it.
+
+Under `<topic_prefix>/<device_id>/`:
+
+    status     retained "online" / "offline" (plain text; the last will is "offline")
+    info       retained JSON birth message (schema edgeforge.info/1)
+    telemetry  one JSON message per closed window, QoS from config (schema edgeforge.telemetry/1)
+    event      JSON notices a person should see (schema edgeforge.event/1): spool reset, ...
+
+Payloads are flat JSON objects whose numbers carry their unit in the key. A value the board
+cannot measure is null, never a guess. Every message has `schema`, `device`, `seq`, `ts`.
+`seq` of telemetry increases by one per window, across restarts (the spool persists it), so a
+subscriber can tell a gap from a pause.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+TELEMETRY_SCHEMA = "edgeforge.telemetry/1"
+INFO_SCHEMA = "edgeforge.info/1"
+EVENT_SCHEMA = "edgeforge.event/1"
+
+ONLINE = "online"
+OFFLINE = "offline"
+
+# Every telemetry message has exactly these keys, plus `accuracy_pct` when loop.input=sample.
+TELEMETRY_KEYS = (
+    "schema", "device", "seq", "ts", "window_s", "inferences", "throughput_ips",
+    "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_max_ms", "latency_mean_ms",
+    "proc_cpu_percent", "sys_cpu_percent", "rss_mb", "mem_percent", "load_1m", "soc_temp_c",
+    "cpu_freq_mhz", "throttled", "under_voltage", "freq_capped", "throttling",
+    "spool_depth", "dropped_total", "model_sha256",
+)
+OPTIONAL_TELEMETRY_KEYS = ("accuracy_pct",)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The four topics of one device."""
+
+    status: str
+    info: str
+    telemetry: str
+    event: str
+
+    @classmethod
+    def for_device(cls, prefix: str, device: str) -> Topics:
+        base = f"{prefix.rstrip('/')}/{device}"
+        return cls(f"{base}/status", f"{base}/info", f"{base}/telemetry", f"{base}/event")
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON, the wire format of every JSON topic."""
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_telemetry(payload: bytes) -> dict[str, Any]:
+    """Parse and check one telemetry payload.
+
+    Raises:
+        ValueError: not JSON, another schema, missing keys, or a non-number where a number
+            belongs. The message says which.
+    """
+    try:
+        msg = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"telemetry payload is not JSON ({exc})") from None
+    if not isinstance(msg, dict):
+        raise ValueError("telemetry payload is not a JSON object")
+    if msg.get("schema") != TELEMETRY_SCHEMA:
+        raise ValueError(f"telemetry schema {msg.get('schema')!r}, expected {TELEMETRY_SCHEMA}")
+    missing = [k for k in TELEMETRY_KEYS if k not in msg]
+    if missing:
+        raise ValueError(f"telemetry lacks {', '.join(missing)}")
+    for key in TELEMETRY_KEYS:
+        if key in ("schema", "device", "model_sha256", "under_voltage", "freq_capped",
+                   "throttling"):
+            continue
+        value = msg[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"telemetry {key} must be a number or null, got {value!r}")
+    return msg

@@ -1,0 +1,121 @@
+"""A real mosquitto on a free loopback port, and a real paho subscriber that records messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_binary() -> str:
+    path = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
+                                         if Path("/usr/sbin/mosquitto").exists() else None)
+    if path is None:
+        raise RuntimeError("mosquitto is not installed: apt-get install mosquitto "
+                           "(bash .ci/run does this)")
+    return path
+
+
+class Broker:
+    """mosquitto bound to 127.0.0.1:<port>, persistent sessions kept across restarts."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                             f"persistence true\npersistence_location {workdir}/\n"
+                             f"log_dest file {workdir}/mosquitto.log\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: "
+                                       f"{(self.workdir / 'mosquitto.log').read_text()}") from None
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen on port {self.port} within 10 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+class Subscriber:
+    """A paho client with a persistent session (QoS 1) that records every message it gets."""
+
+    def __init__(self, port: int, topic: str = "edgeforge/#", client_id: str = "test-sub") -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  clean_session=False)
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.topic = topic
+
+        def on_connect(c: mqtt.Client, u: Any, f: Any, rc: Any, p: Any) -> None:
+            if not rc.is_failure:
+                c.subscribe(topic, qos=1)
+
+        def on_subscribe(c: mqtt.Client, u: Any, mid: int, rcs: Any, p: Any) -> None:
+            self.subscribed.set()
+
+        def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+            with self._lock:
+                self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = on_subscribe
+        self.client.on_message = on_message
+        self.client.connect("127.0.0.1", port, keepalive=10)
+        self.client.loop_start()
+        if not self.subscribed.wait(10):
+            raise RuntimeError("test subscriber could not subscribe")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def on(self, suffix: str) -> list[tuple[bytes, bool]]:
+        """Payloads (and retain flags) of messages whose topic ends with `suffix`."""
+        with self._lock:
+            return [(p, r) for t, p, r in self.messages if t.endswith(suffix)]
+
+    def telemetry(self) -> list[dict[str, Any]]:
+        return [json.loads(p) for p, _ in self.on("/telemetry")]
+
+    def seqs(self) -> list[int]:
+        return [m["seq"] for m in self.telemetry()]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; got "
+                             f"{[(t, p[:80]) for t, p, _ in self.messages][-10:]}")

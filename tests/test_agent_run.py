@@ -1,0 +1,157 @@
+"""edge-agent run against a real mosquitto: telemetry, retained state, outages, restarts."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from agent.telemetry import TELEMETRY_KEYS, decode_telemetry
+from tests.broker import Broker, Subscriber
+from tests.conftest import Agent
+
+
+def contiguous(seqs: list[int]) -> bool:
+    unique = sorted(set(seqs))
+    return unique == list(range(unique[0], unique[-1] + 1))
+
+
+def test_publishes_schema_checked_telemetry_and_retained_status_and_info(
+        bundle: Path, broker: Broker, tmp_path: Path) -> None:
+    sub = Subscriber(broker.port)
+    agent = Agent(bundle, broker.port, tmp_path, "loop.input=sample", duration=3)
+    assert agent.wait() == 0, agent.output()
+    sub.wait_for(lambda: sub.on("/status") and sub.on("/status")[-1][0] == b"offline", 10,
+                 "offline after a clean exit")
+    sub.close()
+    messages = [decode_telemetry(p) for p, _ in sub.on("/telemetry")]
+    assert len(messages) >= 5
+    assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1))
+    for m in messages:
+        assert set(TELEMETRY_KEYS) <= set(m) and m["device"] == "testboard"
+        assert m["inferences"] > 0 and 0 < m["latency_p50_ms"] <= m["latency_p99_ms"] \
+            <= m["latency_max_ms"]
+        assert m["rss_mb"] > 50 and m["proc_cpu_percent"] is not None
+        assert m["throttled"] is None  # not a Raspberry Pi: null, not a guess
+        assert 0 <= m["accuracy_pct"] <= 100
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert messages[0]["model_sha256"] == manifest["files"][manifest["board_model"]]["sha256"]
+    # One readable line per window on the console.
+    assert agent.output().count(" seq ") >= len(messages)
+    # Retained: a plain mosquitto_sub connecting afterwards sees status and info.
+    out = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t",
+                          "edgeforge/testboard/+", "-v", "-C", "2", "-W", "5",
+                          "-T", "edgeforge/testboard/telemetry"],
+                         capture_output=True, text=True, timeout=10).stdout.splitlines()
+    status = [line for line in out if line.startswith("edgeforge/testboard/status ")]
+    info = [line for line in out if line.startswith("edgeforge/testboard/info ")]
+    assert status == ["edgeforge/testboard/status offline"]
+    birth = json.loads(info[0].split(" ", 1)[1])
+    assert birth["model_sha256"] == messages[0]["model_sha256"] and birth["engine"] == "qnnpack"
+    assert birth["restart_count"] == 0 and birth["last_exit"] == "first start"
+
+
+def test_sigterm_closes_the_window_publishes_offline_and_exits_0_within_5_s(
+        bundle: Path, broker: Broker, tmp_path: Path) -> None:
+    sub = Subscriber(broker.port)
+    agent = Agent(bundle, broker.port, tmp_path, "loop.window_s=60")
+    sub.wait_for(lambda: bool(sub.on("/status")) and sub.on("/status")[-1][0] == b"online", 60,
+                 "online")
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.wait(10) == 0, agent.output()
+    assert time.monotonic() - t0 < 5
+    sub.wait_for(lambda: sub.on("/status")[-1][0] == b"offline", 5, "offline")
+    sub.close()
+    # The 60 s window was cut short and still published.
+    (only,) = sub.telemetry()
+    assert only["seq"] == 1 and 0.5 < only["window_s"] < 10 and only["inferences"] > 0
+    assert "stopped (SIGTERM)" in agent.output()
+
+
+def test_last_will_marks_the_board_offline_after_kill_9(
+        bundle: Path, broker: Broker, tmp_path: Path) -> None:
+    sub = Subscriber(broker.port)
+    agent = Agent(bundle, broker.port, tmp_path)
+    sub.wait_for(lambda: bool(sub.on("/status")) and sub.on("/status")[-1][0] == b"online", 60,
+                 "online")
+    agent.kill()
+    sub.wait_for(lambda: sub.on("/status")[-1][0] == b"offline", 10, "the last will")
+    sub.close()
+
+
+def test_broker_restart_mid_run_loses_nothing(bundle: Path, broker: Broker,
+                                              tmp_path: Path) -> None:
+    """Broker down for over 10 s: the subscriber still sees every seq, in order, no gap."""
+    sub = Subscriber(broker.port)
+    agent = Agent(bundle, broker.port, tmp_path)
+    try:
+        sub.wait_for(lambda: len(sub.seqs()) >= 3, 60, "three windows")
+        broker.stop()
+        time.sleep(11)
+        broker.start()
+        seen_before = max(sub.seqs())
+        # ~22 windows were spooled during the outage; wait for them and a few new ones.
+        sub.wait_for(lambda: max(sub.seqs()) >= seen_before + 26, 60, "the spooled windows")
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.wait(10) == 0
+    finally:
+        agent.kill()
+        sub.close()
+    seqs = sub.seqs()
+    assert contiguous(seqs) and min(seqs) == 1, seqs
+    # Arrival order is seq order (duplicates, allowed by QoS 1, only repeat a seq).
+    firsts = list(dict.fromkeys(seqs))
+    assert firsts == sorted(firsts)
+    # It said so once per reconnect attempt, not once per spooled message.
+    log = agent.output()
+    assert 1 <= log.count("lost the broker") + log.count("cannot reach broker") <= 8, log
+
+
+def test_messages_spooled_before_kill_9_are_replayed_after_restart(
+        bundle: Path, tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "broker")
+    first = Agent(bundle, broker.port, tmp_path)  # no broker yet: it runs and spools
+    try:
+        deadline = time.monotonic() + 60
+        while first.output().count(" seq ") < 6 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first.kill()
+    finally:
+        first.kill()
+    spooled = first.output().count(" seq ")
+    assert spooled >= 6
+    warnings = first.output().count("cannot reach broker")
+    assert 1 <= warnings < spooled, first.output()
+    broker.start()
+    try:
+        sub = Subscriber(broker.port)
+        second = Agent(bundle, broker.port, tmp_path, duration=2)
+        assert second.wait() == 0, second.output()
+        sub.wait_for(lambda: bool(sub.on("/status")) and sub.on("/status")[-1][0] == b"offline",
+                     10, "offline")
+        sub.close()
+    finally:
+        broker.stop()
+    seqs = sub.seqs()
+    assert min(seqs) == 1 and contiguous(seqs) and max(seqs) > spooled, seqs
+    birth = json.loads(sub.on("/info")[-1][0])
+    assert birth["restart_count"] == 1 and birth["last_exit"].startswith("killed")
+
+
+def test_corrupt_spool_is_moved_aside_and_reported(bundle: Path, broker: Broker,
+                                                   tmp_path: Path) -> None:
+    (tmp_path / "spool.db").write_bytes(b"this is not an SQLite database" * 100)
+    sub = Subscriber(broker.port)
+    agent = Agent(bundle, broker.port, tmp_path, duration=2)
+    assert agent.wait() == 0, agent.output()
+    sub.wait_for(lambda: bool(sub.on("/event")) and len(sub.seqs()) >= 3, 10, "event")
+    sub.close()
+    aside = list(tmp_path.glob("spool.db.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")
+    event = json.loads(sub.on("/event")[0][0])
+    assert event["event"] == "spool_reset" and "moved to" in event["detail"]
+    assert sub.seqs()[0] == 1
