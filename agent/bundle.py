@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from agent.errors import BundleError
-from agent.manifest import Manifest
-from agent.model import load_scripted, normalize
+from agent.manifest import Manifest, embedded_metadata
+from agent.model import load_scripted, normalize, set_engine
 from agent.torchwarnings import known_torch_deprecations
 
 
@@ -41,7 +41,10 @@ class Bundle:
         """
         manifest = Manifest.read(directory)
         data = manifest.verified_bytes(directory, manifest.board_model)
-        return cls(directory, manifest, directory / manifest.board_model, data)
+        path = directory / manifest.board_model
+        set_engine(manifest.engine)  # "not available on this board" before anything else
+        _agrees_with_model(manifest, path, data)
+        return cls(directory, manifest, path, data)
 
     def load(self) -> torch.jit.ScriptModule:
         """A freshly loaded module, with the manifest's quantized engine selected first."""
@@ -88,3 +91,27 @@ class Bundle:
                 "sample_images": int(sample["labels"].shape[0]), "max_abs_logit_diff": diff,
                 "bit_exact": diff == 0.0, "sample_accuracy_pct": accuracy,
                 "torch_version": torch.__version__}
+
+
+def _agrees_with_model(manifest: Manifest, path: Path, data: bytes) -> None:
+    """Check the manifest against the metadata export embedded in the model, before any run.
+
+    This is the input-shape check: a quantized qnnpack Linear does not check its input's
+    width, so a wrong shape is never fed to the model to find out (measured on torch 2.13: a
+    [1, 3, 64, 64] input into the 32x32 SimpleCNN returned garbage, corrupted the module's
+    later results and crashed a second module in the same process).
+    """
+    try:
+        meta = embedded_metadata(data)
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}") from None
+    if meta is None:
+        raise BundleError(f"{path}: no embedded edgeforge metadata (rebuild the bundle with "
+                          f"edge-optimize export)")
+    for key, ours in (("input_shape", manifest.input_shape), ("engine", manifest.engine),
+                      ("classes", manifest.classes)):
+        if key in meta and meta[key] != ours:
+            raise BundleError(f"{path}: the manifest's {key.replace('_', ' ')} {ours} does not "
+                              f"match the model's {meta[key]}: the model does not take the "
+                              f"manifest's input shape or labels (rebuild the bundle; the model "
+                              f"was not run)")

@@ -19,8 +19,10 @@ torch.save and loadable with weights_only=True.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,27 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 BOARD_MODEL = "quantized_cnn_scripted.pt"
 SAMPLE_FILE = "sample.pt"
+METADATA_FILE = "edgeforge.json"  # the _extra_files entry inside the TorchScript archive
+
+
+def embedded_metadata(model: bytes | Path) -> dict[str, Any] | None:
+    """The metadata `edge-optimize export` embeds in the TorchScript zip, read without running
+    any of the model's code; None when the archive has none.
+
+    Raises:
+        BundleError: not a zip archive, or metadata that is not a JSON object.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(model) if isinstance(model, bytes) else model) as z:
+            names = [n for n in z.namelist() if n.endswith(f"extra/{METADATA_FILE}")]
+            if not names:
+                return None
+            data = json.loads(z.read(names[0]))
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"not a loadable TorchScript file ({exc})") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"embedded {METADATA_FILE} is not a JSON object")
+    return data
 
 
 def sha256_of(path: Path) -> str:

@@ -59,6 +59,12 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
     spool_cfg = cfg["spool"]
     spool = Spool(resolve_spool_path(spool_cfg.path, os.environ),
                   int(spool_cfg.max_mb * 2**20), spool_cfg.max_age_s)
+    try:
+        # Built before anything is recorded: it checks the TLS files (ConfigError).
+        publisher = Publisher(cfg["mqtt"], device, spool, ResourceStats(), {}, bundle.sha256)
+    except BaseException:
+        spool.close()
+        raise
     starts = int(spool.get("starts", 0) or 0) + 1
     last_exit = str(spool.get("last_exit") or "first start")
     if spool.get("running"):
@@ -66,52 +72,58 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
     spool.set("starts", starts)
     spool.set("running", 1)
 
-    t0 = time.perf_counter()
-    module = bundle.load()
-    load_ms = (time.perf_counter() - t0) * 1000
-    inputs = make_inputs(bundle, loop_cfg.input, loop_cfg.batch_size)
-    loop = InferenceLoop(module, inputs, loop_cfg, lambda w: publisher.submit(w), notifier,
-                         healthy=lambda: publisher.error is None)
-    first_ms = loop.warm_up() * 1000
-
-    info = birth_info(cfg, device, bundle, checked, starts, last_exit, load_ms, first_ms)
-    publisher = Publisher(cfg["mqtt"], device, spool, ResourceStats(), info, bundle.sha256)
-
     reason = ["duration" if duration_s is not None else "stopped"]
+    code = 0
+    loop: InferenceLoop | None = None
+    previous: dict[int, Any] = {}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        loop.stop()
         reason[0] = signal.Signals(signum).name
+        if loop is not None:
+            loop.stop()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    publisher.start()
-    log.info("running %s: model loaded in %.0f ms, first inference %.1f ms, %d warm-up runs; "
-             "input %s, batch %d, %s, %d thread(s), windows of %g s; telemetry to %s:%d %s",
-             device, load_ms, first_ms, loop_cfg.warmup, loop_cfg.input, loop_cfg.batch_size,
-             f"{loop_cfg.rate_hz:g} Hz" if loop_cfg.rate_hz else "full rate",
-             loop_cfg.threads, loop_cfg.window_s, cfg["mqtt"].host, cfg["mqtt"].port,
-             publisher.topics.telemetry)
-    notifier.ready(f"running {device}: {bundle.sha256[:12]} on {checked['engine']}")
-    code = 0
     try:
+        t0 = time.perf_counter()
+        module = bundle.load()
+        load_ms = (time.perf_counter() - t0) * 1000
+        inputs = make_inputs(bundle, loop_cfg.input, loop_cfg.batch_size)
+        loop = InferenceLoop(module, inputs, loop_cfg, publisher.submit, notifier,
+                             healthy=lambda: publisher.error is None)
+        first_ms = loop.warm_up() * 1000
+        publisher.info = birth_info(cfg, device, bundle, checked, starts, last_exit, load_ms,
+                                    first_ms)
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        publisher.start()
+        log.info("running %s: model loaded in %.0f ms, first inference %.1f ms, %d warm-up "
+                 "runs; input %s, batch %d, %s, %d thread(s), windows of %g s; telemetry to "
+                 "%s:%d %s", device, load_ms, first_ms, loop_cfg.warmup, loop_cfg.input,
+                 loop_cfg.batch_size,
+                 f"{loop_cfg.rate_hz:g} Hz" if loop_cfg.rate_hz else "full rate",
+                 loop_cfg.threads, loop_cfg.window_s, cfg["mqtt"].host, cfg["mqtt"].port,
+                 publisher.topics.telemetry)
+        notifier.ready(f"running {device}: {bundle.sha256[:12]} on {checked['engine']}")
         loop.run(duration_s)
     except RuntimeError as exc:
         # A forward pass that fails mid-run: exit 1 so systemd restarts the service.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.error("inference failed: %s", first)
         reason[0], code = f"error: {first}", 1
+    except BaseException as exc:
+        reason[0] = f"error: {type(exc).__name__}: {exc}"
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         notifier.stopping()
         if publisher.error is not None:
             reason[0], code = f"error: publisher failed ({publisher.error})", 1
-        publisher.close(STOP_BUDGET_S)
+        if publisher.is_alive():
+            publisher.close(STOP_BUDGET_S)
         spool.set("last_exit", reason[0])
         spool.set("running", 0)
         spool.close()
         notifier.close()
-    log.info("stopped (%s) after %d window(s)", reason[0], loop.windows)
+    log.info("stopped (%s) after %d window(s)", reason[0], loop.windows if loop else 0)
     return code
 
 

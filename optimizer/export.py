@@ -6,20 +6,18 @@ import json
 import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from agent.manifest import METADATA_FILE, embedded_metadata
 from agent.model import set_engine
 from agent.torchwarnings import known_torch_deprecations
 from optimizer.config import ExportConfig
 from optimizer.errors import ExportError, VerificationError
 from optimizer.model import accuracy_pct
-
-METADATA_FILE = "edgeforge.json"  # the _extra_files entry inside the TorchScript archive
 
 
 def export(model: nn.Module, cfg: ExportConfig, engine: str, example: torch.Tensor,
@@ -52,9 +50,7 @@ def export(model: nn.Module, cfg: ExportConfig, engine: str, example: torch.Tens
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """The metadata embedded by `export`, read without running the model's code."""
-    with zipfile.ZipFile(path) as z:
-        name = next(n for n in z.namelist() if n.endswith(f"extra/{METADATA_FILE}"))
-        return dict(json.loads(z.read(name)))
+    return embedded_metadata(path) or {}
 
 
 def verify_in_fresh_process(path: Path, engine: str, inputs: torch.Tensor,

@@ -1,0 +1,143 @@
+"""edge-agent run and bench on bad input, stats on a board's sysfs, and the benchmark's output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agent.manifest import BOARD_MODEL, sha256_of
+from agent.stats import ResourceStats
+from tests.conftest import run_cli
+
+
+def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "bundle"
+    shutil.copytree(bundle, dest)
+    return dest
+
+
+def edit_manifest(bundle: Path, **changes: object) -> None:
+    path = bundle / "manifest.json"
+    m = json.loads(path.read_text())
+    for key, value in changes.items():
+        m[key] = value
+    path.write_text(json.dumps(m))
+
+
+def run(bundle: Path, tmp_path: Path, *overrides: str):  # type: ignore[no-untyped-def]
+    args = ["run", "--set", f"model.dir={bundle}", "--set", f"spool.path={tmp_path}/s.db",
+            "--set", "mqtt.port=1", "--duration", "1"]
+    for item in overrides:
+        args += ["--set", item]
+    return run_cli("agent", *args, timeout=120)
+
+
+def one_line_exit_2(proc, *needles: str) -> None:  # type: ignore[no-untyped-def]
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert any(all(n in line for n in needles) for line in lines), proc.stderr
+
+
+def test_unknown_config_key_is_named(bundle: Path, tmp_path: Path) -> None:
+    one_line_exit_2(run(bundle, tmp_path, "loop.rate=5"), "ConfigError", "loop.rate",
+                    "unknown key")
+
+
+def test_invalid_config_value_is_named(bundle: Path, tmp_path: Path) -> None:
+    one_line_exit_2(run(bundle, tmp_path, "mqtt.qos=3"), "ConfigError", "mqtt.qos",
+                    "must be 0, 1 or 2")
+
+
+def test_missing_model_file(bundle: Path, tmp_path: Path) -> None:
+    b = copy_bundle(bundle, tmp_path)
+    (b / BOARD_MODEL).unlink()
+    one_line_exit_2(run(b, tmp_path), "BundleError", "missing from the bundle")
+
+
+def test_sha256_mismatch_is_refused_before_loading(bundle: Path, tmp_path: Path) -> None:
+    b = copy_bundle(bundle, tmp_path)
+    with (b / BOARD_MODEL).open("ab") as f:
+        f.write(b"\0")
+    one_line_exit_2(run(b, tmp_path), "BundleError", "sha256", "refusing to load")
+
+
+def test_a_file_that_is_not_torchscript(bundle: Path, tmp_path: Path) -> None:
+    b = copy_bundle(bundle, tmp_path)
+    (b / BOARD_MODEL).write_bytes(b"PK\x03\x04 not a TorchScript archive")
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"][BOARD_MODEL]["sha256"] = sha256_of(b / BOARD_MODEL)
+    (b / "manifest.json").write_text(json.dumps(m))
+    one_line_exit_2(run(b, tmp_path), "BundleError", "not a loadable TorchScript file")
+
+
+def test_wrong_input_shape(bundle: Path, tmp_path: Path) -> None:
+    b = copy_bundle(bundle, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    edit_manifest(b, input={**m["input"], "shape": [3, 64, 64]})
+    one_line_exit_2(run(b, tmp_path), "BundleError", "does not take the manifest's input shape")
+
+
+def test_engine_not_available(bundle: Path, tmp_path: Path) -> None:
+    b = copy_bundle(bundle, tmp_path)
+    edit_manifest(b, engine="armcl")
+    one_line_exit_2(run(b, tmp_path), "BundleError", "'armcl' is not available", "qnnpack")
+
+
+def test_tls_files_that_do_not_exist(bundle: Path, tmp_path: Path) -> None:
+    proc = run(bundle, tmp_path, "mqtt.tls=true", f"mqtt.ca_file={tmp_path}/nope.pem")
+    one_line_exit_2(proc, "ConfigError", "mqtt.tls", "nope.pem")
+    assert not list(tmp_path.glob("s.db.corrupt*"))
+
+
+def test_bad_cli_argument(bundle: Path) -> None:
+    proc = run_cli("agent", "run", "--duration", "-3")
+    assert proc.returncode == 2 and "--duration: must be > 0, got -3" in proc.stderr
+
+
+def test_bench_prints_a_table_and_json(bundle: Path) -> None:
+    proc = run_cli("agent", "bench", "--set", f"model.dir={bundle}", "--batch-sizes", "1,4",
+                   "--iters", "30", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert [r["batch_size"] for r in result["rows"]] == [1, 4]
+    for r in result["rows"]:
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["throughput_ips"] == pytest.approx(r["batch_size"] * 1000 / r["mean_ms"])
+    table = run_cli("agent", "bench", "--set", f"model.dir={bundle}", "--iters", "20")
+    assert table.returncode == 0 and "p50 ms" in table.stdout
+    assert len(table.stdout.strip().splitlines()) == 3
+
+
+def fake_pi_sysfs(root: Path, throttled: str) -> Path:
+    """A fake of a Raspberry Pi 4's sysfs (no Pi here): thermal zone, cpufreq, firmware."""
+    zone = root / "sys/class/thermal/thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "type").write_text("cpu-thermal\n")
+    (zone / "temp").write_text("61234\n")
+    freq = root / "sys/devices/system/cpu/cpu0/cpufreq"
+    freq.mkdir(parents=True)
+    (freq / "scaling_cur_freq").write_text("1500000\n")
+    fw = root / "sys/devices/platform/soc/soc:firmware"
+    fw.mkdir(parents=True)
+    (fw / "get_throttled").write_text(throttled)
+    return root
+
+
+def test_stats_read_a_pi_s_temperature_frequency_and_throttling_flags(tmp_path: Path) -> None:
+    stats = ResourceStats(root=fake_pi_sysfs(tmp_path, "50005\n"), vcgencmd=None)
+    stats.start()
+    s = stats.sample()
+    assert s["soc_temp_c"] == 61.2 and s["cpu_freq_mhz"] == 1500.0
+    assert s["throttled"] == 0x50005
+    assert s["under_voltage"] is True and s["freq_capped"] is False and s["throttling"] is True
+    assert s["rss_mb"] > 10 and s["load_1m"] >= 0
+
+
+def test_stats_are_null_where_the_board_has_no_such_sensor(tmp_path: Path) -> None:
+    s = ResourceStats(root=tmp_path, vcgencmd=None).sample()
+    assert s["soc_temp_c"] is None and s["cpu_freq_mhz"] is None and s["throttled"] is None
+    assert s["under_voltage"] is None
