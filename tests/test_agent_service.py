@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agent.config import BOARD_SECTIONS, load_config
+from agent.runner import resolve_spool_path
 from tests.conftest import ROOT, Agent
 
 UNIT = ROOT / "deploy" / "edge-agent.service"
@@ -89,3 +91,12 @@ def test_agent_runs_with_write_execute_memory_refused(bundle: Path, tmp_path: Pa
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert " seq 3:" in proc.stderr
+
+
+def test_the_board_config_the_installer_ships_is_valid() -> None:
+    cfg = load_config(ROOT / "deploy" / "config.yaml", [], BOARD_SECTIONS)
+    assert cfg["model"].dir == "/var/lib/edgeforge/models"
+    assert resolve_spool_path(cfg["spool"].path, {"STATE_DIRECTORY": "/var/lib/edgeforge"}) \
+        == Path("/var/lib/edgeforge/spool.sqlite3")
+    assert resolve_spool_path("/abs/s.db", {"STATE_DIRECTORY": "/x"}) == Path("/abs/s.db")
+    assert resolve_spool_path("s.db", {}) == Path("s.db")
