@@ -12,7 +12,8 @@ and a real mosquitto on a free loopback port, then measures, in one run:
      process holding torch and the warmed-up model + 30 MB.
   3. growth: RSS at the last window of a --soak-s agent run at full rate minus RSS at its
      second window < 5 MB.
-Prints a table, writes build/bench-agent/results.json, exits 1 if a target is missed.
+Prints a table, writes build/bench-agent/results.json and agent.png (throughput per round,
+RSS and throughput per soak window), exits 1 if a target is missed.
 Run it on an otherwise idle machine: other jobs move the throughput figures.
 """
 
@@ -114,6 +115,34 @@ def full_windows(msgs: list[dict[str, Any]], window_s: float) -> list[dict[str, 
     return [m for m in msgs if m["window_s"] >= 0.99 * window_s]
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Per-round throughput, and the soak's RSS and throughput per window, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    rounds = range(1, len(results["bare_ips"]) + 1)
+    ax1.plot(rounds, results["bare_ips"], "o-", label="bare model(x) loop")
+    ax1.plot(rounds, results["agent_ips"], "s-", label="edge-agent run (telemetry + spool)")
+    ax1.set(xlabel="round", ylabel="images/s", title="throughput, batch 1, 1 thread")
+    ax1.set_xticks(list(rounds))
+    ax1.set_ylim(0, 1.15 * max(results["bare_ips"] + results["agent_ips"]))
+    ax1.legend(loc="lower center")
+    minutes = [10 * (i + 1) / 60 for i in range(len(results["soak_rss_mb"]))]
+    ax2.plot(minutes, results["soak_rss_mb"], color="tab:red")
+    ax2.set(xlabel="minutes", ylabel="RSS MB", title="soak: agent RSS per 10 s window")
+    low = min(results["soak_rss_mb"])
+    ax2.set_ylim(low - 10, low + 10)
+    twin = ax2.twinx()
+    twin.plot(minutes, results["soak_ips"], color="tab:gray", alpha=0.5)
+    twin.set_ylabel("images/s (grey)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--bundle", type=Path, default=Path("models"))
@@ -174,6 +203,7 @@ def main() -> int:
                "checks": [{"target": n, "measured": v, "limit": lim, "op": op}
                           for n, v, lim, op in checks]}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, args.out / "agent.png")
     print(f"\nbare median {statistics.median(bare):,.0f} img/s, agent median "
           f"{statistics.median(agent):,.0f} img/s; soak RSS {soak[1]['rss_mb']:.1f} -> "
           f"{soak[-1]['rss_mb']:.1f} MB over {len(soak)} windows")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything edgeforge needs on a fresh Debian/Ubuntu machine, idempotently:
-# Debian's mosquitto (the tests' real broker) and systemd-analyze (unit file checks), and
+# Debian's mosquitto (the tests' real broker), systemd-analyze (unit file checks) and
+# openssl (test certificates), and
 # a virtual environment in .venv with edgeforge, its host extras and the test tools.
 # torch is pinned through .ci/constraints.txt (the CPU wheel); a board picks its own build.
 set -euo pipefail
@@ -11,6 +12,7 @@ missing=()
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v openssl >/dev/null || missing+=(openssl)  # the TLS test's certificates
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then sudo=(); elif sudo -n true 2>/dev/null; then sudo=(sudo -n)
     else

@@ -31,21 +31,29 @@ def mosquitto_binary() -> str:
 
 
 class Broker:
-    """mosquitto bound to 127.0.0.1:<port>, persistent sessions kept across restarts."""
+    """mosquitto bound to 127.0.0.1:<port>, persistent sessions kept across restarts.
 
-    def __init__(self, workdir: Path) -> None:
+    `listener_conf` replaces the default anonymous plain-TCP settings of the listener (TLS,
+    password files: see test_agent_tls.py).
+    """
+
+    def __init__(self, workdir: Path, listener_conf: str = "allow_anonymous true\n") -> None:
         self.port = free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                             f"persistence true\npersistence_location {workdir}/\n"
+        # `user root`: started as root, mosquitto would switch to its own user, which cannot
+        # read pytest's 0700 temporary folders. Ignored when not started as root.
+        self.conf.write_text(f"user root\nper_listener_settings true\n"
+                             f"listener {self.port} 127.0.0.1\n{listener_conf}persistence true\n"
+                             f"persistence_location {workdir}/\n"
                              f"log_dest file {workdir}/mosquitto.log\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with (self.workdir / "stderr.log").open("ab") as err:
+            self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
+                                         stdout=err, stderr=err)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -54,7 +62,7 @@ class Broker:
             except OSError:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: "
-                                       f"{(self.workdir / 'mosquitto.log').read_text()}") from None
+                                       f"{(self.workdir / 'stderr.log').read_text()}") from None
                 time.sleep(0.05)
         raise RuntimeError(f"mosquitto did not listen on port {self.port} within 10 s")
 
@@ -104,6 +112,11 @@ class Subscriber:
         """Payloads (and retain flags) of messages whose topic ends with `suffix`."""
         with self._lock:
             return [(p, r) for t, p, r in self.messages if t.endswith(suffix)]
+
+    def status(self) -> str | None:
+        """The last status message seen (online / offline), or None."""
+        seen = self.on("/status")
+        return seen[-1][0].decode() if seen else None
 
     def telemetry(self) -> list[dict[str, Any]]:
         return [json.loads(p) for p, _ in self.on("/telemetry")]

@@ -18,13 +18,27 @@ def contiguous(seqs: list[int]) -> bool:
     return unique == list(range(unique[0], unique[-1] + 1))
 
 
+def run_to_completion_with_broker(bundle: Path, broker: Broker, tmp_path: Path,
+                                  *overrides: str, duration: float) -> Subscriber:
+    """Start `broker`, run an agent for `duration` while a subscriber records; stop both."""
+    broker.start()
+    try:
+        sub = Subscriber(broker.port)
+        agent = Agent(bundle, broker.port, tmp_path, *overrides, duration=duration)
+        assert agent.wait() == 0, agent.output()
+        sub.wait_for(lambda: sub.status() == "offline", 10, "offline")
+        sub.close()
+    finally:
+        broker.stop()
+    return sub
+
+
 def test_publishes_schema_checked_telemetry_and_retained_status_and_info(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     sub = Subscriber(broker.port)
     agent = Agent(bundle, broker.port, tmp_path, "loop.input=sample", duration=3)
     assert agent.wait() == 0, agent.output()
-    sub.wait_for(lambda: sub.on("/status") and sub.on("/status")[-1][0] == b"offline", 10,
-                 "offline after a clean exit")
+    sub.wait_for(lambda: sub.status() == "offline", 10, "offline after a clean exit")
     sub.close()
     messages = [decode_telemetry(p) for p, _ in sub.on("/telemetry")]
     assert len(messages) >= 5
@@ -57,14 +71,13 @@ def test_sigterm_closes_the_window_publishes_offline_and_exits_0_within_5_s(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     sub = Subscriber(broker.port)
     agent = Agent(bundle, broker.port, tmp_path, "loop.window_s=60")
-    sub.wait_for(lambda: bool(sub.on("/status")) and sub.on("/status")[-1][0] == b"online", 60,
-                 "online")
+    sub.wait_for(lambda: sub.status() == "online", 60, "online")
     time.sleep(1.0)
     t0 = time.monotonic()
     agent.proc.send_signal(signal.SIGTERM)
     assert agent.wait(10) == 0, agent.output()
     assert time.monotonic() - t0 < 5
-    sub.wait_for(lambda: sub.on("/status")[-1][0] == b"offline", 5, "offline")
+    sub.wait_for(lambda: sub.status() == "offline", 5, "offline")
     sub.close()
     # The 60 s window was cut short and still published.
     (only,) = sub.telemetry()
@@ -76,10 +89,9 @@ def test_last_will_marks_the_board_offline_after_kill_9(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     sub = Subscriber(broker.port)
     agent = Agent(bundle, broker.port, tmp_path)
-    sub.wait_for(lambda: bool(sub.on("/status")) and sub.on("/status")[-1][0] == b"online", 60,
-                 "online")
+    sub.wait_for(lambda: sub.status() == "online", 60, "online")
     agent.kill()
-    sub.wait_for(lambda: sub.on("/status")[-1][0] == b"offline", 10, "the last will")
+    sub.wait_for(lambda: sub.status() == "offline", 10, "the last will")
     sub.close()
 
 
@@ -126,16 +138,7 @@ def test_messages_spooled_before_kill_9_are_replayed_after_restart(
     assert spooled >= 6
     warnings = first.output().count("cannot reach broker")
     assert 1 <= warnings < spooled, first.output()
-    broker.start()
-    try:
-        sub = Subscriber(broker.port)
-        second = Agent(bundle, broker.port, tmp_path, duration=2)
-        assert second.wait() == 0, second.output()
-        sub.wait_for(lambda: bool(sub.on("/status")) and sub.on("/status")[-1][0] == b"offline",
-                     10, "offline")
-        sub.close()
-    finally:
-        broker.stop()
+    sub = run_to_completion_with_broker(bundle, broker, tmp_path, duration=2)
     seqs = sub.seqs()
     assert min(seqs) == 1 and contiguous(seqs) and max(seqs) > spooled, seqs
     birth = json.loads(sub.on("/info")[-1][0])
@@ -155,3 +158,21 @@ def test_corrupt_spool_is_moved_aside_and_reported(bundle: Path, broker: Broker,
     event = json.loads(sub.on("/event")[0][0])
     assert event["event"] == "spool_reset" and "moved to" in event["detail"]
     assert sub.seqs()[0] == 1
+
+
+def test_a_full_spool_drops_the_oldest_and_reports_dropped_total(bundle: Path,
+                                                                 tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "broker")
+    # About three telemetry rows fit in 3 KB: no broker, so the oldest must go.
+    first = Agent(bundle, broker.port, tmp_path, "spool.max_mb=0.003", duration=4)
+    assert first.wait() == 0, first.output()
+    made = first.output().count(" seq ")
+    assert made >= 7
+    sub = run_to_completion_with_broker(bundle, broker, tmp_path, "spool.max_mb=0.003",
+                                        duration=1.5)
+    telemetry = sub.telemetry()
+    replayed = [m["seq"] for m in telemetry if m["seq"] <= made]
+    assert replayed and replayed == list(range(made - len(replayed) + 1, made + 1))
+    assert len(replayed) <= 4  # the newest few survived; the oldest were dropped
+    newer = [m for m in telemetry if m["seq"] > made]
+    assert newer and newer[-1]["dropped_total"] == made - len(replayed)
