@@ -20,11 +20,11 @@ import logging
 import math
 import queue
 import random
+import sqlite3
 import ssl
 import threading
 import time
 from array import array
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,8 +97,7 @@ class Publisher(threading.Thread):
     """Spools every window's telemetry and publishes it over MQTT; see the module docstring."""
 
     def __init__(self, cfg: MqttConfig, device: str, spool: Spool, stats: ResourceStats,
-                 info: dict[str, Any], model_sha256: str,
-                 client_factory: Callable[[str], mqtt.Client] | None = None) -> None:
+                 info: dict[str, Any], model_sha256: str) -> None:
         super().__init__(name="publisher", daemon=True)
         self.cfg = cfg
         self.device = device
@@ -117,7 +116,7 @@ class Publisher(threading.Thread):
         self._next_attempt = 0.0
         self._socket_open = False
         self.error: BaseException | None = None
-        self.client = (client_factory or self._make_client)(f"edgeforge-{device}")
+        self.client = self._make_client(f"edgeforge-{device}")
 
     # --- the API the loop uses (any thread) ------------------------------------------------
 
@@ -188,7 +187,13 @@ class Publisher(threading.Thread):
                    "dropped_total": dropped, "model_sha256": self.model_sha256}
             return encode(msg)
 
-        _, seq = self.spool.append(self.topics.telemetry, payload, "telemetry", self.cfg.qos)
+        try:
+            _, seq = self.spool.append(self.topics.telemetry, payload, "telemetry", self.cfg.qos)
+        except sqlite3.OperationalError as exc:
+            # Disk full or I/O error: lose this window, not the agent (a restart would not help).
+            log.error("spool %s: cannot store window %d (%s); its telemetry is lost",
+                      self.spool.path, window.index, exc)
+            return
         log.info("%s", console_line(window.index, seq, fields, self.connected, self.spool))
 
     def _event(self, kind: str, detail: str) -> None:
@@ -271,7 +276,11 @@ class Publisher(threading.Thread):
 
     def _flush_acks(self) -> None:
         if self._acked:
-            self.spool.ack(self._acked)
+            try:
+                self.spool.ack(self._acked)
+            except sqlite3.OperationalError as exc:
+                # The rows stay and are sent again after a restart: a duplicate, not a loss.
+                log.error("spool %s: cannot record acknowledgements (%s)", self.spool.path, exc)
             self._acked.clear()
 
     def _hand_over(self) -> None:
