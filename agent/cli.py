@@ -21,10 +21,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent.bench import bench, table
-from agent.bundle import Bundle
+# Nothing here imports torch at module level: agent.runtime must vet it first (a torch that
+# does not fit the CPU dies with SIGILL at import).
 from agent.config import BOARD_SECTIONS, default_config_path, load_config
 from agent.errors import EdgeforgeError
+from agent.runtime import check_runtime
+
+log = logging.getLogger("agent")
 
 DEFAULT_CONFIGS = ("/etc/edgeforge/config.yaml", "config.yaml")
 
@@ -92,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config or default_config_path(DEFAULT_CONFIGS), args.overrides,
                           BOARD_SECTIONS)
+        unproven = check_runtime()
+        if unproven:
+            log.warning("%s", unproven)
+        from agent.bench import bench, table
+        from agent.bundle import Bundle
+
         if args.command == "run":
             from agent.runner import run_agent  # paho and psutil only where needed
 

@@ -3,16 +3,17 @@
 # arm64), idempotently. Run it on the board, as root, from a copy of the project:
 #
 #   sudo bash deploy/install-agent.sh --bundle models [--config deploy/config.yaml]
-#                                     [--torch 'torch'] [--no-start]
+#                                     [--torch SPEC] [--no-start]
 #
 # It creates the system user "edgeforge", a virtual environment in /opt/edgeforge/venv with
-# torch (PyPI's CPU build for this board, or --torch SPEC) and edgeforge, copies the config to
+# torch (the runtime matrix's pick for this board, agent/runtime.py: torch==2.9.1 on
+# aarch64; or --torch SPEC) and edgeforge, copies the config to
 # /etc/edgeforge/config.yaml (kept if one exists) and the bundle to /var/lib/edgeforge/models,
 # checks the bundle on this board (edge-agent check), then installs and starts the unit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bundle="" config="deploy/config.yaml" torch_spec="torch" start=1
+bundle="" config="deploy/config.yaml" torch_spec="" start=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --bundle) bundle=$2; shift 2 ;;
@@ -38,9 +39,15 @@ id -u edgeforge >/dev/null 2>&1 \
     || useradd --system --home-dir /var/lib/edgeforge --shell /usr/sbin/nologin edgeforge
 
 echo "== /opt/edgeforge/venv"
+# PyPI's newest aarch64 torch is a CUDA build (GBs) and 2.10.0 crashes on a Pi 4: take the
+# matrix's pick. agent.runtime is stdlib-only, so it runs before anything is installed.
+[ -n "$torch_spec" ] || torch_spec=$(python3 -m agent.runtime recommend) \
+    || die "no known-good torch for $(uname -m): pass --torch SPEC"
 [ -x /opt/edgeforge/venv/bin/python ] || python3 -m venv /opt/edgeforge/venv
-/opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check "$torch_spec"
-/opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check .
+# numpy: torch warns on every import without it.
+/opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check "$torch_spec" numpy
+/opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check -c <(echo "$torch_spec") .
+/opt/edgeforge/venv/bin/python -m agent.runtime status
 
 echo "== config and bundle"
 install -d -m 0755 /etc/edgeforge

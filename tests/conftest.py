@@ -15,15 +15,18 @@ from tests.broker import Broker
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Small enough for a few seconds per step, large enough for the model to learn something.
-SMALL_CONFIG = """\
-data: {synthetic_train: 3000, synthetic_test: 500}
-train: {epochs: 3, lr: 0.003}
-prune: {finetune_epochs: 1}
-quantize: {calibration_images: 128}
-export: {sample_size: 16}
-report: {latency_iters: 30, warmup: 3, throughput_batches: 2}
-"""
+def bundle_config(synthetic_train: int, epochs: int, lr: float, sample_size: int) -> str:
+    """A config.yaml for a quick `edge-optimize run --data synthetic`."""
+    return (f"data: {{synthetic_train: {synthetic_train}, synthetic_test: 500}}\n"
+            f"train: {{epochs: {epochs}, lr: {lr}}}\n"
+            "prune: {finetune_epochs: 1}\n"
+            "quantize: {calibration_images: 128}\n"
+            f"export: {{sample_size: {sample_size}}}\n"
+            "report: {latency_iters: 30, warmup: 3, throughput_batches: 2}\n")
+
+
+# A few seconds per step; the model barely learns (the tests check plumbing, not accuracy).
+SMALL_CONFIG = bundle_config(3000, 3, 0.003, 16)
 
 
 def run_cli(module: str, *args: str | Path, cwd: Path | None = None,

@@ -1,0 +1,222 @@
+"""The ARM proof: the emulated Raspberry Pi 4 and Pi 5 run the bundle this run built.
+
+    .venv/bin/python -m tests.prove_arm [--root build/arm64-root] [--cpus cortex-a72,cortex-a76]
+
+1. builds (or reuses) the arm64 root with deploy/emulated-board/build-root.sh;
+2. builds a qnnpack bundle on this x86 host with `edge-optimize run --data synthetic`
+   (ARM_CONFIG, about 30 s);
+3. for each CPU, under qemu-aarch64-static with QEMU_CPU set (the default `max` CPU, with
+   512-bit SVE, gave wrong fp32 results) and a fake /proc/cpuinfo and /sys cpu list for 4
+   cores of that model:
+   - `python -m agent.runtime status` judges the board's torch "ok" against the matrix;
+   - with torch 2.10.0's metadata faked in front of the real torch, `edge-agent check`
+     refuses it in one line on the Cortex-A72 (no ARMv8.1 atomics) and only warns on the
+     Cortex-A76;
+   - `edge-agent check` passes: sha256, engine, embedded metadata, the bundled sample
+     reproducing the host's logits (bit-exact for static int8) and accuracy;
+   - `edge-agent run` publishes at least 3 telemetry windows to a real mosquitto on the
+     host's loopback (qemu-user shares the host network) and exits 0 on SIGTERM, after
+     publishing `offline`.
+Prints one row per CPU and exits 1 if any check fails. Timings under emulation mean nothing
+and are not reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.broker import Broker, Subscriber
+from tests.conftest import ROOT, bundle_config
+
+# Enough training (about 30 s on 2 cores, about 85 % on the stand-in data) that "the same
+# top-1 accuracy as the host" means something.
+ARM_CONFIG = bundle_config(20000, 3, 0.001, 32)
+
+# /proc/cpuinfo of the emulated boards, as their kernels print it.
+CPUS = {
+    "cortex-a72": ("Raspberry Pi 4 Model B Rev 1.4", "0x0", "0xd08", "3",
+                   "fp asimd evtstrm crc32 cpuid"),
+    "cortex-a76": ("Raspberry Pi 5 Model B Rev 1.0", "0x4", "0xd0b", "1",
+                   "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid "
+                   "asimdrdm lrcpc dcpop asimddp"),
+}
+
+
+def fake_cpu_files(root: Path, cpu: str) -> None:
+    """A fake /proc/cpuinfo and /sys/devices/system/cpu for 4 cores of `cpu` (no real board)."""
+    model, variant, part, revision, features = CPUS[cpu]
+    blocks = [f"processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: {features}\n"
+              f"CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: {variant}\n"
+              f"CPU part\t: {part}\nCPU revision\t: {revision}\n" for i in range(4)]
+    (root / "proc").mkdir(exist_ok=True)
+    (root / "proc/cpuinfo").write_text("\n".join(blocks) + f"\nModel\t\t: {model}\n")
+    sysdir = root / "sys/devices/system/cpu"
+    sysdir.mkdir(parents=True, exist_ok=True)
+    for name in ("online", "possible", "present"):
+        (sysdir / name).write_text("0-3\n")
+    for i in range(4):
+        (sysdir / f"cpu{i}").mkdir(exist_ok=True)
+
+
+class Board:
+    """Runs the board's python3 under qemu-aarch64-static for one CPU model."""
+
+    def __init__(self, root: Path, cpu: str, workdir: Path) -> None:
+        self.root, self.cpu, self.workdir = root, cpu, workdir
+
+    def argv(self, *args: str) -> list[str]:
+        return ["qemu-aarch64-static", "-L", str(self.root),
+                str(self.root / "usr/bin/python3.11"), *args]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"QEMU_CPU": self.cpu, "PYTHONPATH": "/opt/edgeforge/lib", "PATH": "/usr/bin:/bin",
+                "HOME": str(self.workdir), "LANG": "C.UTF-8"}
+
+    def run(self, *args: str, timeout: float = 600,
+            pythonpath: str = "/opt/edgeforge/lib") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), env={**self.env, "PYTHONPATH": pythonpath},
+                              cwd=self.workdir, capture_output=True, text=True, timeout=timeout)
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.argv(*args), env=self.env, cwd=self.workdir, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def prove(board: Board, bundle: Path) -> dict[str, object]:
+    row: dict[str, object] = {"cpu": board.cpu, "ok": False}
+    status = board.run("-m", "agent.runtime", "status")
+    row["runtime"] = status.stdout.strip() or status.stderr.strip()
+    if status.returncode != 0 or not status.stdout.startswith("ok:"):
+        row["failure"] = f"runtime status: {row['runtime']}"
+        return row
+    # A fake of an installed torch 2.10.0 (its metadata only; no such build can run here).
+    fake = board.workdir / "fake-torch-2.10"
+    (fake / "torch-2.10.0.dist-info").mkdir(parents=True)
+    (fake / "torch-2.10.0.dist-info/METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torch\nVersion: 2.10.0\n")
+    bad = board.run("-m", "agent", "check", "--set", f"model.dir={bundle}",
+                    pythonpath=f"{fake}:/opt/edgeforge/lib")
+    lines = bad.stderr.strip().splitlines()
+    if "atomics" in CPUS[board.cpu][4]:
+        row["torch_2_10"] = "warned" if bad.returncode == 0 and any(
+            "not proven here" in line for line in lines) else f"exit {bad.returncode}"
+        expected = "warned"
+    else:
+        row["torch_2_10"] = "refused" if bad.returncode == 2 and len(lines) == 1 and \
+            "known to fail" in lines[0] and "torch==2.9.1" in lines[0] else \
+            f"exit {bad.returncode}: {bad.stderr[-300:]}"
+        expected = "refused"
+    if row["torch_2_10"] != expected:
+        row["failure"] = (f"torch 2.10.0 on {board.cpu}: expected {expected}, got "
+                          f"{row['torch_2_10']}")
+        return row
+    check = board.run("-m", "agent", "check", "--set", f"model.dir={bundle}")
+    row["check"] = (check.stdout.strip() or check.stderr.strip())[-300:]
+    if check.returncode != 0 or check.stderr.strip():
+        row["failure"] = f"edge-agent check (exit {check.returncode}): {check.stderr.strip()}"
+        return row
+    diff = re.search(r"max \|logit diff\| ([0-9.eE+-]+), accuracy ([0-9.]+)%", check.stdout)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert diff, check.stdout
+    row["max_abs_logit_diff"] = float(diff.group(1))
+    row["sample_accuracy_pct"] = float(diff.group(2))
+    row["host_sample_accuracy_pct"] = float(manifest["sample"]["accuracy_pct"])
+    bit_exact_expected = manifest["quantization"]["mode"].startswith("static")
+    if bit_exact_expected and row["max_abs_logit_diff"] != 0.0:
+        row["failure"] = "static int8 logits are not bit-exact to the host's"
+        return row
+
+    broker = Broker(board.workdir / "broker")
+    broker.start()
+    sub = Subscriber(broker.port, client_id=f"prove-{board.cpu}")
+    agent = board.start("-m", "agent", "run", "--set", f"model.dir={bundle}",
+                        "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker.port}",
+                        "--set", f"device.id=emulated-{board.cpu}", "--set", "loop.window_s=2",
+                        "--set", "loop.input=sample", "--set", "loop.warmup=2",
+                        "--set", f"spool.path={board.workdir}/spool.db")
+    try:
+        sub.wait_for(lambda: len(sub.seqs()) >= 3, 600, "3 telemetry windows")
+        agent.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        row["sigterm_exit"] = agent.wait(60)
+        row["sigterm_s"] = round(time.monotonic() - t0, 1)
+        sub.wait_for(lambda: sub.status() == "offline", 30, "offline")
+    except AssertionError as exc:
+        row["failure"] = str(exc)
+        return row
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        log = agent.stdout.read() if agent.stdout else ""
+        agent.wait()
+        sub.close()
+        broker.stop()
+        (board.workdir / "agent.log").write_text(log)
+    telemetry = sub.telemetry()
+    row["windows"] = len(telemetry)
+    accuracies = {m.get("accuracy_pct") for m in telemetry}
+    row["telemetry_accuracy_pct"] = sorted(a for a in accuracies if a is not None)
+    if row["sigterm_exit"] != 0:
+        row["failure"] = f"SIGTERM exit {row['sigterm_exit']}: {log[-1000:]}"
+        return row
+    row["ok"] = True
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", type=Path, default=ROOT / "build/arm64-root")
+    p.add_argument("--cpus", default="cortex-a72,cortex-a76")
+    args = p.parse_args()
+    t0 = time.monotonic()
+    subprocess.run(["bash", str(ROOT / "deploy/emulated-board/build-root.sh"), str(args.root)],
+                   check=True, cwd=ROOT)
+    print(f"prove_arm: root ready in {time.monotonic() - t0:.0f} s", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="prove-arm-"))
+    config = work / "small.yaml"
+    config.write_text(ARM_CONFIG)
+    bundle = work / "bundle"
+    built = subprocess.run([sys.executable, "-m", "optimizer", "run", "--data", "synthetic",
+                            "--config", str(config), "--out", str(bundle)], cwd=ROOT,
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        print(built.stderr, file=sys.stderr)
+        return 1
+    print(f"prove_arm: bundle built on the host in {work}", flush=True)
+    rows = []
+    for cpu in args.cpus.split(","):
+        fake_cpu_files(args.root, cpu)
+        cpu_dir = work / cpu
+        cpu_dir.mkdir()
+        t1 = time.monotonic()
+        row = prove(Board(args.root, cpu, cpu_dir), bundle)
+        row["wall_s"] = round(time.monotonic() - t1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{'cpu':<11} {'result':<6} {'max|dlogit|':>11} {'acc board/host %':>17} "
+          f"{'windows':>7} {'SIGTERM':>8} {'torch 2.10':>10}  torch")
+    for r in rows:
+        acc = (f"{r.get('sample_accuracy_pct', float('nan')):.2f}/"
+               f"{r.get('host_sample_accuracy_pct', float('nan')):.2f}")
+        print(f"{r['cpu']:<11} {'PASS' if r['ok'] else 'FAIL':<6} "
+              f"{r.get('max_abs_logit_diff', float('nan')):>11.3g} {acc:>17} "
+              f"{r.get('windows', 0):>7} {('exit ' + str(r.get('sigterm_exit'))):>8} "
+              f"{str(r.get('torch_2_10', '-')):>10}  "
+              f"{str(r.get('runtime', ''))[:70]}")
+        if not r["ok"]:
+            print(f"  FAIL: {r.get('failure')}")
+    print(f"prove_arm: {time.monotonic() - t0:.0f} s in all (emulated timings mean nothing)")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""The board runtime matrix: which torch is refused, warned about or recommended per CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.runtime import Cpu, assess, entry_for, read_cpu
+from tests.conftest import run_cli
+
+A72 = Cpu("aarch64", "0xd08", frozenset({"fp", "asimd", "crc32", "cpuid"}))
+A76 = Cpu("aarch64", "0xd0b", frozenset({"fp", "asimd", "atomics", "asimddp"}))
+
+
+def test_reads_part_and_features_from_cpuinfo(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
+                    "CPU implementer\t: 0x41\nCPU part\t: 0xd08\n\nprocessor\t: 1\n")
+    cpu = read_cpu(info)
+    assert cpu.part == "0xd08" and "crc32" in cpu.features and "atomics" not in cpu.features
+    assert cpu.name == "Cortex-A72 (Pi 4)"
+    assert read_cpu(tmp_path / "missing").features == frozenset()
+
+
+def test_the_recommended_torch_is_ok_on_both_pis() -> None:
+    for cpu in (A72, A76):
+        verdict, message = assess("2.9.1", cpu)
+        assert verdict == "ok" and "2.9.1" in message
+
+
+def test_torch_2_10_is_refused_on_a_pi_4_and_unproven_on_a_pi_5() -> None:
+    verdict, message = assess("2.10.0", A72)
+    assert verdict == "bad" and "atomics" in message and "torch==2.9.1" in message
+    assert assess("2.10.0", A76)[0] == "unproven"
+
+
+def test_cuda_era_torch_is_refused_and_an_unknown_one_is_only_warned_about() -> None:
+    assert assess("2.13.0", A76)[0] == "bad"
+    assert entry_for("2.11.0+cu128", "aarch64") is not None
+    verdict, message = assess("2.8.0", A72)
+    assert verdict == "unproven" and "not in edgeforge's runtime matrix" in message
+
+
+def test_other_machines_are_not_judged() -> None:
+    assert assess("2.13.0", Cpu("x86_64", None, frozenset()))[0] == "ok"
+
+
+def test_recommend_prints_a_pip_spec() -> None:
+    proc = run_cli("agent.runtime", "recommend", "--machine", "aarch64")
+    assert proc.returncode == 0 and proc.stdout.strip() == "torch==2.9.1"
+    proc = run_cli("agent.runtime", "recommend", "--machine", "riscv64")
+    assert proc.returncode == 2 and "no board torch known for riscv64" in proc.stderr
