@@ -178,8 +178,11 @@ def main() -> int:
     p.add_argument("--cpus", default="cortex-a72,cortex-a76")
     args = p.parse_args()
     t0 = time.monotonic()
-    subprocess.run(["bash", str(ROOT / "deploy/emulated-board/build-root.sh"), str(args.root)],
-                   check=True, cwd=ROOT)
+    if subprocess.run(["bash", str(ROOT / "deploy/emulated-board/build-root.sh"),
+                       str(args.root)], cwd=ROOT).returncode != 0:
+        print("prove_arm: FAIL: the emulated board's root could not be built (see above)",
+              file=sys.stderr)
+        return 1
     print(f"prove_arm: root ready in {time.monotonic() - t0:.0f} s", flush=True)
     work = Path(tempfile.mkdtemp(prefix="prove-arm-"))
     config = work / "small.yaml"

@@ -35,6 +35,7 @@ want="bookworm arm64 python3 | ${packages[*]}"
 if [ ! -x "$root/usr/bin/python3.11" ]; then
     echo "build-root: debootstrap arm64 bookworm into $root"
     rm -rf "$root"
+    mkdir -p "$(dirname "$root")"
     debootstrap --foreign --arch=arm64 --variant=minbase --include=python3 bookworm "$root" \
         http://deb.debian.org/debian >"$root.debootstrap.log" 2>&1 \
         || { tail -20 "$root.debootstrap.log" >&2; exit 1; }
