@@ -36,13 +36,20 @@ class Cpu:
 
     @property
     def name(self) -> str:
-        return CPU_PARTS.get(self.part or "", f"CPU part {self.part}" if self.part else
-                             self.machine)
+        known = CPU_PARTS.get(self.part or "")
+        return known[0] if known else (f"CPU part {self.part}" if self.part else self.machine)
+
+    @property
+    def core(self) -> str | None:
+        """The core's name as QEMU_CPU spells it (cortex-a72), when the part is known."""
+        known = CPU_PARTS.get(self.part or "")
+        return known[1] if known else None
 
 
-# ARM's CPU part numbers (MIDR) for the boards we target.
-CPU_PARTS = {"0xd03": "Cortex-A53 (Pi 3, Zero 2)", "0xd08": "Cortex-A72 (Pi 4)",
-             "0xd0b": "Cortex-A76 (Pi 5)"}
+# ARM's CPU part numbers (MIDR) for the boards we target: display name, QEMU_CPU name.
+CPU_PARTS = {"0xd03": ("Cortex-A53 (Pi 3, Zero 2)", "cortex-a53"),
+             "0xd08": ("Cortex-A72 (Pi 4)", "cortex-a72"),
+             "0xd0b": ("Cortex-A76 (Pi 5)", "cortex-a76")}
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,10 @@ def assess(version: str, cpu: Cpu) -> tuple[str, str]:
                            f"({fix})")
         return "unproven", (f"torch {version} needs {', '.join(sorted(build.needs))}, which "
                             f"this {cpu.name} has; still not proven here ({fix} is)")
+    if cpu.core not in build.proven_on:
+        return "unproven", (f"torch {version} works on {', '.join(build.proven_on)} but has not "
+                            f"been proven on this {cpu.name}: watch the first check and "
+                            f"telemetry")
     return "ok", f"torch {version} on {cpu.name}: {build.note}"
 
 

@@ -65,10 +65,18 @@ runuser -u edgeforge -- /opt/edgeforge/venv/bin/edge-agent check \
     --config /etc/edgeforge/config.yaml
 
 echo "== systemd unit"
+install -d /etc/systemd/system
 install -m 0644 deploy/edge-agent.service /etc/systemd/system/edge-agent.service
-systemctl daemon-reload
-if [ "$start" = 1 ]; then
-    systemctl enable --now edge-agent.service
-    systemctl --no-pager status edge-agent.service | head -5 || true
+if [ ! -d /run/systemd/system ]; then
+    # An image build or a chroot: enable it for the next boot without a running systemd.
+    mkdir -p /etc/systemd/system/multi-user.target.wants
+    ln -sf ../edge-agent.service /etc/systemd/system/multi-user.target.wants/edge-agent.service
+    echo "systemd is not running here: edge-agent.service installed and enabled for next boot"
+else
+    systemctl daemon-reload
+    if [ "$start" = 1 ]; then
+        systemctl enable --now edge-agent.service
+        systemctl --no-pager status edge-agent.service | head -5 || true
+    fi
 fi
 echo "installed: journalctl -u edge-agent -f shows one line per window"

@@ -9,6 +9,8 @@
    512-bit SVE, gave wrong fp32 results) and a fake /proc/cpuinfo and /sys cpu list for 4
    cores of that model:
    - `python -m agent.runtime status` judges the board's torch "ok" against the matrix;
+   - on the first CPU, a bundle for the x86 engine and a manifest from a newer schema are
+     each refused by `edge-agent check` in one line;
    - with torch 2.10.0's metadata faked in front of the real torch, `edge-agent check`
      refuses it in one line on the Cortex-A72 (no ARMv8.1 atomics) and only warns on the
      Cortex-A76;
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,7 +94,24 @@ class Board:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def prove(board: Board, bundle: Path) -> dict[str, object]:
+def refuses_bad_bundles(board: Board, bundle: Path) -> str | None:
+    """A bundle for an engine this board lacks, and a newer manifest: one line, exit 2."""
+    cases = {"x86 engine": ({"engine": "x86"}, "quantized engine 'x86' is not available"),
+             "newer schema": ({"schema": "edgeforge.bundle/9"}, "newer than this agent")}
+    for name, (changes, needle) in cases.items():
+        copy = board.workdir / f"bundle-{name.replace(' ', '-')}"
+        shutil.copytree(bundle, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest.update(changes)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        proc = board.run("-m", "agent", "check", "--set", f"model.dir={copy}")
+        lines = proc.stderr.strip().splitlines()
+        if proc.returncode != 2 or len(lines) != 1 or needle not in lines[0]:
+            return f"{name}: exit {proc.returncode}, stderr {proc.stderr[-300:]!r}"
+    return None
+
+
+def prove(board: Board, bundle: Path, bad_inputs: bool) -> dict[str, object]:
     row: dict[str, object] = {"cpu": board.cpu, "ok": False}
     status = board.run("-m", "agent.runtime", "status")
     row["runtime"] = status.stdout.strip() or status.stderr.strip()
@@ -119,6 +139,12 @@ def prove(board: Board, bundle: Path) -> dict[str, object]:
         row["failure"] = (f"torch 2.10.0 on {board.cpu}: expected {expected}, got "
                           f"{row['torch_2_10']}")
         return row
+    if bad_inputs:
+        problem = refuses_bad_bundles(board, bundle)
+        row["bad_bundles"] = "refused" if problem is None else problem
+        if problem is not None:
+            row["failure"] = f"bad bundle not refused in one line: {problem}"
+            return row
     check = board.run("-m", "agent", "check", "--set", f"model.dir={bundle}")
     row["check"] = (check.stdout.strip() or check.stderr.strip())[-300:]
     if check.returncode != 0 or check.stderr.strip():
@@ -201,19 +227,19 @@ def main() -> int:
         cpu_dir = work / cpu
         cpu_dir.mkdir()
         t1 = time.monotonic()
-        row = prove(Board(args.root, cpu, cpu_dir), bundle)
+        row = prove(Board(args.root, cpu, cpu_dir), bundle, bad_inputs=not rows)
         row["wall_s"] = round(time.monotonic() - t1)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{'cpu':<11} {'result':<6} {'max|dlogit|':>11} {'acc board/host %':>17} "
-          f"{'windows':>7} {'SIGTERM':>8} {'torch 2.10':>10}  torch")
+          f"{'windows':>7} {'SIGTERM':>8} {'torch 2.10':>10} {'bad bundles':>11}  torch")
     for r in rows:
         acc = (f"{r.get('sample_accuracy_pct', float('nan')):.2f}/"
                f"{r.get('host_sample_accuracy_pct', float('nan')):.2f}")
         print(f"{r['cpu']:<11} {'PASS' if r['ok'] else 'FAIL':<6} "
               f"{r.get('max_abs_logit_diff', float('nan')):>11.3g} {acc:>17} "
               f"{r.get('windows', 0):>7} {('exit ' + str(r.get('sigterm_exit'))):>8} "
-              f"{str(r.get('torch_2_10', '-')):>10}  "
+              f"{str(r.get('torch_2_10', '-')):>10} {str(r.get('bad_bundles', '-'))[:11]:>11}  "
               f"{str(r.get('runtime', ''))[:70]}")
         if not r["ok"]:
             print(f"  FAIL: {r.get('failure')}")

@@ -40,6 +40,13 @@ def test_cuda_era_torch_is_refused_and_an_unknown_one_is_only_warned_about() -> 
     assert verdict == "unproven" and "not in edgeforge's runtime matrix" in message
 
 
+def test_a_cpu_the_matrix_has_not_proven_gets_a_warning_not_a_refusal() -> None:
+    a53 = Cpu("aarch64", "0xd03", frozenset({"fp", "asimd"}))
+    verdict, message = assess("2.9.1", a53)
+    assert verdict == "unproven" and "Cortex-A53" in message and "cortex-a72" in message
+    assert assess("2.9.1", Cpu("aarch64", None, frozenset()))[0] == "unproven"
+
+
 def test_other_machines_are_not_judged() -> None:
     assert assess("2.13.0", Cpu("x86_64", None, frozenset()))[0] == "ok"
 
