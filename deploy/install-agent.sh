@@ -46,7 +46,10 @@ echo "== /opt/edgeforge/venv"
 [ -x /opt/edgeforge/venv/bin/python ] || python3 -m venv /opt/edgeforge/venv
 # numpy: torch warns on every import without it.
 /opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check "$torch_spec" numpy
-/opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check -c <(echo "$torch_spec") .
+constraints=$(mktemp)
+echo "$torch_spec" >"$constraints"  # keep that torch while pip resolves edgeforge's needs
+/opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check -c "$constraints" .
+rm -f "$constraints"
 /opt/edgeforge/venv/bin/python -m agent.runtime status
 
 echo "== config and bundle"

@@ -1,13 +1,16 @@
 """The ARM proof: the emulated Raspberry Pi 4 and Pi 5 run the bundle this run built.
 
-    .venv/bin/python -m tests.prove_arm [--root build/arm64-root] [--cpus cortex-a72,cortex-a76]
+    .venv/bin/python -m tests.prove_arm [--root build/arm64-board] [--cpus cortex-a72,cortex-a76]
 
-1. builds (or reuses) the arm64 root with deploy/emulated-board/build-root.sh;
-2. builds a qnnpack bundle on this x86 host with `edge-optimize run --data synthetic`
+1. builds a qnnpack bundle on this x86 host with `edge-optimize run --data synthetic`
    (ARM_CONFIG, about 30 s);
-3. for each CPU, under qemu-aarch64-static with QEMU_CPU set (the default `max` CPU, with
-   512-bit SVE, gave wrong fp32 results) and a fake /proc/cpuinfo and /sys cpu list for 4
-   cores of that model:
+2. installs the agent the way the README tells a Pi owner to, on the first CPU:
+   deploy/emulated-board/install-board.sh runs `deploy/install-agent.sh` as written inside a
+   Debian bookworm arm64 chroot (qemu-aarch64 through binfmt_misc; the root is kept between
+   runs), which installs the runtime matrix's torch from PyPI and runs `edge-agent check`;
+3. for each CPU, with QEMU_CPU set (the default `max` CPU, with 512-bit SVE, gave wrong fp32
+   results) and a fake /proc/cpuinfo and /sys cpu list for 4 cores of that model, runs the
+   installed agent (/opt/edgeforge/venv) in the chroot:
    - `python -m agent.runtime status` judges the board's torch "ok" against the matrix;
    - on the first CPU, a bundle for the x86 engine and a manifest from a newer schema are
      each refused by `edge-agent check` in one line;
@@ -17,7 +20,7 @@
    - `edge-agent check` passes: sha256, engine, embedded metadata, the bundled sample
      reproducing the host's logits (bit-exact for static int8) and accuracy;
    - `edge-agent run` publishes at least 3 telemetry windows to a real mosquitto on the
-     host's loopback (qemu-user shares the host network) and exits 0 on SIGTERM, after
+     host's loopback (a chroot shares the host network) and exits 0 on SIGTERM, after
      publishing `offline`.
 Prints one row per CPU and exits 1 if any check fails. Timings under emulation mean nothing
 and are not reported.
@@ -26,6 +29,7 @@ and are not reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.broker import Broker, Subscriber
@@ -53,14 +58,23 @@ CPUS = {
 }
 
 
-def fake_cpu_files(root: Path, cpu: str) -> None:
-    """A fake /proc/cpuinfo and /sys/devices/system/cpu for 4 cores of `cpu` (no real board)."""
+def cpuinfo_text(cpu: str) -> str:
+    """/proc/cpuinfo of 4 cores of `cpu`, as a Raspberry Pi's kernel prints it."""
     model, variant, part, revision, features = CPUS[cpu]
     blocks = [f"processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: {features}\n"
               f"CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: {variant}\n"
               f"CPU part\t: {part}\nCPU revision\t: {revision}\n" for i in range(4)]
+    return "\n".join(blocks) + f"\nModel\t\t: {model}\n"
+
+
+def fake_cpu_files(root: Path, cpu: str) -> None:
+    """A fake /proc/cpuinfo and /sys/devices/system/cpu for 4 cores of `cpu` (no real board).
+
+    Without /sys, QNNPACK fails to initialise; with the host's x86 /sys, torch segfaults.
+    """
     (root / "proc").mkdir(exist_ok=True)
-    (root / "proc/cpuinfo").write_text("\n".join(blocks) + f"\nModel\t\t: {model}\n")
+    if not (root / "proc/self").exists():  # not while a real /proc is mounted there
+        (root / "proc/cpuinfo").write_text(cpuinfo_text(cpu))
     sysdir = root / "sys/devices/system/cpu"
     sysdir.mkdir(parents=True, exist_ok=True)
     for name in ("online", "possible", "present"):
@@ -69,41 +83,63 @@ def fake_cpu_files(root: Path, cpu: str) -> None:
         (sysdir / f"cpu{i}").mkdir(exist_ok=True)
 
 
+@contextlib.contextmanager
+def board_proc(root: Path, cpu: str) -> Iterator[None]:
+    """The chroot's real /proc (psutil reads it), with the fake cpuinfo of `cpu` bound over
+    /proc/cpuinfo; unmounted afterwards."""
+    fake = root.parent / f"{root.name}.cpuinfo"
+    fake.write_text(cpuinfo_text(cpu))
+    proc = root / "proc"
+    subprocess.run(["mount", "-t", "proc", "proc", str(proc)], check=True)
+    try:
+        subprocess.run(["mount", "--bind", str(fake), str(proc / "cpuinfo")], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["umount", str(proc / "cpuinfo")], check=False)
+    finally:
+        subprocess.run(["umount", str(proc)], check=False)
+
+
 class Board:
-    """Runs the board's python3 under qemu-aarch64-static for one CPU model."""
+    """The installed agent's Python in the emulated root, entered with chroot (qemu via binfmt)."""
 
-    def __init__(self, root: Path, cpu: str, workdir: Path) -> None:
-        self.root, self.cpu, self.workdir = root, cpu, workdir
+    PYTHON = "/opt/edgeforge/venv/bin/python"  # where deploy/install-agent.sh put it
 
-    def argv(self, *args: str) -> list[str]:
-        return ["qemu-aarch64-static", "-L", str(self.root),
-                str(self.root / "usr/bin/python3.11"), *args]
+    def __init__(self, root: Path, cpu: str, workdir: str) -> None:
+        self.root, self.cpu, self.workdir = root, cpu, workdir  # workdir: a path on the board
+        shutil.rmtree(self.host(workdir), ignore_errors=True)
+        self.host(workdir).mkdir(parents=True)
 
-    @property
-    def env(self) -> dict[str, str]:
-        return {"QEMU_CPU": self.cpu, "PYTHONPATH": "/opt/edgeforge/lib", "PATH": "/usr/bin:/bin",
-                "HOME": str(self.workdir), "LANG": "C.UTF-8"}
+    def host(self, path: str) -> Path:
+        """Where a path on the board is on this host."""
+        return self.root / path.lstrip("/")
+
+    def argv(self, *args: str, pythonpath: str | None = None) -> list[str]:
+        env = [f"QEMU_CPU={self.cpu}", "PATH=/opt/edgeforge/venv/bin:/usr/bin:/bin",
+               "HOME=/root", "LANG=C.UTF-8"] + ([f"PYTHONPATH={pythonpath}"] if pythonpath else [])
+        return ["chroot", str(self.root), "/usr/bin/env", "-i", *env, self.PYTHON, *args]
 
     def run(self, *args: str, timeout: float = 600,
-            pythonpath: str = "/opt/edgeforge/lib") -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(*args), env={**self.env, "PYTHONPATH": pythonpath},
-                              cwd=self.workdir, capture_output=True, text=True, timeout=timeout)
+            pythonpath: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args, pythonpath=pythonpath), capture_output=True,
+                              text=True, timeout=timeout)
 
     def start(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.argv(*args), env=self.env, cwd=self.workdir, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return subprocess.Popen(self.argv(*args), text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
 
 
-def refuses_bad_bundles(board: Board, bundle: Path) -> str | None:
+def refuses_bad_bundles(board: Board, bundle: str) -> str | None:
     """A bundle for an engine this board lacks, and a newer manifest: one line, exit 2."""
     cases = {"x86 engine": ({"engine": "x86"}, "quantized engine 'x86' is not available"),
              "newer schema": ({"schema": "edgeforge.bundle/9"}, "newer than this agent")}
     for name, (changes, needle) in cases.items():
-        copy = board.workdir / f"bundle-{name.replace(' ', '-')}"
-        shutil.copytree(bundle, copy)
-        manifest = json.loads((copy / "manifest.json").read_text())
+        copy = f"{board.workdir}/bundle-{name.replace(' ', '-')}"
+        shutil.copytree(board.host(bundle), board.host(copy))
+        manifest = json.loads((board.host(copy) / "manifest.json").read_text())
         manifest.update(changes)
-        (copy / "manifest.json").write_text(json.dumps(manifest))
+        (board.host(copy) / "manifest.json").write_text(json.dumps(manifest))
         proc = board.run("-m", "agent", "check", "--set", f"model.dir={copy}")
         lines = proc.stderr.strip().splitlines()
         if proc.returncode != 2 or len(lines) != 1 or needle not in lines[0]:
@@ -111,7 +147,7 @@ def refuses_bad_bundles(board: Board, bundle: Path) -> str | None:
     return None
 
 
-def prove(board: Board, bundle: Path, bad_inputs: bool) -> dict[str, object]:
+def prove(board: Board, bundle: str, bad_inputs: bool) -> dict[str, object]:
     row: dict[str, object] = {"cpu": board.cpu, "ok": False}
     status = board.run("-m", "agent.runtime", "status")
     row["runtime"] = status.stdout.strip() or status.stderr.strip()
@@ -119,12 +155,11 @@ def prove(board: Board, bundle: Path, bad_inputs: bool) -> dict[str, object]:
         row["failure"] = f"runtime status: {row['runtime']}"
         return row
     # A fake of an installed torch 2.10.0 (its metadata only; no such build can run here).
-    fake = board.workdir / "fake-torch-2.10"
-    (fake / "torch-2.10.0.dist-info").mkdir(parents=True)
-    (fake / "torch-2.10.0.dist-info/METADATA").write_text(
+    fake = f"{board.workdir}/fake-torch-2.10"
+    (board.host(fake) / "torch-2.10.0.dist-info").mkdir(parents=True)
+    (board.host(fake) / "torch-2.10.0.dist-info/METADATA").write_text(
         "Metadata-Version: 2.1\nName: torch\nVersion: 2.10.0\n")
-    bad = board.run("-m", "agent", "check", "--set", f"model.dir={bundle}",
-                    pythonpath=f"{fake}:/opt/edgeforge/lib")
+    bad = board.run("-m", "agent", "check", "--set", f"model.dir={bundle}", pythonpath=fake)
     lines = bad.stderr.strip().splitlines()
     if "atomics" in CPUS[board.cpu][4]:
         row["torch_2_10"] = "warned" if bad.returncode == 0 and any(
@@ -151,7 +186,7 @@ def prove(board: Board, bundle: Path, bad_inputs: bool) -> dict[str, object]:
         row["failure"] = f"edge-agent check (exit {check.returncode}): {check.stderr.strip()}"
         return row
     diff = re.search(r"max \|logit diff\| ([0-9.eE+-]+), accuracy ([0-9.]+)%", check.stdout)
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((board.host(bundle) / "manifest.json").read_text())
     assert diff, check.stdout
     row["max_abs_logit_diff"] = float(diff.group(1))
     row["sample_accuracy_pct"] = float(diff.group(2))
@@ -161,7 +196,7 @@ def prove(board: Board, bundle: Path, bad_inputs: bool) -> dict[str, object]:
         row["failure"] = "static int8 logits are not bit-exact to the host's"
         return row
 
-    broker = Broker(board.workdir / "broker")
+    broker = Broker(board.host(board.workdir) / "broker")
     broker.start()
     sub = Subscriber(broker.port, client_id=f"prove-{board.cpu}")
     agent = board.start("-m", "agent", "run", "--set", f"model.dir={bundle}",
@@ -170,7 +205,10 @@ def prove(board: Board, bundle: Path, bad_inputs: bool) -> dict[str, object]:
                         "--set", "loop.input=sample", "--set", "loop.warmup=2",
                         "--set", f"spool.path={board.workdir}/spool.db")
     try:
-        sub.wait_for(lambda: len(sub.seqs()) >= 3, 600, "3 telemetry windows")
+        sub.wait_for(lambda: len(sub.seqs()) >= 3 or agent.poll() is not None, 600,
+                     "3 telemetry windows")
+        if agent.poll() is not None:
+            raise AssertionError(f"edge-agent run exited {agent.returncode} early")
         agent.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         row["sigterm_exit"] = agent.wait(60)
@@ -186,7 +224,9 @@ def prove(board: Board, bundle: Path, bad_inputs: bool) -> dict[str, object]:
         agent.wait()
         sub.close()
         broker.stop()
-        (board.workdir / "agent.log").write_text(log)
+        (board.host(board.workdir) / "agent.log").write_text(log)
+        if "failure" in row:
+            row["failure"] = f"{row['failure']}; agent log: {log[-800:]}"
     telemetry = sub.telemetry()
     row["windows"] = len(telemetry)
     accuracies = {m.get("accuracy_pct") for m in telemetry}
@@ -200,18 +240,12 @@ def prove(board: Board, bundle: Path, bad_inputs: bool) -> dict[str, object]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--root", type=Path, default=ROOT / "build/arm64-root")
+    p.add_argument("--root", type=Path, default=ROOT / "build/arm64-board")
     p.add_argument("--cpus", default="cortex-a72,cortex-a76")
     args = p.parse_args()
     t0 = time.monotonic()
-    if subprocess.run(["bash", str(ROOT / "deploy/emulated-board/build-root.sh"),
-                       str(args.root)], cwd=ROOT).returncode != 0:
-        print("prove_arm: FAIL: the emulated board's root could not be built (see above)",
-              file=sys.stderr)
-        return 1
-    print(f"prove_arm: root ready in {time.monotonic() - t0:.0f} s", flush=True)
     work = Path(tempfile.mkdtemp(prefix="prove-arm-"))
-    config = work / "small.yaml"
+    config = work / "arm.yaml"
     config.write_text(ARM_CONFIG)
     bundle = work / "bundle"
     built = subprocess.run([sys.executable, "-m", "optimizer", "run", "--data", "synthetic",
@@ -220,14 +254,23 @@ def main() -> int:
     if built.returncode != 0:
         print(built.stderr, file=sys.stderr)
         return 1
-    print(f"prove_arm: bundle built on the host in {work}", flush=True)
+    print(f"prove_arm: bundle built on the host in {time.monotonic() - t0:.0f} s", flush=True)
+    cpus = args.cpus.split(",")
+    t1 = time.monotonic()
+    installed = subprocess.run(["bash", str(ROOT / "deploy/emulated-board/install-board.sh"),
+                                str(bundle), cpus[0], str(args.root)], cwd=ROOT).returncode == 0
+    install_s = time.monotonic() - t1
+    print(f"prove_arm: README install {'PASS' if installed else 'FAIL'} on emulated {cpus[0]} "
+          f"in {install_s:.0f} s", flush=True)
+    if not installed:
+        return 1
     rows = []
-    for cpu in args.cpus.split(","):
+    for cpu in cpus:
         fake_cpu_files(args.root, cpu)
-        cpu_dir = work / cpu
-        cpu_dir.mkdir()
         t1 = time.monotonic()
-        row = prove(Board(args.root, cpu, cpu_dir), bundle, bad_inputs=not rows)
+        with board_proc(args.root, cpu):
+            row = prove(Board(args.root, cpu, f"/tmp/prove-{cpu}"), "/root/bundle",
+                        bad_inputs=not rows)
         row["wall_s"] = round(time.monotonic() - t1)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -243,7 +286,8 @@ def main() -> int:
               f"{str(r.get('runtime', ''))[:70]}")
         if not r["ok"]:
             print(f"  FAIL: {r.get('failure')}")
-    print(f"prove_arm: {time.monotonic() - t0:.0f} s in all (emulated timings mean nothing)")
+    print(f"prove_arm: README install on {cpus[0]} PASS ({install_s:.0f} s); "
+          f"{time.monotonic() - t0:.0f} s in all (emulated timings mean nothing)")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Run the README's Pi install (deploy/install-agent.sh) as written, on an emulated board: a
+# full Debian bookworm arm64 root entered with chroot, qemu-aarch64 registered with
+# binfmt_misc, QEMU_CPU set to the board's core.
+#
+#   bash deploy/emulated-board/install-board.sh BUNDLE [CPU] [ROOT]
+#        (CPU: cortex-a72 (default) or cortex-a76; ROOT: default build/arm64-board)
+#
+# The Debian root is kept between runs; the project and the bundle are copied in afresh and
+# the installer runs every time (it is idempotent). Two things are this workplace's, not a
+# Pi's: the host's CA bundle is copied in (PyPI is reached through a TLS proxy here), and
+# /proc/cpuinfo and /sys/devices/system/cpu are faked for the core (tests/prove_arm.py).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bundle=$(realpath "$1")
+cpu=${2:-cortex-a72}
+root=$(realpath -m "${3:-build/arm64-board}")
+python=${PYTHON:-.venv/bin/python}
+
+missing=()
+command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
+command -v update-binfmts >/dev/null || missing+=(binfmt-support)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
+if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" = 0 ] || { echo "install-board: install ${missing[*]} first" >&2; exit 1; }
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
+[ -e /proc/sys/fs/binfmt_misc/register ] \
+    || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc \
+    || { echo "install-board: cannot mount binfmt_misc (needs root)" >&2; exit 1; }
+update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
+[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] \
+    || { echo "install-board: qemu-aarch64 is not registered with binfmt_misc" >&2; exit 1; }
+
+if [ ! -e "$root/.edgeforge-board" ]; then
+    echo "install-board: debootstrap arm64 bookworm into $root (emulated second stage)"
+    rm -rf "$root"
+    mkdir -p "$(dirname "$root")"
+    debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,ca-certificates \
+        bookworm "$root" http://deb.debian.org/debian >"$root.debootstrap.log" 2>&1 \
+        || { tail -20 "$root.debootstrap.log" >&2; exit 1; }
+    touch "$root/.edgeforge-board"
+fi
+cp /etc/resolv.conf "$root/etc/resolv.conf"
+cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+"$python" -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; \
+from tests.prove_arm import fake_cpu_files; fake_cpu_files(Path('$root'), '$cpu')"
+
+rm -rf "$root/root/edgeforge" "$root/root/bundle"
+mkdir -p "$root/root/edgeforge"
+tar --exclude=./.venv --exclude=./build --exclude=./.git --exclude=./models --exclude=./data \
+    -cf - . | tar -xf - -C "$root/root/edgeforge"
+cp -r "$bundle" "$root/root/bundle"
+
+echo "install-board: sudo bash deploy/install-agent.sh --bundle models ... on $cpu, as written"
+chroot "$root" /usr/bin/env -i QEMU_CPU="$cpu" PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+    LANG=C.UTF-8 PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    bash -c "cd /root/edgeforge && bash deploy/install-agent.sh --bundle /root/bundle \
+             --config deploy/config.yaml --no-start"
+for f in /etc/edgeforge/config.yaml /var/lib/edgeforge/models/manifest.json \
+         /etc/systemd/system/multi-user.target.wants/edge-agent.service \
+         /opt/edgeforge/venv/bin/edge-agent; do
+    [ -e "$root$f" ] || { echo "install-board: FAIL: $f missing after the install" >&2; exit 1; }
+done
+echo "install-board: PASS: installed, checked and enabled on emulated $cpu"
