@@ -31,7 +31,7 @@ die() { echo "install-agent: $*" >&2; exit 2; }
 [ -f "$config" ] || die "$config: no such config file"
 
 echo "== packages"
-command -v python3 >/dev/null && python3 -c "import venv" 2>/dev/null \
+command -v python3 >/dev/null && python3 -c "import ensurepip, venv" 2>/dev/null \
     || { apt-get update -qq && apt-get install -y -qq python3-venv python3-pip; }
 
 echo "== user edgeforge"
