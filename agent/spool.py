@@ -192,15 +192,21 @@ class Spool:
             raise
         return removed
 
+    def _measure(self, where: str, params: list[object]) -> tuple[int, int]:
+        """(rows, their cost against max_bytes) of the rows matching `where`."""
+        count, size = self._db.execute(f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload) + "
+                                       f"LENGTH(topic)), 0) FROM outbox WHERE {where}",
+                                       params).fetchone()
+        return int(count), int(size) + ROW_OVERHEAD * int(count)
+
     def _delete(self, where: str, params: Iterable[object]) -> int:
         params = list(params)
-        row = self._db.execute(f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload) + "
-                               f"LENGTH(topic)), 0) FROM outbox WHERE {where}", params).fetchone()
-        if row[0]:
+        count, cost = self._measure(where, params)
+        if count:
             self._db.execute(f"DELETE FROM outbox WHERE {where}", params)
-            self._depth -= int(row[0])
-            self._bytes -= int(row[1]) + ROW_OVERHEAD * int(row[0])
-        return int(row[0])
+            self._depth -= count
+            self._bytes -= cost
+        return count
 
     def _enforce_bounds(self, now: float) -> None:
         dropped = self._delete("ts < ?", [now - self.max_age_s])
@@ -213,7 +219,4 @@ class Spool:
             self.set("dropped_total", self.dropped_total + dropped)
 
     def _recount(self) -> None:
-        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload) + "
-                               "LENGTH(topic)), 0) FROM outbox").fetchone()
-        self._depth = int(row[0])
-        self._bytes = int(row[1]) + ROW_OVERHEAD * self._depth
+        self._depth, self._bytes = self._measure("1", [])

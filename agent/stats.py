@@ -34,6 +34,8 @@ class ResourceStats:
 
     def __init__(self, root: Path = Path("/"), vcgencmd: str | None = "vcgencmd") -> None:
         self._root = root
+        # psutil reads the real machine: only a fallback when `root` is the real one.
+        self._psutil_fallback = root == Path("/")
         self._proc = psutil.Process()
         self._vcgencmd = shutil.which(vcgencmd) if vcgencmd else None
         self._temp_path = self._find_thermal_zone()
@@ -85,7 +87,7 @@ class ResourceStats:
             except (OSError, ValueError):
                 pass
         sensors_temperatures = getattr(psutil, "sensors_temperatures", None)
-        if sensors_temperatures is None or self._root != Path("/"):
+        if sensors_temperatures is None or not self._psutil_fallback:
             return None
         try:
             sensors = sensors_temperatures()
@@ -103,7 +105,7 @@ class ResourceStats:
             return round(int(path.read_text().strip()) / 1000.0, 1)
         except (OSError, ValueError):
             pass
-        if self._root != Path("/"):
+        if not self._psutil_fallback:
             return None
         try:
             freq = psutil.cpu_freq()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +29,21 @@ def bundle_config(synthetic_train: int, epochs: int, lr: float, sample_size: int
 
 # A few seconds per step; the model barely learns (the tests check plumbing, not accuracy).
 SMALL_CONFIG = bundle_config(3000, 3, 0.003, 16)
+
+
+def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
+    """A copy of the session bundle that a test may damage."""
+    dest = tmp_path / "bundle"
+    shutil.copytree(bundle, dest)
+    return dest
+
+
+def edit_manifest(bundle: Path, **changes: object) -> None:
+    """Overwrite top-level manifest fields of a copied bundle."""
+    path = bundle / "manifest.json"
+    m = json.loads(path.read_text())
+    m.update(changes)
+    path.write_text(json.dumps(m))
 
 
 def run_cli(module: str, *args: str | Path, cwd: Path | None = None,

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 from agent.manifest import BOARD_MODEL
-from tests.conftest import run_cli
-
-
-def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "bundle"
-    shutil.copytree(bundle, dest)
-    return dest
+from tests.conftest import copy_bundle, edit_manifest, run_cli
 
 
 def check(bundle: Path):  # type: ignore[no-untyped-def]
@@ -37,9 +29,7 @@ def test_tampered_model_is_refused_before_loading(bundle: Path, tmp_path: Path) 
 
 def test_manifest_from_a_newer_schema_is_refused(bundle: Path, tmp_path: Path) -> None:
     b = copy_bundle(bundle, tmp_path)
-    m = json.loads((b / "manifest.json").read_text())
-    m["schema"] = "edgeforge.bundle/9"
-    (b / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(b, schema="edgeforge.bundle/9")
     proc = check(b)
     assert proc.returncode == 2 and "newer than this agent" in proc.stderr
 

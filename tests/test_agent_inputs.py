@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from agent.manifest import BOARD_MODEL, sha256_of
 from agent.stats import ResourceStats
-from tests.conftest import run_cli
-
-
-def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "bundle"
-    shutil.copytree(bundle, dest)
-    return dest
-
-
-def edit_manifest(bundle: Path, **changes: object) -> None:
-    path = bundle / "manifest.json"
-    m = json.loads(path.read_text())
-    for key, value in changes.items():
-        m[key] = value
-    path.write_text(json.dumps(m))
+from tests.conftest import copy_bundle, edit_manifest, run_cli
 
 
 def run(bundle: Path, tmp_path: Path, *overrides: str):  # type: ignore[no-untyped-def]
