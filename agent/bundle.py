@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.errors import BundleError
-from agent.manifest import Manifest, embedded_metadata
+from agent.manifest import MANIFEST, Manifest, embedded_metadata, manifest_bytes
 from agent.model import load_scripted, normalize, set_engine
+from agent.signing import SIGNATURE_FILE, Signature, verify
 from agent.torchwarnings import known_torch_deprecations
 
 
@@ -27,24 +29,37 @@ class Bundle:
     manifest: Manifest
     model_path: Path
     model_bytes: bytes
+    signature: Signature | None = None
 
     @property
     def sha256(self) -> str:
         return str(self.manifest.files[self.manifest.board_model]["sha256"])
 
     @classmethod
-    def open(cls, directory: Path) -> Bundle:
+    def open(cls, directory: Path, public_key: Ed25519PublicKey | None = None) -> Bundle:
         """Read the manifest and the sha256-verified board model of `directory`.
+
+        With `public_key`, the manifest must carry a valid signature by that key first.
 
         Raises:
             BundleError: no manifest, a file missing or changed, or an unusable manifest.
         """
-        manifest = Manifest.read(directory)
+        raw = manifest_bytes(directory)
+        signature = None
+        if public_key is not None:
+            sig_path = directory / SIGNATURE_FILE
+            try:
+                sig = sig_path.read_bytes() if sig_path.is_file() else None
+            except OSError as exc:
+                raise BundleError(f"{sig_path}: unreadable ({exc})") from None
+            signature = verify(raw, sig, public_key, str(directory))
+        # Parsed from the bytes just verified: nothing can change between check and use.
+        manifest = Manifest.parse(raw, str(directory / MANIFEST))
         data = manifest.verified_bytes(directory, manifest.board_model)
         path = directory / manifest.board_model
         set_engine(manifest.engine)  # "not available on this board" before anything else
         _agrees_with_model(manifest, path, data)
-        return cls(directory, manifest, path, data)
+        return cls(directory, manifest, path, data, signature)
 
     def load(self) -> torch.jit.ScriptModule:
         """A freshly loaded module, with the manifest's quantized engine selected first."""

@@ -9,6 +9,12 @@ through the on-disk spool; it runs until SIGTERM/SIGINT (or --duration). `check`
 the config and the bundle (manifest, sha256, engine, one inference, the bundled sample
 reproducing the host's logits and accuracy) and exits 0, or 2 with one line naming the
 problem: installers and ExecStartPre use it. `bench` times the model on this board.
+
+    edge-agent activate DIR [--trial]   copy a bundle into the versioned store, check it on
+                                        this board, switch `current` to it (edge-deploy flash)
+    edge-agent confirm                  end the current version's trial
+    edge-agent rollback [--reason TEXT] switch `current` back to the previous version
+    edge-agent versions                 the store as JSON
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 # Nothing here imports torch at module level: agent.runtime must vet it first (a torch that
 # does not fit the CPU dies with SIGILL at import).
 from agent.config import BOARD_SECTIONS, default_config_path, load_config
-from agent.errors import EdgeforgeError
+from agent.errors import ConfigError, EdgeforgeError
 from agent.runtime import check_runtime
 
 log = logging.getLogger("agent")
@@ -63,7 +70,17 @@ def parser() -> argparse.ArgumentParser:
         "run": sub.add_parser("run", help="run the inference loop and publish telemetry"),
         "check": sub.add_parser("check", help="validate the config and the bundle, exit 0 or 2"),
         "bench": sub.add_parser("bench", help="one-shot latency benchmark on this board"),
+        "activate": sub.add_parser("activate", help="install a bundle into the versioned "
+                                                    "store and switch to it"),
+        "confirm": sub.add_parser("confirm", help="end the current version's trial"),
+        "rollback": sub.add_parser("rollback", help="switch back to the previous version"),
+        "versions": sub.add_parser("versions", help="the versioned store as JSON"),
     }
+    commands["activate"].add_argument("source", type=Path, help="a bundle directory")
+    commands["activate"].add_argument("--trial", action="store_true",
+                                      help="on trial: the next agent start that fails to "
+                                           "confirm it rolls back")
+    commands["rollback"].add_argument("--reason", default="rollback requested on the board")
     for s in commands.values():
         s.add_argument("--config", type=Path, default=None,
                        help=f"config file (default: the first of {', '.join(DEFAULT_CONFIGS)}, "
@@ -79,6 +96,34 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--iters", type=_positive(int), default=500, help="timed runs per batch size")
     b.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
+
+
+def store_command(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+    """activate, confirm, rollback and versions: the versioned store behind model.dir."""
+    from agent.store import Store
+
+    model_dir = Path(cfg["model"].dir)
+    if args.command == "activate":
+        from agent.runner import public_key_of
+        from agent.update import activate
+
+        if model_dir.name != "current":
+            raise ConfigError(f"model.dir {model_dir}: must end in /current (the store's link) "
+                              f"for activate; for example /var/lib/edgeforge/models/current")
+        result = activate(args.source, Store(model_dir.parent), public_key_of(cfg), args.trial)
+    else:
+        store = Store.for_model_dir(model_dir)
+        if args.command == "confirm":
+            current = store.current()
+            result = {"confirmed": current, "pruned": store.confirm(current or "",
+                                                                    cfg["update"].keep)}
+        elif args.command == "rollback":
+            left, target = store.rollback(args.reason)
+            result = {"from": left, "to": target["id"]}
+        else:
+            result = store.summary()
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def setup_logging() -> None:
@@ -98,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         unproven = check_runtime()
         if unproven:
             log.warning("%s", unproven)
+        if args.command in ("activate", "confirm", "rollback", "versions"):
+            return store_command(args, cfg)
         from agent.bench import bench, table
         from agent.bundle import Bundle
 
@@ -105,7 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from agent.runner import run_agent  # paho and psutil only where needed
 
             return run_agent(cfg, args.duration)
-        bundle = Bundle.open(Path(cfg["model"].dir))
+        from agent.runner import public_key_of
+
+        bundle = Bundle.open(Path(cfg["model"].dir), public_key_of(cfg))
         if args.command == "check":
             import torch
 

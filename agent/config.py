@@ -26,7 +26,7 @@ from agent.errors import ConfigError
 # Every top-level section any edgeforge command knows. A name outside this list is a typo.
 SECTIONS = (
     "data", "train", "prune", "quantize", "export", "report",  # host: edge-optimize
-    "device", "model", "loop", "mqtt", "spool",  # board: edge-agent
+    "device", "model", "loop", "mqtt", "spool", "update",  # board: edge-agent
 )
 
 T = TypeVar("T")
@@ -127,12 +127,42 @@ class SpoolConfig:
         require(self.max_age_s > 0, "max_age_s", f"must be > 0, got {self.max_age_s}")
 
 
+@dataclass(frozen=True)
+class UpdateConfig:
+    """Signed model updates over MQTT and remote commands (see agent/commands.py)."""
+
+    public_key: str | None = None  # Ed25519 PEM; null = updates refused, signatures unchecked
+    keep: int = 3  # versions kept in the store
+    max_payload_mb: float = 16.0  # a bigger command payload is refused unread
+    smoke_iters: int = 50  # timed passes of the smoke test
+    smoke_max_p99_ms: float = 500.0  # the smoke test's latency budget
+    watch_windows: int = 3  # windows watched after a switch before it is confirmed
+    max_p99_regression_pct: float = 50.0  # median p99 rise over the old model's that rolls back
+    max_accuracy_drop_pct: float = 2.0  # sample accuracy drop (points) that rolls back
+
+    def __post_init__(self) -> None:
+        require(self.keep >= 2, "keep", f"must be >= 2 (the current version and one to roll "
+                f"back to), got {self.keep}")
+        require(self.max_payload_mb > 0, "max_payload_mb", f"must be > 0, "
+                f"got {self.max_payload_mb}")
+        require(self.smoke_iters >= 1, "smoke_iters", f"must be >= 1, got {self.smoke_iters}")
+        require(self.smoke_max_p99_ms > 0, "smoke_max_p99_ms", f"must be > 0, "
+                f"got {self.smoke_max_p99_ms}")
+        require(self.watch_windows >= 1, "watch_windows", f"must be >= 1, "
+                f"got {self.watch_windows}")
+        require(self.max_p99_regression_pct > 0, "max_p99_regression_pct", f"must be > 0, "
+                f"got {self.max_p99_regression_pct}")
+        require(self.max_accuracy_drop_pct >= 0, "max_accuracy_drop_pct", f"must be >= 0, "
+                f"got {self.max_accuracy_drop_pct}")
+
+
 BOARD_SECTIONS: dict[str, type] = {
     "device": DeviceConfig,
     "model": ModelConfig,
     "loop": LoopConfig,
     "mqtt": MqttConfig,
     "spool": SpoolConfig,
+    "update": UpdateConfig,
 }
 
 

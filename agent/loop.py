@@ -13,11 +13,13 @@ import math
 import time
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from agent.bundle import Bundle
 from agent.config import LoopConfig
+from agent.model import normalize
 from agent.publisher import Window
 from agent.sdnotify import Notifier
 from agent.torchwarnings import known_torch_deprecations
@@ -48,22 +50,90 @@ class Inputs:
             targets.append(labels[idx].contiguous())
         return cls(batches, targets)
 
+    @classmethod
+    def for_bundle(cls, bundle: Bundle, kind: str, batch_size: int) -> Inputs:
+        """Random tensors at the manifest's shape, or the bundle's labelled sample, normalised."""
+        m = bundle.manifest
+        if kind == "random":
+            return cls.random(batch_size, m.input_shape)
+        sample = bundle.sample()
+        return cls.sample(normalize(sample["images"], m.mean, m.std), sample["labels"],
+                          batch_size)
+
+
+@dataclass(frozen=True)
+class Model:
+    """What the loop runs: a warmed-up module, its inputs, and the model's sha256."""
+
+    module: torch.jit.ScriptModule
+    inputs: Inputs
+    sha256: str
+
+
+def warm_up(model: Model, count: int) -> float:
+    """Run `count` (at least one) forward passes outside any stats; return the first's
+    seconds. A fresh TorchScript module profiles and optimises itself on its first runs."""
+    first = 0.0
+    batches = model.inputs.batches
+    with torch.inference_mode(), known_torch_deprecations():
+        for i in range(max(1, count)):
+            t0 = time.perf_counter()
+            model.module(batches[i % len(batches)])
+            if i == 0:
+                first = time.perf_counter() - t0
+    return first
+
 
 class InferenceLoop:
-    """Runs `module` on `inputs` until stopped, handing a Window to `emit` every window_s."""
+    """Runs `model` until stopped, handing a Window to `emit` every window_s.
 
-    def __init__(self, module: torch.jit.ScriptModule, inputs: Inputs, cfg: LoopConfig,
-                 emit: Callable[[Window], None], notifier: Notifier,
-                 healthy: Callable[[], bool] = lambda: True) -> None:
-        self.module = module
-        self.inputs = inputs
+    Another thread may hand it a new model (`swap`) or new rate and window (`reconfigure`):
+    the loop closes the current window and takes them before its next forward pass. A
+    forward pass that raises goes to `on_error`, which may return a model to go on with
+    (an automatic rollback); otherwise the error ends the run.
+    """
+
+    def __init__(self, model: Model, cfg: LoopConfig, emit: Callable[[Window], None],
+                 notifier: Notifier, healthy: Callable[[], bool] = lambda: True,
+                 on_error: Callable[[RuntimeError], Model | None] = lambda exc: None) -> None:
+        self.model = model
         self.cfg = cfg
         self.emit = emit
         self.notifier = notifier
         self.healthy = healthy
+        self.on_error = on_error
         self.windows = 0
         # A plain flag, not an Event: a signal handler may set it at any point of the loop.
         self._stopping = False
+        self._next_ping = math.inf
+        # Set by other threads, taken by the loop (a single reference assignment each).
+        self._next_model: Model | None = None
+        self._next_cfg: LoopConfig | None = None
+
+    @property
+    def module(self) -> torch.jit.ScriptModule:
+        return self.model.module
+
+    @property
+    def inputs(self) -> Inputs:
+        return self.model.inputs
+
+    def swap(self, model: Model) -> None:
+        """Run `model` from the next forward pass on (any thread)."""
+        self._next_model = model
+
+    def reconfigure(self, rate_hz: float | None = None, window_s: float | None = None) -> \
+            LoopConfig:
+        """Change the rate and window from the next forward pass on (any thread).
+
+        Raises:
+            agent.config.Invalid: a value out of range.
+        """
+        cfg = self._next_cfg or self.cfg
+        cfg = replace(cfg, rate_hz=cfg.rate_hz if rate_hz is None else rate_hz,
+                      window_s=cfg.window_s if window_s is None else window_s)
+        self._next_cfg = cfg
+        return cfg
 
     def stop(self) -> None:
         """Finish the current forward pass, close the window and return (signal-safe)."""
@@ -71,36 +141,57 @@ class InferenceLoop:
 
     def warm_up(self) -> float:
         """Run cfg.warmup forward passes outside the stats; return the first one's seconds."""
-        first = 0.0
-        with torch.inference_mode(), known_torch_deprecations():
-            for i in range(max(1, self.cfg.warmup)):
-                t0 = time.perf_counter()
-                self.module(self.inputs.batches[i % len(self.inputs.batches)])
-                if i == 0:
-                    first = time.perf_counter() - t0
-        return first
+        return warm_up(self.model, self.cfg.warmup)
 
     def run(self, duration_s: float | None = None) -> None:
         """Loop until stop() or `duration_s`; the last, partial window is emitted too."""
-        cfg = self.cfg
-        batches, labels = self.inputs.batches, self.inputs.labels
-        n = len(batches)
-        period = 1.0 / cfg.rate_hz if cfg.rate_hz > 0 else 0.0
-        ping_every = self.notifier.watchdog_s / 3 if self.notifier.watchdog_s else math.inf
         perf = time.perf_counter
         start = perf()
         end = start + duration_s if duration_s is not None else math.inf
-        window_start, window_end = start, start + cfg.window_s
-        next_ping = start + ping_every if ping_every != math.inf else math.inf
+        ping_every = self.notifier.watchdog_s / 3 if self.notifier.watchdog_s else math.inf
+        self._next_ping = start + ping_every if ping_every != math.inf else math.inf
+        window_start: float | None = start
+        while window_start is not None:
+            window_start = self._run_until_change(window_start, end, ping_every)
+
+    def _take_changes(self) -> None:
+        if self._next_model is not None:
+            self.model, self._next_model = self._next_model, None
+        if self._next_cfg is not None:
+            self.cfg, self._next_cfg = self._next_cfg, None
+
+    def _run_until_change(self, window_start: float, end: float,
+                          ping_every: float) -> float | None:
+        """The hot loop with one model and one config; returns when another thread hands
+        over a change (the time the next window starts), or None when the run is over."""
+        self._take_changes()
+        cfg, model = self.cfg, self.model
+        module, batches, labels = model.module, model.inputs.batches, model.inputs.labels
+        n = len(batches)
+        period = 1.0 / cfg.rate_hz if cfg.rate_hz > 0 else 0.0
+        perf = time.perf_counter
+        window_end = window_start + cfg.window_s
+        next_ping = self._next_ping
         next_event = min(window_end, next_ping, end)
-        next_tick = start
+        next_tick = perf()
         lat = array("d")
         correct, i = 0, 0
         with torch.inference_mode(), known_torch_deprecations():
             while not self._stopping:
+                if self._next_model is not None or self._next_cfg is not None:
+                    now = perf()
+                    self._close(lat, window_start, now, correct if labels is not None else None)
+                    return now
                 k = i % n
                 t0 = perf()
-                out = self.module(batches[k])
+                try:
+                    out = module(batches[k])
+                except RuntimeError as exc:
+                    fallback = self.on_error(exc)
+                    if fallback is None:
+                        raise
+                    self._next_model = fallback
+                    continue
                 t1 = perf()
                 lat.append(t1 - t0)
                 if labels is not None:
@@ -114,16 +205,16 @@ class InferenceLoop:
                     continue
                 if t1 >= next_ping:
                     self.notifier.watchdog()
-                    next_ping = t1 + ping_every
+                    next_ping = self._next_ping = t1 + ping_every
                 if t1 >= window_end or t1 >= end:
                     self._close(lat, window_start, t1, correct if labels is not None else None)
                     lat, correct = array("d"), 0
                     window_start, window_end = t1, t1 + cfg.window_s
                     if t1 >= end or not self.healthy():
-                        break
+                        return None
                 next_event = min(window_end, next_ping, end)
-            else:
-                self._close(lat, window_start, perf(), correct if labels is not None else None)
+            self._close(lat, window_start, perf(), correct if labels is not None else None)
+            return None
 
     def _sleep_until(self, tick: float, next_event: float) -> None:
         """Sleep until `tick` for a fixed rate, waking for windows, pings and stop()."""
@@ -141,4 +232,4 @@ class InferenceLoop:
         self.windows += 1
         labelled = len(lat) * self.cfg.batch_size if correct is not None else 0
         self.emit(Window(self.windows, time.time(), end - start, self.cfg.batch_size, lat,
-                         correct, labelled))
+                         correct, labelled, self.model.sha256))

@@ -59,6 +59,23 @@ def embedded_metadata(model: bytes | Path) -> dict[str, Any] | None:
     return data
 
 
+def manifest_bytes(bundle: Path) -> bytes:
+    """The raw bytes of `bundle/manifest.json` (what a signature covers).
+
+    Raises:
+        BundleError: missing or unreadable.
+    """
+    path = bundle / MANIFEST
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise BundleError(f"{path}: no manifest (point model.dir at a bundle built by "
+                          f"edge-optimize)") from None
+    except OSError as exc:
+        raise BundleError(f"{path}: unreadable manifest ({exc}) (copy the bundle "
+                          f"again)") from None
+
+
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
@@ -118,30 +135,44 @@ class Manifest:
         Raises:
             BundleError: missing, not JSON, another or newer schema, or missing fields.
         """
-        path = bundle / MANIFEST
+        return cls.parse(manifest_bytes(bundle), str(bundle / MANIFEST))
+
+    @classmethod
+    def parse(cls, data: bytes, origin: str) -> Manifest:
+        """Check a manifest's bytes; `origin` names it in messages.
+
+        Raises:
+            BundleError: not JSON, another or newer schema, or missing fields.
+        """
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BundleError(f"{path}: no manifest (point model.dir at a bundle built by "
-                              f"edge-optimize)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{path}: unreadable manifest ({exc}) (copy the bundle "
+            raw = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{origin}: unreadable manifest ({exc}) (copy the bundle "
                               f"again)") from None
         if not isinstance(raw, dict):
-            raise BundleError(f"{path}: manifest is not a JSON object (copy the bundle again)")
+            raise BundleError(f"{origin}: manifest is not a JSON object (copy the bundle again)")
         name, _, version = str(raw.get("schema", "")).partition("/")
         if name != SCHEMA_NAME or not version.isdigit():
-            raise BundleError(f"{path}: not an edgeforge bundle manifest "
+            raise BundleError(f"{origin}: not an edgeforge bundle manifest "
                               f"(schema {raw.get('schema')!r})")
         if int(version) > SCHEMA_VERSION:
-            raise BundleError(f"{path}: manifest schema {version} is newer than this agent "
+            raise BundleError(f"{origin}: manifest schema {version} is newer than this agent "
                               f"understands ({SCHEMA_VERSION}): upgrade edgeforge on the board")
         known = set(cls.__dataclass_fields__)
         missing = sorted(known - set(raw) - {"board_model"})
         if missing:
-            raise BundleError(f"{path}: manifest lacks {', '.join(missing)} (rebuild the "
+            raise BundleError(f"{origin}: manifest lacks {', '.join(missing)} (rebuild the "
                               f"bundle with edge-optimize)")
+        files = raw["files"]
+        if not isinstance(files, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values()):
+            raise BundleError(f"{origin}: manifest files must map names to sha256 entries "
+                              f"(rebuild the bundle with edge-optimize)")
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def board_files(self) -> list[str]:
+        """The files a board needs: the board model and the labelled sample."""
+        return [self.board_model, str(self.sample["file"])]
 
     def verified_path(self, bundle: Path, name: str) -> Path:
         """Path of bundle file `name` after checking its sha256 against the manifest.

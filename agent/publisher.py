@@ -25,6 +25,7 @@ import ssl
 import threading
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ from agent.errors import ConfigError
 from agent.spool import Spool
 from agent.stats import ResourceStats
 from agent.telemetry import (
+    CMD_RESULT_SCHEMA,
     EVENT_SCHEMA,
     OFFLINE,
     ONLINE,
@@ -62,6 +64,22 @@ class Window:
     latencies_s: array  # one per forward pass
     correct: int | None = None  # top-1 hits when the input is the labelled sample
     labelled: int = 0
+    model_sha256: str = ""  # the model that ran this window (updates switch it mid-run)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """An answer to a command, published on cmd_result through the spool (QoS 1)."""
+
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelChange:
+    """The agent switched models: a new retained `info` and the sha telemetry reports."""
+
+    sha256: str
+    info: dict[str, Any]
 
 
 def percentile(ordered: array | list[float], pct: float) -> float:
@@ -106,7 +124,11 @@ class Publisher(threading.Thread):
         self.stats = stats
         self.info = info
         self.model_sha256 = model_sha256
-        self._inbox: queue.SimpleQueue[Window | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Window | CommandResult | ModelChange | None] = \
+            queue.SimpleQueue()
+        # Called on this thread for each message on <prefix>/<id>/cmd/<name>: must not block.
+        self.on_command: Callable[[str, bytes], None] | None = None
+        self.startup_events: list[tuple[str, str]] = []  # (kind, detail) sent on start
         self._deadline: float | None = None  # monotonic time by which to be gone
         self.connected = False
         self._handed: dict[int, int] = {}  # paho mid -> spool row id
@@ -120,9 +142,9 @@ class Publisher(threading.Thread):
 
     # --- the API the loop uses (any thread) ------------------------------------------------
 
-    def submit(self, window: Window) -> None:
-        """Queue a closed window; never blocks."""
-        self._inbox.put(window)
+    def submit(self, item: Window | CommandResult | ModelChange) -> None:
+        """Queue a closed window, a command's result or a model change; never blocks."""
+        self._inbox.put(item)
 
     def close(self, timeout_s: float) -> None:
         """Ask the thread to flush, publish offline and disconnect within `timeout_s`; join."""
@@ -144,6 +166,8 @@ class Publisher(threading.Thread):
         self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive)
         if self.spool.reset_reason:
             self._event("spool_reset", self.spool.reset_reason)
+        for kind, detail in self.startup_events:
+            self._event(kind, detail)
         stopping = False
         while True:
             stopping = self._drain_inbox(block=not self._socket_open) or stopping
@@ -168,7 +192,12 @@ class Publisher(threading.Thread):
         while True:
             if item is None:
                 return True
-            self._record(item)
+            if isinstance(item, Window):
+                self._record(item)
+            elif isinstance(item, CommandResult):
+                self._result(item.fields)
+            else:
+                self._model_change(item)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -184,7 +213,8 @@ class Publisher(threading.Thread):
         def payload(seq: int) -> bytes:
             msg = {"schema": TELEMETRY_SCHEMA, "device": self.device, "seq": seq,
                    "ts": round(window.end_ts, 3), **fields, "spool_depth": depth,
-                   "dropped_total": dropped, "model_sha256": self.model_sha256}
+                   "dropped_total": dropped,
+                   "model_sha256": window.model_sha256 or self.model_sha256}
             return encode(msg)
 
         try:
@@ -204,6 +234,25 @@ class Publisher(threading.Thread):
                            "ts": round(time.time(), 3), "event": kind, "detail": detail})
 
         self.spool.append(self.topics.event, payload, "event", qos=1)
+
+    def _result(self, fields: dict[str, Any]) -> None:
+        def payload(seq: int) -> bytes:
+            return encode({"schema": CMD_RESULT_SCHEMA, "device": self.device, "seq": seq,
+                           "ts": round(time.time(), 3), **fields})
+
+        try:
+            self.spool.append(self.topics.cmd_result, payload, "cmd_result", qos=1)
+        except sqlite3.OperationalError as exc:
+            log.error("spool %s: cannot store the result of %s (%s)", self.spool.path,
+                      fields.get("request_id"), exc)
+
+    def _model_change(self, change: ModelChange) -> None:
+        self.model_sha256 = change.sha256
+        self.info = change.info
+        if self.connected:
+            self.client.publish(self.topics.info,
+                                encode({**self.info, "ts": round(time.time(), 3)}),
+                                qos=1, retain=True)
 
     # --- connection ------------------------------------------------------------------------
 
@@ -227,6 +276,7 @@ class Publisher(threading.Thread):
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
         return client
 
     def _connect(self) -> None:
@@ -261,8 +311,19 @@ class Publisher(threading.Thread):
         client.publish(self.topics.status, ONLINE, qos=1, retain=True)
         client.publish(self.topics.info, encode({**self.info, "ts": round(time.time(), 3)}),
                        qos=1, retain=True)
+        if self.on_command is not None:
+            client.subscribe(self.topics.cmd("+"), qos=1)
         log.info("mqtt: connected to %s:%d; %d spooled message(s) to send", self.cfg.host,
                  self.cfg.port, self.spool.depth)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
+        if self.on_command is None or not message.topic.startswith(self.topics.cmd_prefix):
+            return
+        if message.retain:  # would run again on every reconnect: commands are one-shot
+            log.warning("mqtt: ignoring retained command on %s (publish commands without "
+                        "retain; clear it with an empty retained message)", message.topic)
+            return
+        self.on_command(message.topic[len(self.topics.cmd_prefix):], message.payload)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason_code: Any, properties: Any) -> None:

@@ -20,15 +20,18 @@ from types import FrameType
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 import agent
 from agent.bundle import Bundle
-from agent.loop import InferenceLoop, Inputs
-from agent.model import normalize
-from agent.publisher import Publisher
+from agent.commands import Commands, RecentErrors, config_sha256, recover_trial
+from agent.loop import InferenceLoop, Inputs, Model
+from agent.publisher import Publisher, Window
 from agent.sdnotify import Notifier
+from agent.signing import load_public_key
 from agent.spool import Spool
 from agent.stats import ResourceStats
+from agent.store import Store
 from agent.telemetry import INFO_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,13 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
     loop_cfg = cfg["loop"]
     torch.set_num_threads(loop_cfg.threads)
 
-    bundle = Bundle.open(Path(cfg["model"].dir))
+    public_key = public_key_of(cfg)
+    model_dir = Path(cfg["model"].dir)
+    store = Store(model_dir.parent) if model_dir.name == "current" and model_dir.is_symlink() \
+        else None
+    rolled_back = recover_trial(store) if store is not None else None
+    # A store's bundle is opened at its real path: `current` may point elsewhere later.
+    bundle = Bundle.open(model_dir.resolve() if store else model_dir, public_key)
     checked = bundle.check()
     log.info("bundle %s verified: sha256 %s..., %s on %s, sample of %d reproduced (max |logit "
              "diff| %.3g)", bundle.dir, bundle.sha256[:12], checked["mode"], checked["engine"],
@@ -65,6 +74,8 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
     except BaseException:
         spool.close()
         raise
+    if rolled_back:
+        publisher.startup_events.append(("rollback", rolled_back))
     starts = int(spool.get("starts", 0) or 0) + 1
     last_exit = str(spool.get("last_exit") or "first start")
     if spool.get("running"):
@@ -76,6 +87,9 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
     code = 0
     loop: InferenceLoop | None = None
     previous: dict[int, Any] = {}
+    recent = RecentErrors()
+    logging.getLogger("agent").addHandler(recent)
+    commands: Commands | None = None
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         reason[0] = signal.Signals(signum).name
@@ -86,12 +100,26 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
         t0 = time.perf_counter()
         module = bundle.load()
         load_ms = (time.perf_counter() - t0) * 1000
-        inputs = make_inputs(bundle, loop_cfg.input, loop_cfg.batch_size)
-        loop = InferenceLoop(module, inputs, loop_cfg, publisher.submit, notifier,
-                             healthy=lambda: publisher.error is None)
+        model = Model(module, Inputs.for_bundle(bundle, loop_cfg.input, loop_cfg.batch_size),
+                      bundle.sha256)
+
+        def make_info(b: Bundle, c: dict[str, Any]) -> dict[str, Any]:
+            return birth_info(cfg, device, b, c, starts, last_exit, load_ms, first_ms)
+
+        commands = Commands(cfg["update"], loop_cfg, store, public_key, publisher, bundle,
+                            make_info, config_sha256(cfg), recent)
+
+        def emit(window: Window) -> None:
+            publisher.submit(window)
+            commands.observe(window)  # type: ignore[union-attr]
+
+        loop = InferenceLoop(model, loop_cfg, emit, notifier,
+                             healthy=lambda: publisher.error is None, on_error=commands.on_error)
+        commands.loop = loop
         first_ms = loop.warm_up() * 1000
-        publisher.info = birth_info(cfg, device, bundle, checked, starts, last_exit, load_ms,
-                                    first_ms)
+        publisher.info = make_info(bundle, checked)
+        publisher.on_command = commands.receive
+        commands.start()
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         publisher.start()
         log.info("running %s: model loaded in %.0f ms, first inference %.1f ms, %d warm-up "
@@ -115,6 +143,9 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         notifier.stopping()
+        if commands is not None and commands.is_alive():
+            commands.close()
+        logging.getLogger("agent").removeHandler(recent)
         if publisher.error is not None:
             reason[0], code = f"error: publisher failed ({publisher.error})", 1
         if publisher.is_alive():
@@ -127,13 +158,10 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
     return code
 
 
-def make_inputs(bundle: Bundle, kind: str, batch_size: int) -> Inputs:
-    """Random tensors at the manifest's shape, or the bundle's labelled sample, normalised."""
-    m = bundle.manifest
-    if kind == "random":
-        return Inputs.random(batch_size, m.input_shape)
-    sample = bundle.sample()
-    return Inputs.sample(normalize(sample["images"], m.mean, m.std), sample["labels"], batch_size)
+def public_key_of(cfg: dict[str, Any]) -> Ed25519PublicKey | None:
+    """update.public_key loaded, or None when no key is configured."""
+    path = cfg["update"].public_key
+    return load_public_key(Path(path)) if path else None
 
 
 def birth_info(cfg: dict[str, Any], device: str, bundle: Bundle, checked: dict[str, Any],
@@ -148,6 +176,8 @@ def birth_info(cfg: dict[str, Any], device: str, bundle: Bundle, checked: dict[s
         "engine": m.engine, "threads": loop_cfg.threads, "batch_size": loop_cfg.batch_size,
         "input": loop_cfg.input, "rate_hz": loop_cfg.rate_hz, "window_s": loop_cfg.window_s,
         "model_file": m.board_model, "model_sha256": bundle.sha256,
+        "model_version": bundle.signature.version if bundle.signature else None,
+        "model_dir": str(bundle.dir.resolve()),
         "quantization_mode": m.quantization.get("mode"), "data_source": m.data.get("source"),
         "bundle_created_utc": m.created_utc, "manifest_metrics": m.metrics,
         "sample_accuracy_pct": checked["sample_accuracy_pct"],

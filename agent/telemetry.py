@@ -6,6 +6,8 @@ Under `<topic_prefix>/<device_id>/`:
     info       retained JSON birth message (schema edgeforge.info/1)
     telemetry  one JSON message per closed window, QoS from config (schema edgeforge.telemetry/1)
     event      JSON notices a person should see (schema edgeforge.event/1): spool reset, ...
+    cmd/<name>  commands to the agent (schema edgeforge.cmd/1, agent/commands.py)
+    cmd_result  one JSON answer per command, with its request_id (edgeforge.cmd_result/1)
 
 Payloads are flat JSON objects whose numbers carry their unit in the key. A value the board
 cannot measure is null, never a guess. Every message has `schema`, `device`, `seq`, `ts`.
@@ -22,6 +24,8 @@ from typing import Any
 TELEMETRY_SCHEMA = "edgeforge.telemetry/1"
 INFO_SCHEMA = "edgeforge.info/1"
 EVENT_SCHEMA = "edgeforge.event/1"
+CMD_SCHEMA = "edgeforge.cmd/1"
+CMD_RESULT_SCHEMA = "edgeforge.cmd_result/1"
 
 ONLINE = "online"
 OFFLINE = "offline"
@@ -39,17 +43,23 @@ OPTIONAL_TELEMETRY_KEYS = ("accuracy_pct",)
 
 @dataclass(frozen=True)
 class Topics:
-    """The four topics of one device."""
+    """The topics of one device."""
 
     status: str
     info: str
     telemetry: str
     event: str
+    cmd_result: str
+    cmd_prefix: str  # a command NAME arrives on <cmd_prefix>NAME
 
     @classmethod
     def for_device(cls, prefix: str, device: str) -> Topics:
         base = f"{prefix.rstrip('/')}/{device}"
-        return cls(f"{base}/status", f"{base}/info", f"{base}/telemetry", f"{base}/event")
+        return cls(f"{base}/status", f"{base}/info", f"{base}/telemetry", f"{base}/event",
+                   f"{base}/cmd_result", f"{base}/cmd/")
+
+    def cmd(self, name: str) -> str:
+        return f"{self.cmd_prefix}{name}"
 
 
 def encode(message: dict[str, Any]) -> bytes:

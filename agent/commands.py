@@ -1,0 +1,420 @@
+"""Remote commands and signed model updates, answered on `<prefix>/<id>/cmd_result`.
+
+A command arrives on `<prefix>/<id>/cmd/<name>` as {"request_id": "...", "schema":
+"edgeforge.cmd/1", "args": {...}} (request_id first, so even a truncated or oversized
+payload can be answered). Names: `update_model`, `rollback`, `set`, `benchmark`,
+`diagnostics`. Every command gets one result, {"request_id", "command", "ok", "result",
+"code", "reason", "data"}; an update that goes live gets a second one when its trial ends
+("confirmed" or "rolled_back").
+
+One worker thread does the work: paho's callback only queues the payload, and the inference
+loop only swaps in a module that is already loaded, checked and warmed up. After a switch
+the worker watches the next `update.watch_windows` windows of the new model: a forward-pass
+error, a median p99 more than `max_p99_regression_pct` above the old model's, or a sample
+accuracy more than `max_accuracy_drop_pct` below the manifest's rolls back by itself.
+If the agent dies during a trial, the next start rolls back before loading anything
+(`recover_trial`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import re
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+import agent
+from agent.bench import bench, table
+from agent.bundle import Bundle
+from agent.config import Invalid, LoopConfig, UpdateConfig
+from agent.errors import EdgeforgeError
+from agent.loop import InferenceLoop, Inputs, Model, warm_up
+from agent.publisher import CommandResult, ModelChange, Publisher, Window, percentile
+from agent.store import Store
+from agent.telemetry import CMD_SCHEMA
+from agent.update import Refused, decode_files, smoke_test, verify_release
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("update_model", "rollback", "set", "benchmark", "diagnostics")
+MIN_PASSES = 10  # a window with fewer forward passes says nothing about latency
+_REQUEST_ID = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9._:-]{1,64})"')
+
+
+class RecentErrors(logging.Handler):
+    """The last warnings and errors the agent logged, for `diagnostics`."""
+
+    def __init__(self, capacity: int = 20) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: deque[str] = deque(maxlen=capacity)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
+        self.lines.append(f"{stamp} {record.levelname} {record.getMessage()}")
+
+
+def parse_request(payload: bytes, max_bytes: int) -> tuple[str, dict[str, Any]]:
+    """(request_id, args) of a command payload.
+
+    Raises:
+        Refused: too_large or malformed; `request_id` of the exception is what could be read.
+    """
+    head = _REQUEST_ID.search(payload[:512])
+    rid = head.group(1).decode() if head else None
+    if len(payload) > max_bytes:
+        raise _with_id(Refused("too_large", f"payload of {len(payload):,} bytes is over "
+                                            f"update.max_payload_mb ({max_bytes:,} bytes)"), rid)
+    try:
+        msg = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _with_id(Refused("malformed", f"payload is not JSON ({exc}; truncated?)"),
+                       rid) from None
+    if not isinstance(msg, dict):
+        raise _with_id(Refused("malformed", "payload is not a JSON object"), rid)
+    rid = msg.get("request_id")
+    if not isinstance(rid, str) or not _REQUEST_ID.fullmatch(
+            f'"request_id":"{rid}"'.encode()):
+        raise _with_id(Refused("malformed", "request_id must be a string of 1-64 letters, "
+                                            "digits or ._:-"), None)
+    if msg.get("schema", CMD_SCHEMA) != CMD_SCHEMA:
+        raise _with_id(Refused("malformed", f"schema {msg.get('schema')!r}, expected "
+                                            f"{CMD_SCHEMA}"), rid)
+    args = msg.get("args", {})
+    if not isinstance(args, dict):
+        raise _with_id(Refused("malformed", "args must be a JSON object"), rid)
+    return rid, args
+
+
+def _with_id(exc: Refused, rid: str | None) -> Refused:
+    exc.request_id = rid  # type: ignore[attr-defined]
+    return exc
+
+
+def recover_trial(store: Store) -> str | None:
+    """Roll back a version that was still on trial when the agent stopped; say why or None."""
+    pending = store.start_trial()
+    if pending is None:
+        return None
+    reason = (f"the agent restarted while version {pending} was on trial (crash, kill or "
+              f"reboot): rolled back to the version before it")
+    left, target = store.rollback(reason)
+    log.warning("update: %s (%s -> %s)", reason, left, target["id"])
+    return reason
+
+
+@dataclass
+class Trial:
+    """A version just switched to, watched for `watch_windows` windows."""
+
+    request_id: str | None
+    vid: str
+    sha256: str
+    from_vid: str | None
+    previous: Model
+    previous_bundle: Bundle
+    baseline_p99_ms: float | None
+    expected_accuracy_pct: float | None
+    p99s: list[float] = field(default_factory=list)
+    correct: int = 0
+    labelled: int = 0
+
+
+class Commands(threading.Thread):
+    """The worker that runs commands and watches trials; see the module docstring."""
+
+    def __init__(self, cfg: UpdateConfig, loop_cfg: LoopConfig, store: Store | None,
+                 public_key: Ed25519PublicKey | None, publisher: Publisher, bundle: Bundle,
+                 make_info: Callable[[Bundle, dict[str, Any]], dict[str, Any]],
+                 config_sha256: str, recent: RecentErrors) -> None:
+        super().__init__(name="commands", daemon=True)
+        self.cfg = cfg
+        self.loop_cfg = loop_cfg
+        self.store = store
+        self.public_key = public_key
+        self.publisher = publisher
+        self.bundle = bundle
+        self.make_info = make_info
+        self.config_sha256 = config_sha256
+        self.recent = recent
+        self.loop: InferenceLoop | None = None
+        self.trial: Trial | None = None
+        self.started = time.time()
+        self._inbox: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # the store, self.bundle and self.trial
+        self._p99s: dict[str, deque[float]] = {}
+
+    # --- called from other threads; none of these block -----------------------------------
+
+    def receive(self, name: str, payload: bytes) -> None:
+        """A command from the publisher thread (paho's on_message)."""
+        self._inbox.put(("cmd", (name, payload)))
+
+    def observe(self, window: Window) -> None:
+        """A closed window from the loop."""
+        self._inbox.put(("window", window))
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self.join(5.0)
+
+    def on_error(self, exc: RuntimeError) -> Model | None:
+        """The loop's forward pass failed: during a trial, roll back at once (loop thread)."""
+        with self._lock:
+            trial = self.trial
+            if trial is None or self.loop is None or self.loop.model.sha256 != trial.sha256:
+                return None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._roll_back_trial(f"inference failed on the new model: {first}")
+            return trial.previous
+
+    # --- the worker -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            kind, value = item
+            try:
+                if kind == "window":
+                    self._window(value)
+                else:
+                    self._command(*value)
+            except Exception:  # a bug: say so, keep the agent and the worker running
+                log.exception("commands: %s failed", kind)
+
+    def _reply(self, rid: str | None, command: str, ok: bool, result: str,
+               reason: str | None = None, code: str | None = None,
+               data: dict[str, Any] | None = None) -> None:
+        fields = {"request_id": rid, "command": command, "ok": ok, "result": result,
+                  "code": code, "reason": reason, "data": data or {}}
+        (log.info if ok else log.warning)("command %s %s: %s%s", command, rid, result,
+                                          f" ({reason})" if reason else "")
+        self.publisher.submit(CommandResult(fields))
+
+    def _command(self, name: str, payload: bytes) -> None:
+        try:
+            rid, args = parse_request(payload, int(self.cfg.max_payload_mb * 2**20))
+        except Refused as exc:
+            self._reply(getattr(exc, "request_id", None), name, False, "refused", str(exc),
+                        exc.code)
+            return
+        handlers: dict[str, Callable[[str, dict[str, Any]], None]] = {
+            "update_model": self._update, "rollback": self._rollback_cmd, "set": self._set,
+            "benchmark": self._benchmark, "diagnostics": self._diagnostics}
+        handler = handlers.get(name)
+        if handler is None:
+            self._reply(rid, name, False, "refused", f"unknown command {name!r} (known: "
+                        f"{', '.join(COMMANDS)})", "unknown_command")
+            return
+        try:
+            handler(rid, args)
+        except Refused as exc:
+            data = {"from": self.store.current()} if self.store is not None else None
+            self._reply(rid, name, False, "refused", str(exc), exc.code, data)
+        except (EdgeforgeError, Invalid) as exc:
+            self._reply(rid, name, False, "failed", str(exc), "error")
+
+    # --- update and rollback --------------------------------------------------------------
+
+    def _update(self, rid: str, args: dict[str, Any]) -> None:
+        force = args.get("force", False)
+        if not isinstance(force, bool):
+            raise Refused("malformed", "args.force must be true or false")
+        files = decode_files(args)
+        with self._lock:
+            store = self._need_store()
+            if self.trial is not None:
+                raise Refused("busy", f"version {self.trial.vid} is still on trial; retry "
+                                      f"after its result")
+            release = verify_release(files, self.public_key, self.bundle.manifest,
+                                     int(store.state().get("max_version", 0)), force)
+            from_vid = store.current()
+            if release.vid == from_vid:
+                self._reply(rid, "update_model", True, "unchanged", f"{release.vid} is already "
+                            f"running", data={"from": from_vid, "to": release.vid})
+                return
+            keep = [*release.manifest.board_files(), "manifest.json", "signature.json"]
+            path = store.stage(release.vid, {n: release.files[n] for n in keep})
+            try:
+                bundle, checked, p99 = smoke_test(path, self.public_key,
+                                                  self.loop_cfg.batch_size,
+                                                  self.cfg.smoke_iters, self.cfg.smoke_max_p99_ms)
+                model = self._model(bundle)
+            except Refused:
+                store.discard(release.vid)
+                raise
+            assert self.loop is not None
+            previous, previous_bundle = self.loop.model, self.bundle
+            store.switch(release.vid, release.version, release.sha256, "update", pending=True,
+                         running=True)
+            self._go_live(bundle, checked, model)
+            expected = float(bundle.manifest.sample["accuracy_pct"]) \
+                if self.loop_cfg.input == "sample" else None
+            recent = self._p99s.get(previous.sha256)
+            self.trial = Trial(rid, release.vid, release.sha256, from_vid, previous,
+                               previous_bundle,
+                               statistics.median(recent) if recent else None, expected)
+        self._reply(rid, "update_model", True, "applied", f"smoke test passed (p99 "
+                    f"{p99:.2f} ms); watching {self.cfg.watch_windows} window(s)",
+                    data={"from": from_vid, "to": release.vid, "smoke_p99_ms": round(p99, 3),
+                          "sample_max_abs_logit_diff": checked["max_abs_logit_diff"]})
+
+    def _model(self, bundle: Bundle) -> Model:
+        model = Model(bundle.load(), Inputs.for_bundle(bundle, self.loop_cfg.input,
+                                                       self.loop_cfg.batch_size), bundle.sha256)
+        warm_up(model, self.loop_cfg.warmup)
+        return model
+
+    def _go_live(self, bundle: Bundle, checked: dict[str, Any], model: Model | None) -> None:
+        self.bundle = bundle
+        self.publisher.submit(ModelChange(bundle.sha256, self.make_info(bundle, checked)))
+        if model is not None and self.loop is not None:
+            self.loop.swap(model)
+
+    def _roll_back_trial(self, reason: str) -> None:
+        """Undo the trial's switch (lock held): old module back, store back, reported."""
+        trial = self.trial
+        assert trial is not None and self.store is not None
+        self.trial = None
+        left, target = self.store.rollback(reason)
+        self._go_live(trial.previous_bundle, {"sample_accuracy_pct": None,
+                                              "max_abs_logit_diff": None}, None)
+        if self.loop is not None:
+            self.loop.swap(trial.previous)
+        self._reply(trial.request_id, "update_model", False, "rolled_back", reason,
+                    "health", {"from": left, "to": target["id"]})
+
+    def _rollback_cmd(self, rid: str, args: dict[str, Any]) -> None:
+        with self._lock:
+            store = self._need_store()
+            reason = str(args.get("reason") or "rollback requested")
+            if self.trial is not None:
+                self._roll_back_trial(reason)
+                self._reply(rid, "rollback", True, "rolled_back", reason)
+                return
+            left, target = store.rollback(reason)
+            bundle = Bundle.open(store.current_link.resolve(), self.public_key)
+            checked = bundle.check()
+            self._go_live(bundle, checked, self._model(bundle))
+        self._reply(rid, "rollback", True, "rolled_back", reason,
+                    data={"from": left, "to": target["id"]})
+
+    def _need_store(self) -> Store:
+        if self.store is None:
+            raise Refused("no_store", "model.dir is not a versioned store's 'current' link: "
+                                      "flash the board with edge-deploy flash first")
+        return self.store
+
+    # --- the trial ------------------------------------------------------------------------
+
+    def _window(self, window: Window) -> None:
+        if len(window.latencies_s) < MIN_PASSES:
+            return
+        p99 = percentile(sorted(window.latencies_s), 99) * 1000
+        self._p99s.setdefault(window.model_sha256, deque(maxlen=6)).append(p99)
+        with self._lock:
+            trial = self.trial
+            if trial is None or window.model_sha256 != trial.sha256:
+                return
+            trial.p99s.append(p99)
+            if window.correct is not None:
+                trial.correct += window.correct
+                trial.labelled += window.labelled
+            if len(trial.p99s) < self.cfg.watch_windows:
+                return
+            median = statistics.median(trial.p99s)
+            problems = []
+            if trial.baseline_p99_ms:
+                rise = 100.0 * (median / trial.baseline_p99_ms - 1.0)
+                if rise > self.cfg.max_p99_regression_pct:
+                    problems.append(f"p99 latency {median:.3f} ms is {rise:.0f}% above the old "
+                                    f"model's {trial.baseline_p99_ms:.3f} ms (limit "
+                                    f"{self.cfg.max_p99_regression_pct:g}%)")
+            if trial.expected_accuracy_pct is not None and trial.labelled:
+                acc = 100.0 * trial.correct / trial.labelled
+                if acc < trial.expected_accuracy_pct - self.cfg.max_accuracy_drop_pct:
+                    problems.append(f"sample accuracy {acc:.1f}% is below the manifest's "
+                                    f"{trial.expected_accuracy_pct:.1f}% by more than "
+                                    f"{self.cfg.max_accuracy_drop_pct:g} points")
+            if problems:
+                self._roll_back_trial("; ".join(problems))
+                return
+            assert self.store is not None
+            self.trial = None
+            removed = self.store.confirm(trial.vid, self.cfg.keep)
+        self._reply(trial.request_id, "update_model", True, "confirmed",
+                    f"healthy for {len(trial.p99s)} window(s): median p99 {median:.3f} ms"
+                    + (f" (old model {trial.baseline_p99_ms:.3f} ms)"
+                       if trial.baseline_p99_ms else ""),
+                    data={"from": trial.from_vid, "to": trial.vid, "median_p99_ms": median,
+                          "pruned": removed})
+
+    # --- the other commands ---------------------------------------------------------------
+
+    def _set(self, rid: str, args: dict[str, Any]) -> None:
+        unknown = sorted(set(args) - {"rate_hz", "window_s"})
+        if unknown or not args:
+            raise Refused("malformed", f"set takes rate_hz and/or window_s, got "
+                                       f"{', '.join(unknown) or 'nothing'}")
+        for key, value in args.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise Refused("malformed", f"{key} must be a number, got {value!r}")
+        assert self.loop is not None
+        try:
+            cfg = self.loop.reconfigure(**{k: float(v) for k, v in args.items()})
+        except Invalid as exc:
+            raise Refused("invalid", f"loop.{exc}") from None
+        self._reply(rid, "set", True, "done", "applies until the agent restarts (edit "
+                    "/etc/edgeforge/config.yaml to keep it)",
+                    data={"rate_hz": cfg.rate_hz, "window_s": cfg.window_s})
+
+    def _benchmark(self, rid: str, args: dict[str, Any]) -> None:
+        sizes = args.get("batch_sizes", [self.loop_cfg.batch_size])
+        iters = args.get("iters", 200)
+        if (not isinstance(sizes, list) or not sizes or not all(
+                isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 256 for b in sizes)
+                or isinstance(iters, bool) or not isinstance(iters, int)
+                or not 1 <= iters <= 100_000):
+            raise Refused("malformed", "benchmark takes batch_sizes (a list of 1-256) and iters "
+                                       "(1-100000)")
+        with self._lock:
+            bundle = self.bundle
+        result = bench(bundle, sizes, iters, self.loop_cfg.warmup, self.loop_cfg.threads)
+        result["note"] = "measured while the inference loop kept running"
+        self._reply(rid, "benchmark", True, "done", data={**result, "table": table(result)})
+
+    def _diagnostics(self, rid: str, args: dict[str, Any]) -> None:
+        with self._lock:
+            versions = self.store.summary() if self.store is not None else None
+            trial = self.trial
+            sha = self.bundle.sha256
+        spool = self.publisher.spool
+        self._reply(rid, "diagnostics", True, "done", data={
+            "agent_version": agent.__version__, "torch_version": torch.__version__,
+            "uptime_s": round(time.time() - self.started, 1), "model_sha256": sha,
+            "versions": versions, "config_sha256": self.config_sha256,
+            "loop": asdict(self.loop.cfg) if self.loop is not None else None,
+            "spool_depth": spool.depth, "dropped_total": spool.dropped_total,
+            "mqtt_connected": self.publisher.connected,
+            "trial": None if trial is None else {"version": trial.vid,
+                                                 "windows_seen": len(trial.p99s)},
+            "recent_errors": list(self.recent.lines)})
+
+
+def config_sha256(cfg: dict[str, Any]) -> str:
+    """A fingerprint of the resolved config (file plus overrides), for diagnostics."""
+    plain = {name: asdict(section) for name, section in sorted(cfg.items())}
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+

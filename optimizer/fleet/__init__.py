@@ -1,0 +1,1 @@
+"""edge-deploy: signing keys, flashing boards over SSH, updates and commands over MQTT."""

@@ -1,0 +1,242 @@
+"""edge-deploy: put the agent and models on boards, and talk to them.
+
+    edge-deploy keygen [--key PATH] [--force]
+    edge-deploy sign BUNDLE [--key PATH] [--version N]
+    edge-deploy flash USER@HOST[:PORT] [--bundle DIR] [--device-id ID] [--prefix /] ...
+    edge-deploy update (--device ID ... | --all) BUNDLE [--force] [--timeout S]
+    edge-deploy cmd DEVICE NAME [KEY=VALUE ...] [--timeout S]
+    edge-deploy wait DEVICE SHA256 [--since EPOCH] [--timeout S]
+
+The MQTT commands read the `mqtt` section of the config (--config, --set mqtt.host=...).
+Exit 0 when every board did what was asked, 1 when one failed or did not answer, 2 for bad
+input (with one line saying what to fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.config import BOARD_SECTIONS, MqttConfig, default_config_path, load_config
+from agent.errors import ConfigError, EdgeforgeError
+from optimizer.errors import FleetError
+from optimizer.fleet.keys import (
+    DEFAULT_KEY,
+    ensure_signed,
+    keygen,
+    load_private_key,
+    public_path,
+    sign_bundle,
+)
+from optimizer.fleet.remote import FINAL_UPDATE_RESULTS, Fleet, update_args
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-deploy", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(s: argparse.ArgumentParser, key: bool = False, mqtt: bool = False) -> None:
+        if key:
+            s.add_argument("--key", type=Path, default=DEFAULT_KEY,
+                           help=f"private signing key (default: {DEFAULT_KEY})")
+        if mqtt:
+            s.add_argument("--config", type=Path, default=None,
+                           help="config file (default: ./config.yaml if present)")
+            s.add_argument("--set", dest="overrides", action="append", default=[],
+                           metavar="SECTION.KEY=VALUE", help="override one config key")
+            s.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                           help="seconds to wait for the boards' answers (default 120)")
+
+    s = sub.add_parser("keygen", help="make the fleet's Ed25519 signing key pair")
+    common(s, key=True)
+    s.add_argument("--force", action="store_true", help="replace an existing key")
+
+    s = sub.add_parser("sign", help="sign a bundle's manifest")
+    common(s, key=True)
+    s.add_argument("bundle", type=Path)
+    s.add_argument("--version", type=int, default=None,
+                   help="release version, must grow (default: UTC time as YYYYMMDDhhmmss)")
+
+    s = sub.add_parser("flash", help="install the agent and a bundle on a board over SSH")
+    common(s, key=True, mqtt=True)
+    s.add_argument("target", metavar="USER@HOST[:PORT]")
+    s.add_argument("--bundle", type=Path, default=Path("models"))
+    s.add_argument("--device-id", default=None, help="the board's MQTT id (default: hostname)")
+    s.add_argument("--prefix", default="/", help="install root on the board (default /)")
+    s.add_argument("--torch", default=None, metavar="SPEC",
+                   help="torch for the board (default: the runtime matrix's pick)")
+    s.add_argument("--identity", type=Path, default=None, help="ssh private key (ssh -i)")
+    s.add_argument("--ssh-option", action="append", default=[], metavar="OPT",
+                   help="extra ssh -o option, e.g. StrictHostKeyChecking=accept-new")
+    s.add_argument("--restart-command", default=None, metavar="CMD",
+                   help="how the board restarts the agent (default: systemctl restart "
+                        "edge-agent when systemd runs there)")
+    s.add_argument("--no-wait", action="store_true",
+                   help="do not wait for the board's birth message (no broker reachable)")
+
+    s = sub.add_parser("update", help="send a signed model update over MQTT")
+    common(s, key=True, mqtt=True)
+    s.add_argument("bundle", type=Path)
+    who = s.add_mutually_exclusive_group(required=True)
+    who.add_argument("--device", action="append", default=[], metavar="ID")
+    who.add_argument("--all", action="store_true", help="every board whose status is online")
+    s.add_argument("--force", action="store_true", help="install even if not a newer version")
+    s.add_argument("--no-watch", action="store_true",
+                   help="return when applied, without waiting for the trial's verdict")
+
+    s = sub.add_parser("cmd", help="send one command to a board and print its answer")
+    common(s, mqtt=True)
+    s.add_argument("device")
+    s.add_argument("name", help="benchmark | set | rollback | diagnostics")
+    s.add_argument("args", nargs="*", metavar="KEY=VALUE",
+                   help="arguments, values as YAML (rate_hz=5, batch_sizes=[1,8])")
+
+    s = sub.add_parser("wait", help="wait until a board reports running a model (Ansible)")
+    common(s, mqtt=True)
+    s.add_argument("device")
+    s.add_argument("sha256")
+    s.add_argument("--since", type=float, default=0.0,
+                   help="ignore birth messages older than this epoch time")
+    return p
+
+
+def mqtt_config(args: argparse.Namespace) -> MqttConfig:
+    cfg = load_config(args.config or default_config_path(["config.yaml"]), args.overrides,
+                      {"mqtt": BOARD_SECTIONS["mqtt"]})
+    return cfg["mqtt"]  # type: ignore[no-any-return]
+
+
+def parse_args_kv(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"argument {item!r}: expected KEY=VALUE, e.g. rate_hz=5")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key] = value
+    return out
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    key = load_private_key(args.key)
+    signature = ensure_signed(args.bundle, key)
+    payload = update_args(args.bundle, args.force)
+    with Fleet(mqtt_config(args)) as fleet:
+        devices = args.device
+        if args.all:
+            states = fleet.devices()
+            devices = sorted(d for d, state in states.items() if state == "online")
+            offline = sorted(d for d, state in states.items() if state != "online")
+            if offline:
+                print(f"skipping offline: {', '.join(offline)}", file=sys.stderr)
+            if not devices:
+                raise FleetError("no board is online (none has a retained status 'online')")
+        fleet.subscribe([fleet.topics(d).cmd_result for d in devices])
+        pending = {(d, fleet.send(d, "update_model", payload)): "update_model" for d in devices}
+        print(f"sent version {signature.version} to {len(devices)} board(s); waiting up to "
+              f"{args.timeout:g} s", file=sys.stderr)
+
+        def progress(device: str, msg: dict[str, Any]) -> None:
+            print(f"  {device}: {msg.get('result')} {msg.get('reason') or ''}".rstrip(),
+                  file=sys.stderr)
+
+        finals = ("applied", *FINAL_UPDATE_RESULTS) if args.no_watch else FINAL_UPDATE_RESULTS
+        done = fleet.answers(pending, args.timeout,
+                             lambda m: m.get("result") in finals, progress)
+    rows = []
+    failed = 0
+    for device, rid in pending:
+        msg = done.get((device, rid))
+        data = (msg or {}).get("data") or {}
+        result = msg.get("result") if msg else "no answer"
+        ok = bool(msg and msg.get("ok"))
+        failed += not ok
+        reason = (msg or {}).get("reason") or ("" if msg else f"nothing within {args.timeout:g} "
+                                               f"s (offline? see edge-deploy cmd {device} "
+                                               f"diagnostics)")
+        rows.append((device, str(data.get("from") or "?"), str(data.get("to") or "?"),
+                     str(result), str(reason)))
+    print(table(("device", "old version", "new version", "result", "reason"), rows))
+    return 1 if failed else 0
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A left-aligned text table; the last column is not padded."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(head)]
+    widths[-1] = 0
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [head, *rows])
+
+
+def cmd_cmd(args: argparse.Namespace) -> int:
+    payload = parse_args_kv(args.args)
+    with Fleet(mqtt_config(args)) as fleet:
+        fleet.subscribe([fleet.topics(args.device).cmd_result])
+        rid = fleet.send(args.device, args.name, payload)
+        done = fleet.answers({(args.device, rid): args.name}, args.timeout,
+                             lambda m: m.get("result") != "applied")
+    msg = done.get((args.device, rid))
+    if msg is None:
+        raise FleetError(f"{args.device} did not answer {args.name} within {args.timeout:g} s "
+                         f"(is it online? edge-deploy update --all lists who is)")
+    data = msg.get("data") or {}
+    print(f"{args.device} {args.name}: {msg.get('result')}"
+          + (f" ({msg['reason']})" if msg.get("reason") else ""))
+    if "table" in data:
+        print(data.pop("table"))
+    elif data:
+        print(json.dumps(data, indent=2))
+    return 0 if msg.get("ok") else 1
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    with Fleet(mqtt_config(args)) as fleet:
+        info = fleet.wait_info(args.device, args.sha256, args.timeout, args.since or None)
+    if info is None:
+        raise FleetError(f"{args.device} did not report model {args.sha256[:12]}... within "
+                         f"{args.timeout:g} s")
+    print(f"{args.device}: running {args.sha256[:12]}... (pid {info.get('pid')})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "keygen":
+            kid = keygen(args.key, args.force)
+            print(f"key {kid}: private {args.key.expanduser()} (keep it on this host), public "
+                  f"{public_path(args.key.expanduser())} (edge-deploy flash installs it)")
+            return 0
+        if args.command == "sign":
+            sig = sign_bundle(args.bundle, load_private_key(args.key), args.version)
+            print(f"signed {args.bundle}: version {sig.version}, key {sig.key_id}, manifest "
+                  f"sha256 {sig.manifest_sha256[:12]}...")
+            return 0
+        if args.command == "flash":
+            from optimizer.fleet.flash import flash
+
+            return flash(args)
+        if args.command == "update":
+            return cmd_update(args)
+        if args.command == "wait":
+            return cmd_wait(args)
+        return cmd_cmd(args)
+    except EdgeforgeError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
