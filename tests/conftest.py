@@ -60,14 +60,61 @@ def small_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def build_bundle(tmp_path_factory: pytest.TempPathFactory, config: Path, *overrides: str
+                 ) -> Path:
+    """A bundle from `edge-optimize run --data synthetic` with `config` and overrides."""
+    out = tmp_path_factory.mktemp("bundle")
+    sets = [a for o in overrides for a in ("--set", o)]
+    proc = run_cli("optimizer", "run", "--data", "synthetic", "--config", config, "--out", out,
+                   *sets)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory: pytest.TempPathFactory, small_config: Path) -> Path:
     """`edge-optimize run --data synthetic` end to end, once per test session."""
-    out = tmp_path_factory.mktemp("bundle")
-    proc = run_cli("optimizer", "run", "--data", "synthetic", "--config", small_config,
-                   "--out", out)
+    return build_bundle(tmp_path_factory, small_config)
+
+
+@pytest.fixture(scope="session")
+def bundle_v2(tmp_path_factory: pytest.TempPathFactory, small_config: Path) -> Path:
+    """The same architecture trained from another seed: a model update with new weights."""
+    return build_bundle(tmp_path_factory, small_config, "train.seed=1")
+
+
+@pytest.fixture(scope="session")
+def slow_bundle(tmp_path_factory: pytest.TempPathFactory, small_config: Path) -> Path:
+    """A valid update that runs much slower (tests/slow_model.py): a latency regression."""
+    return build_bundle(tmp_path_factory, small_config, "train.factory=tests.slow_model:WideCNN",
+                        "train.epochs=1", "prune.finetune_epochs=0")
+
+
+@pytest.fixture(scope="session")
+def fleet_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fleet's signing key, made by `edge-deploy keygen` (public half at <key>.pub)."""
+    key = tmp_path_factory.mktemp("keys") / "signing.key"
+    proc = run_cli("optimizer.fleet.cli", "keygen", "--key", key)
     assert proc.returncode == 0, proc.stderr
-    return out
+    return key
+
+
+def signed_copy(bundle: Path, dest: Path, key: Path, version: int) -> Path:
+    """A copy of `bundle` at `dest`, signed by `edge-deploy sign` as `version`."""
+    shutil.copytree(bundle, dest)
+    proc = run_cli("optimizer.fleet.cli", "sign", dest, "--key", key, "--version", str(version))
+    assert proc.returncode == 0, proc.stderr
+    return dest
+
+
+def make_store(bundle: Path, tmp_path: Path, key: Path, version: int = 1) -> Path:
+    """A versioned store holding `bundle` signed as `version`; returns its `current` link."""
+    current = tmp_path / "store" / "current"
+    signed = signed_copy(bundle, tmp_path / f"v{version}", key, version)
+    proc = run_cli("agent", "activate", signed, "--set", f"model.dir={current}",
+                   "--set", f"update.public_key={key}.pub")
+    assert proc.returncode == 0, proc.stderr
+    return current
 
 
 @pytest.fixture

@@ -1,0 +1,301 @@
+"""Signed model updates and remote commands over MQTT: a real mosquitto, a real agent
+subprocess with a versioned store, real bundles, and edge-deploy as a real subprocess."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import torch
+
+from agent.manifest import sha256_of
+from optimizer.fleet.remote import update_args
+from tests.broker import Broker, Subscriber
+from tests.conftest import Agent, edit_manifest, make_store, run_cli, signed_copy
+
+# Windows of 0.5 s at full rate: a trial of 3 windows takes 1.5 s. The p99 limit is loose so
+# a busy CI machine does not roll back a good update; the slow model is far beyond it.
+TRIAL = ("update.watch_windows=3", "update.max_p99_regression_pct=200")
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file's sha256 and every link's target under `root`: what 'unchanged' means."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = "-> " + os.readlink(path)
+        elif path.is_file():
+            out[rel] = sha256_of(path)
+    return out
+
+
+def start_agent(current: Path, broker: Broker, tmp_path: Path, key: Path,
+                *overrides: str) -> tuple[Agent, Subscriber]:
+    sub = Subscriber(broker.port)
+    agent = Agent(current, broker.port, tmp_path, f"update.public_key={key}.pub", *TRIAL,
+                  *overrides)
+    sub.wait_for(lambda: any(json.loads(p).get("model_sha256") for p, _ in sub.on("/info")),
+                 60, "the agent's birth message")
+    return agent, sub
+
+
+def deploy(*args: str | Path, port: int) -> Any:
+    return run_cli("optimizer.fleet.cli", *args, "--set", f"mqtt.port={port}",
+                   "--set", "mqtt.host=127.0.0.1", timeout=180)
+
+
+def results(sub: Subscriber, rid: str | None = None) -> list[dict[str, Any]]:
+    found = [json.loads(p) for p, _ in sub.on("/cmd_result")]
+    return [m for m in found if rid is None or m["request_id"] == rid]
+
+
+def send(port: int, name: str, payload: bytes) -> None:
+    """Publish a raw command payload, as a misbehaving or malicious sender would."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"raw-{name}")
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    c.publish(f"edgeforge/testboard/cmd/{name}", payload, qos=1).wait_for_publish(10)
+    c.disconnect()
+    c.loop_stop()
+
+
+def request(rid: str, args: dict[str, Any]) -> bytes:
+    return json.dumps({"request_id": rid, "schema": "edgeforge.cmd/1", "args": args}).encode()
+
+
+def info_sha(sub: Subscriber) -> str:
+    return str(json.loads(sub.on("/info")[-1][0])["model_sha256"])
+
+
+def model_sha(bundle: Path) -> str:
+    return str(json.loads((bundle / "manifest.json").read_text())["files"]
+               ["quantized_cnn_scripted.pt"]["sha256"])
+
+
+def test_a_signed_update_is_applied_watched_confirmed_and_reported(
+        bundle: Path, bundle_v2: Path, fleet_key: Path, broker: Broker, tmp_path: Path) -> None:
+    current = make_store(bundle, tmp_path, fleet_key, version=1)
+    agent, sub = start_agent(current, broker, tmp_path, fleet_key)
+    try:
+        new = signed_copy(bundle_v2, tmp_path / "v2", fleet_key, 2)
+        proc = deploy("update", "--device", "testboard", new, "--key", fleet_key,
+                      "--timeout", "90", port=broker.port)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        new_sha = model_sha(bundle_v2)
+        vid = f"2-{new_sha[:12]}"
+        row = proc.stdout.splitlines()[1].split()
+        assert row[:4] == ["testboard", f"1-{model_sha(bundle)[:12]}", vid, "confirmed"]
+        assert [m["result"] for m in results(sub)] == ["applied", "confirmed"]
+        assert os.readlink(current) == f"versions/{vid}"
+        sub.wait_for(lambda: info_sha(sub) == new_sha, 10, "info naming the new model")
+        sub.wait_for(lambda: sub.telemetry()[-1]["model_sha256"] == new_sha, 10,
+                     "telemetry from the new model")
+        assert agent.proc.poll() is None, agent.output()
+    finally:
+        agent.kill()
+        sub.close()
+
+
+def test_refuses_every_bad_update_and_leaves_model_and_files_as_they_were(
+        bundle: Path, fleet_key: Path, broker: Broker, tmp_path: Path) -> None:
+    current = make_store(bundle, tmp_path, fleet_key, version=5)
+    agent, sub = start_agent(current, broker, tmp_path, fleet_key, "update.max_payload_mb=1")
+    before, sha = tree(current.parent), model_sha(bundle)
+    other_key = tmp_path / "other.key"
+    assert run_cli("optimizer.fleet.cli", "keygen", "--key", other_key).returncode == 0
+    try:
+        good = update_args(signed_copy(bundle, tmp_path / "v6", fleet_key, 6), False)
+        files = good["files"]
+
+        def with_files(**changes: str | None) -> dict[str, Any]:
+            f = {k: v for k, v in {**files, **changes}.items() if v is not None}
+            return {"files": f, "force": False}
+
+        def resigned(name: str, **manifest: Any) -> dict[str, str]:
+            b = signed_copy(bundle, tmp_path / name, fleet_key, 7)
+            edit_manifest(b, **manifest)
+            assert run_cli("optimizer.fleet.cli", "sign", b, "--key", fleet_key, "--version",
+                           "7").returncode == 0
+            return dict(update_args(b, False)["files"])
+
+        model = base64.b64decode(files["quantized_cnn_scripted.pt"])
+        tampered = bytearray(model)
+        tampered[len(tampered) // 2] ^= 0xFF
+        edited = json.loads(base64.b64decode(files["manifest.json"]))
+        edited["metrics"] = {"accuracy_pct": 99.9}
+        shape = json.loads(base64.b64decode(files["manifest.json"]))["input"]
+        cases = {
+            "unsigned": (with_files(**{"signature.json": None}), "unsigned"),
+            "wrong-key": (update_args(signed_copy(bundle, tmp_path / "ok", other_key, 8),
+                                      False), "bad_signature"),
+            "sha": (with_files(**{"quantized_cnn_scripted.pt":
+                                  base64.b64encode(bytes(tampered)).decode()}), "sha256"),
+            "edited": (with_files(**{"manifest.json":
+                                     base64.b64encode(json.dumps(edited).encode()).decode()}),
+                       "bad_signature"),
+            "engine": ({"files": resigned("x86", engine="x86"), "force": False}, "engine"),
+            "shape": ({"files": resigned("big", input={**shape, "shape": [3, 64, 64]}),
+                       "force": False}, "input_shape"),
+            "replay": (update_args(tmp_path / "v5", False),  # the version the store holds
+                       "replay"),
+        }
+        for rid, (args, _) in cases.items():
+            send(broker.port, "update_model", request(rid, args))
+        whole = request("big", good)
+        send(broker.port, "update_model", whole + b" " * (2**20))  # over max_payload_mb=1
+        send(broker.port, "update_model", whole[: len(whole) // 2])  # truncated
+        send(broker.port, "update_model", json.dumps({"args": good}).encode())  # no request id
+        expected = {rid: code for rid, (_, code) in cases.items()}
+        sub.wait_for(lambda: len(results(sub)) >= len(expected) + 3, 60, "every refusal")
+        got = {m["request_id"]: m for m in results(sub)}
+        for rid, code in expected.items():
+            assert got[rid]["result"] == "refused" and got[rid]["code"] == code, got[rid]
+        # The oversized and the truncated payload are answered under the id read off their head.
+        big = [m for m in results(sub, "big")]
+        assert sorted(m["code"] for m in big) == ["malformed", "too_large"]
+        assert any(m["request_id"] is None and m["code"] == "malformed" for m in results(sub))
+        assert "differs from the signed manifest" in got["sha"]["reason"]
+        assert "changed after signing" in got["edited"]["reason"]
+        assert tree(current.parent) == before
+        assert info_sha(sub) == sha and sub.telemetry()[-1]["model_sha256"] == sha
+        assert agent.proc.poll() is None, agent.output()
+    finally:
+        agent.kill()
+        sub.close()
+
+
+def test_a_smoke_test_failure_keeps_the_old_model(bundle: Path, fleet_key: Path,
+                                                  broker: Broker, tmp_path: Path) -> None:
+    current = make_store(bundle, tmp_path, fleet_key, version=1)
+    agent, sub = start_agent(current, broker, tmp_path, fleet_key)
+    before = tree(current.parent)
+    try:
+        # Signed correctly, but its sample logits are not what this model computes.
+        bad = signed_copy(bundle, tmp_path / "bad", fleet_key, 2)
+        sample = torch.load(bad / "sample.pt", weights_only=True)
+        sample["logits"] = sample["logits"] + 1.0
+        torch.save(sample, bad / "sample.pt")
+        m = json.loads((bad / "manifest.json").read_text())
+        m["files"]["sample.pt"] = {"bytes": (bad / "sample.pt").stat().st_size,
+                                   "sha256": sha256_of(bad / "sample.pt")}
+        (bad / "manifest.json").write_text(json.dumps(m))
+        assert run_cli("optimizer.fleet.cli", "sign", bad, "--key", fleet_key, "--version",
+                       "2").returncode == 0
+        proc = deploy("update", "--device", "testboard", bad, "--key", fleet_key, "--timeout",
+                      "60", port=broker.port)
+        assert proc.returncode == 1
+        (answer,) = results(sub)
+        assert answer["code"] == "smoke_failed" and "logits differ" in answer["reason"]
+        assert "refused" in proc.stdout and "smoke test" in proc.stdout
+        assert tree(current.parent) == before  # the staged copy is gone again
+        assert agent.proc.poll() is None
+    finally:
+        agent.kill()
+        sub.close()
+
+
+def test_a_latency_regression_rolls_back_by_itself(bundle: Path, slow_bundle: Path,
+                                                   fleet_key: Path, broker: Broker,
+                                                   tmp_path: Path) -> None:
+    current = make_store(bundle, tmp_path, fleet_key, version=1)
+    agent, sub = start_agent(current, broker, tmp_path, fleet_key)
+    old = os.readlink(current)
+    try:
+        sub.wait_for(lambda: len(sub.telemetry()) >= 4, 30, "a baseline of old windows")
+        slow = signed_copy(slow_bundle, tmp_path / "slow", fleet_key, 2)
+        proc = deploy("update", "--device", "testboard", slow, "--key", fleet_key,
+                      "--timeout", "90", port=broker.port)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        applied, rolled = results(sub)
+        assert applied["result"] == "applied"
+        assert rolled["result"] == "rolled_back" and "p99 latency" in rolled["reason"]
+        assert "rolled_back" in proc.stdout
+        assert os.readlink(current) == old
+        state = json.loads((current.parent / "state.json").read_text())
+        assert state["rejected"][-1]["id"].startswith("2-")
+        sub.wait_for(lambda: sub.telemetry()[-1]["model_sha256"] == model_sha(bundle), 10,
+                     "telemetry from the old model again")
+    finally:
+        agent.kill()
+        sub.close()
+
+
+def test_an_agent_that_dies_during_a_trial_rolls_back_at_its_next_start(
+        bundle: Path, bundle_v2: Path, fleet_key: Path, broker: Broker, tmp_path: Path) -> None:
+    current = make_store(bundle, tmp_path, fleet_key, version=1)
+    agent, sub = start_agent(current, broker, tmp_path, fleet_key, "update.watch_windows=1000")
+    try:
+        new = signed_copy(bundle_v2, tmp_path / "v2", fleet_key, 2)
+        proc = deploy("update", "--device", "testboard", new, "--key", fleet_key, "--no-watch",
+                      "--timeout", "60", port=broker.port)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert os.readlink(current).startswith("versions/2-")
+        agent.proc.send_signal(signal.SIGKILL)  # a crash in the middle of the trial
+        agent.wait()
+        again = Agent(current, broker.port, tmp_path, f"update.public_key={fleet_key}.pub",
+                      duration=2)
+        assert again.wait() == 0, again.output()
+        assert os.readlink(current).startswith("versions/1-")
+        assert "on trial" in again.output()
+        events = [json.loads(p) for p, _ in sub.on("/event")]
+        assert any(e["event"] == "rollback" for e in events)
+    finally:
+        agent.kill()
+        sub.close()
+
+
+def test_remote_commands_answer_with_their_request_id(bundle: Path, bundle_v2: Path,
+                                                      fleet_key: Path, broker: Broker,
+                                                      tmp_path: Path) -> None:
+    current = make_store(bundle, tmp_path, fleet_key, version=1)
+    agent, sub = start_agent(current, broker, tmp_path, fleet_key)
+    try:
+        proc = deploy("cmd", "testboard", "set", "rate_hz=50", "window_s=1", port=broker.port)
+        assert proc.returncode == 0, proc.stderr
+        assert '"rate_hz": 50.0' in proc.stdout
+        sub.wait_for(lambda: abs(sub.telemetry()[-1]["window_s"] - 1.0) < 0.2
+                     and sub.telemetry()[-1]["throughput_ips"] < 60, 20, "windows at 50 Hz")
+
+        proc = deploy("cmd", "testboard", "benchmark", "iters=30", "batch_sizes=[1,4]",
+                      port=broker.port)
+        assert proc.returncode == 0, proc.stderr
+        assert "p99 ms" in proc.stdout and len(proc.stdout.splitlines()) == 5
+
+        proc = deploy("cmd", "testboard", "diagnostics", port=broker.port)
+        assert proc.returncode == 0, proc.stderr
+        diag = json.loads(proc.stdout.split("\n", 1)[1])
+        assert diag["versions"]["current"] == os.readlink(current).split("/")[-1]
+        assert len(diag["config_sha256"]) == 64 and isinstance(diag["spool_depth"], int)
+        assert diag["loop"]["rate_hz"] == 50.0
+
+        proc = deploy("cmd", "testboard", "rollback", port=broker.port)
+        assert proc.returncode == 1 and "no earlier version" in proc.stdout
+
+        new = signed_copy(bundle_v2, tmp_path / "v2", fleet_key, 2)
+        assert deploy("update", "--device", "testboard", new, "--key", fleet_key,
+                      port=broker.port).returncode == 0
+        proc = deploy("cmd", "testboard", "rollback", port=broker.port)
+        assert proc.returncode == 0 and "rolled_back" in proc.stdout
+        assert os.readlink(current).startswith("versions/1-")
+        sub.wait_for(lambda: info_sha(sub) == model_sha(bundle), 10, "info after rollback")
+
+        proc = deploy("cmd", "testboard", "selfdestruct", port=broker.port)
+        assert proc.returncode == 1 and "unknown command 'selfdestruct'" in proc.stdout
+        proc = deploy("cmd", "testboard", "set", "rate_hz=-1", port=broker.port)
+        assert proc.returncode == 1 and "rate_hz" in proc.stdout
+        send(broker.port, "set", b'{"request_id": "r1", "args": {"rate_hz": ')
+        sub.wait_for(lambda: bool(results(sub, "r1")), 10, "an answer to a malformed command")
+        assert results(sub, "r1")[0]["code"] == "malformed"
+        assert agent.proc.poll() is None, agent.output()
+        count = len(sub.telemetry())
+        sub.wait_for(lambda: len(sub.telemetry()) > count + 1, 10, "telemetry going on")
+    finally:
+        agent.kill()
+        sub.close()
+
