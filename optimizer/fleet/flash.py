@@ -196,8 +196,10 @@ tar xzf - -C "$P/opt/edgeforge/src.new"
 rm -rf "$P/opt/edgeforge/src" && mv "$P/opt/edgeforge/src.new" "$P/opt/edgeforge/src"
 cd "$P/opt/edgeforge/src"
 python3 -c "import ensurepip, venv" 2>/dev/null || {{
-    [ "$(id -u)" = 0 ] || {{ echo "python3-venv is missing: apt-get install python3-venv" >&2; exit 3; }}
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    [ "$(id -u)" = 0 ] || {{
+        echo "python3-venv is missing: apt-get install python3-venv" >&2; exit 3; }}
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
 }}
 TORCH={torch}
 [ -n "$TORCH" ] || TORCH=$(python3 -m agent.runtime recommend) || {{
