@@ -6,6 +6,7 @@
     edge-deploy update (--device ID ... | --all) BUNDLE [--force] [--timeout S]
     edge-deploy cmd DEVICE NAME [KEY=VALUE ...] [--timeout S]
     edge-deploy wait DEVICE SHA256 [--since EPOCH] [--timeout S]
+    edge-deploy render --device-id ID --out DIR [--bundle DIR] [--prefix /]   (for Ansible)
 
 The MQTT commands read the `mqtt` section of the config (--config, --set mqtt.host=...).
 Exit 0 when every board did what was asked, 1 when one failed or did not answer, 2 for bad
@@ -79,6 +80,15 @@ def parser() -> argparse.ArgumentParser:
                         "edge-agent when systemd runs there)")
     s.add_argument("--no-wait", action="store_true",
                    help="do not wait for the board's birth message (no broker reachable)")
+
+    s = sub.add_parser("render", help="write one board's files for the Ansible playbook")
+    common(s, key=True, mqtt=True)
+    s.add_argument("--bundle", type=Path, default=Path("models"))
+    s.add_argument("--device-id", required=True, help="the board's MQTT id")
+    s.add_argument("--prefix", default="/", help="install root on the board (default /)")
+    s.add_argument("--out", type=Path, required=True, help="folder to write the files into")
+    s.add_argument("--torch", default=None, metavar="SPEC",
+                   help="torch for the board (default: the runtime matrix's pick)")
 
     s = sub.add_parser("update", help="send a signed model update over MQTT")
     common(s, key=True, mqtt=True)
@@ -224,6 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from optimizer.fleet.flash import flash
 
             return flash(args)
+        if args.command == "render":
+            from optimizer.fleet.flash import render
+
+            return render(args)
         if args.command == "update":
             return cmd_update(args)
         if args.command == "wait":

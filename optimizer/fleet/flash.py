@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import shlex
 import subprocess
 import sys
@@ -135,6 +136,11 @@ def source_tar() -> tuple[bytes, str]:
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue(), digest.hexdigest()
+
+
+def install_stamp(source_digest: str, torch: str | None) -> str:
+    """What the board's .stamp says when its install matches: source and torch choice."""
+    return sha(f"{source_digest} {torch or 'matrix'}".encode())
 
 
 def bundle_tar(bundle: Path) -> bytes:
@@ -272,7 +278,7 @@ def flash(args: argparse.Namespace) -> int:
     model_sha = str(manifest.files[manifest.board_model]["sha256"])
     vid = version_id(signature.version, model_sha)
     src, stamp = source_tar()
-    stamp = sha(f"{stamp} {args.torch or 'matrix'}".encode())
+    stamp = install_stamp(stamp, args.torch)
     ssh = Ssh(target, args.identity, args.ssh_option)
     q = shlex.quote
 
@@ -341,3 +347,36 @@ def flash(args: argparse.Namespace) -> int:
                          f"to {previous} and restarted (see journalctl -u edge-agent there)")
     raise FleetError(f"{device} did not report {vid} within {args.timeout:g} s (see "
                      f"journalctl -u edge-agent on the board)")
+
+
+def render(args: argparse.Namespace) -> int:
+    """`edge-deploy render`: what flash would put on one board, as files in --out, for the
+    Ansible playbook (deploy/ansible/flash.yml) to copy: config.yaml, edge-agent.service,
+    signing.pub, src.tar.gz, bundle/ (the signed board files) and release.json."""
+    prefix = str(args.prefix).rstrip("/")
+    if not (args.bundle / MANIFEST).is_file():
+        raise _usage(f"--bundle {args.bundle}: no manifest.json (build one with edge-optimize "
+                     f"run, or point --bundle at it)")
+    key = load_private_key(args.key)
+    signature = ensure_signed(args.bundle, key)
+    manifest = Manifest.read(args.bundle)
+    model_sha = str(manifest.files[manifest.board_model]["sha256"])
+    src, stamp = source_tar()
+    stamp = install_stamp(stamp, args.torch)
+    out: Path = args.out
+    (out / "bundle").mkdir(parents=True, exist_ok=True)
+    _, config_bytes = board_config(args, prefix, args.device_id)
+    files = {"config.yaml": config_bytes, "edge-agent.service": unit_file(prefix),
+             "signing.pub": public_path(args.key.expanduser()).read_bytes(), "src.tar.gz": src}
+    for name in (MANIFEST, SIGNATURE_FILE, *manifest.board_files()):
+        files[f"bundle/{name}"] = (args.bundle / name).read_bytes()
+    for name, data in files.items():
+        path = out / name
+        if not path.is_file() or path.read_bytes() != data:  # unchanged files keep their mtime
+            path.write_bytes(data)
+    release = {"device": args.device_id, "vid": version_id(signature.version, model_sha),
+               "sha256": model_sha, "version": signature.version, "stamp": stamp,
+               "prefix": prefix}
+    (out / "release.json").write_text(json.dumps(release, indent=2) + "\n")
+    print(json.dumps(release))
+    return 0
