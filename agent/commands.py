@@ -293,8 +293,9 @@ class Commands(threading.Thread):
                                               "max_abs_logit_diff": None}, None)
         if self.loop is not None:
             self.loop.swap(trial.previous)
+        # In the update's terms: from the version before it, to the update (now undone).
         self._reply(trial.request_id, "update_model", False, "rolled_back", reason,
-                    "health", {"from": left, "to": target["id"]})
+                    "health", {"from": trial.from_vid, "to": left, "running": target["id"]})
 
     def _rollback_cmd(self, rid: str, args: dict[str, Any]) -> None:
         with self._lock:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything edgeforge needs on a fresh Debian/Ubuntu machine, idempotently:
-# Debian's mosquitto (the tests' real broker), systemd-analyze (unit file checks) and
-# openssl (test certificates), and
+# Debian's mosquitto (the tests' real broker), systemd-analyze (unit file checks),
+# openssl (test certificates) and OpenSSH (edge-deploy flash and its test sshd), and
 # a virtual environment in .venv with edgeforge, its host extras and the test tools.
 # torch is pinned through .ci/constraints.txt (the CPU wheel); a board picks its own build.
 set -euo pipefail
@@ -13,6 +13,9 @@ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosqu
 command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v openssl >/dev/null || missing+=(openssl)  # the TLS test's certificates
+# edge-deploy flash uses the system's ssh; its tests start a real sshd on loopback.
+command -v ssh >/dev/null || missing+=(openssh-client)
+command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then sudo=(); elif sudo -n true 2>/dev/null; then sudo=(sudo -n)
     else
@@ -29,5 +32,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
     -c .ci/constraints.txt -e '.[dev]'
-.venv/bin/python -c "import torch, yaml, psutil, paho.mqtt, tqdm, matplotlib" \
+.venv/bin/python -c "import torch, yaml, psutil, paho.mqtt, cryptography, tqdm, matplotlib" \
     || { echo "setup failed: dependencies did not import" >&2; exit 1; }

@@ -215,7 +215,9 @@ def test_a_latency_regression_rolls_back_by_itself(bundle: Path, slow_bundle: Pa
         applied, rolled = results(sub)
         assert applied["result"] == "applied"
         assert rolled["result"] == "rolled_back" and "p99 latency" in rolled["reason"]
-        assert "rolled_back" in proc.stdout
+        row = proc.stdout.splitlines()[1].split()
+        assert row[:4] == ["testboard", old.split("/")[-1], f"2-{model_sha(slow_bundle)[:12]}",
+                           "rolled_back"]
         assert os.readlink(current) == old
         state = json.loads((current.parent / "state.json").read_text())
         assert state["rejected"][-1]["id"].startswith("2-")
