@@ -263,16 +263,7 @@ class Publisher(threading.Thread):
         client.connect_timeout = CONNECT_TIMEOUT_S
         client.max_inflight_messages_set(INFLIGHT)
         client.will_set(self.topics.status, OFFLINE, qos=1, retain=True)
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password)
-        if cfg.tls:
-            try:
-                client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file,
-                               keyfile=cfg.key_file, cert_reqs=ssl.CERT_REQUIRED)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise ConfigError(f"mqtt.tls: cannot use ca_file={cfg.ca_file!r}, cert_file="
-                                  f"{cfg.cert_file!r}, key_file={cfg.key_file!r} ({exc}): check "
-                                  f"those paths and that the key matches the certificate") from None
+        apply_credentials(client, cfg)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -377,6 +368,24 @@ class Publisher(threading.Thread):
         left = self.spool.depth
         if left:
             log.info("mqtt: %d message(s) stay spooled for the next start", left)
+
+
+def apply_credentials(client: mqtt.Client, cfg: MqttConfig) -> None:
+    """Username/password and TLS from the mqtt section (the agent's and edge-deploy's).
+
+    Raises:
+        ConfigError: TLS files missing, unreadable or not matching.
+    """
+    if cfg.username is not None:
+        client.username_pw_set(cfg.username, cfg.password)
+    if cfg.tls:
+        try:
+            client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file,
+                           keyfile=cfg.key_file, cert_reqs=ssl.CERT_REQUIRED)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"mqtt.tls: cannot use ca_file={cfg.ca_file!r}, cert_file="
+                              f"{cfg.cert_file!r}, key_file={cfg.key_file!r} ({exc}): check "
+                              f"those paths and that the key matches the certificate") from None
 
 
 def console_line(index: int, seq: int, f: dict[str, Any], connected: bool, spool: Spool) -> str:

@@ -21,6 +21,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_listening(proc: subprocess.Popen[bytes], port: int, name: str, log: Path) -> None:
+    """Return once `proc` accepts connections on 127.0.0.1:`port` (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}: "
+                                   f"{log.read_text()}") from None
+            time.sleep(0.05)
+    raise RuntimeError(f"{name} did not listen on port {port} within 10 s")
+
+
 def mosquitto_binary() -> str:
     path = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
                                          if Path("/usr/sbin/mosquitto").exists() else None)
@@ -54,17 +69,7 @@ class Broker:
         with (self.workdir / "stderr.log").open("ab") as err:
             self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
                                          stdout=err, stderr=err)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: "
-                                       f"{(self.workdir / 'stderr.log').read_text()}") from None
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen on port {self.port} within 10 s")
+        wait_listening(self.proc, self.port, "mosquitto", self.workdir / "stderr.log")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

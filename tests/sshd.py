@@ -10,12 +10,10 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
-from tests.broker import free_port
+from tests.broker import free_port, wait_listening
 
 
 def sshd_binary() -> str:
@@ -66,16 +64,7 @@ class Sshd:
         self.proc = subprocess.Popen([sshd_binary(), "-D", "-e", "-f", str(self.config)],
                                      stdout=log, stderr=log)
         log.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-        raise RuntimeError(f"sshd did not start: {(self.workdir / 'sshd.log').read_text()}")
+        wait_listening(self.proc, self.port, "sshd", self.workdir / "sshd.log")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -38,7 +38,7 @@ import yaml
 
 from agent.config import BOARD_SECTIONS, default_config_path, load_config
 from agent.manifest import MANIFEST, Manifest
-from agent.signing import SIGNATURE_FILE
+from agent.signing import SIGNATURE_FILE, Signature
 from agent.store import version_id
 from optimizer.errors import FleetError
 from optimizer.fleet.keys import ensure_signed, load_private_key, public_path
@@ -259,6 +259,18 @@ STORE = """P={p}
 """
 
 
+def release_of(args: argparse.Namespace) -> tuple[Manifest, Signature, str, str]:
+    """The --bundle, signed with --key if it is not yet: (manifest, signature, model sha256,
+    version id)."""
+    if not (args.bundle / MANIFEST).is_file():
+        raise _usage(f"--bundle {args.bundle}: no manifest.json (build one with edge-optimize "
+                     f"run, or point --bundle at it)")
+    signature = ensure_signed(args.bundle, load_private_key(args.key))
+    manifest = Manifest.read(args.bundle)
+    model_sha = str(manifest.files[manifest.board_model]["sha256"])
+    return manifest, signature, model_sha, version_id(signature.version, model_sha)
+
+
 def say(message: str) -> None:
     print(f"flash: {message}", file=sys.stderr, flush=True)
 
@@ -269,14 +281,7 @@ def flash(args: argparse.Namespace) -> int:
     prefix = str(args.prefix).rstrip("/")
     if prefix and not prefix.startswith("/"):
         raise _usage(f"--prefix {args.prefix!r}: must be an absolute path on the board")
-    if not (args.bundle / MANIFEST).is_file():
-        raise _usage(f"--bundle {args.bundle}: no manifest.json (build one with edge-optimize "
-                     f"run, or point --bundle at it)")
-    key = load_private_key(args.key)
-    signature = ensure_signed(args.bundle, key)
-    manifest = Manifest.read(args.bundle)
-    model_sha = str(manifest.files[manifest.board_model]["sha256"])
-    vid = version_id(signature.version, model_sha)
+    manifest, signature, model_sha, vid = release_of(args)
     src, stamp = source_tar()
     stamp = install_stamp(stamp, args.torch)
     ssh = Ssh(target, args.identity, args.ssh_option)
@@ -354,13 +359,7 @@ def render(args: argparse.Namespace) -> int:
     Ansible playbook (deploy/ansible/flash.yml) to copy: config.yaml, edge-agent.service,
     signing.pub, src.tar.gz, bundle/ (the signed board files) and release.json."""
     prefix = str(args.prefix).rstrip("/")
-    if not (args.bundle / MANIFEST).is_file():
-        raise _usage(f"--bundle {args.bundle}: no manifest.json (build one with edge-optimize "
-                     f"run, or point --bundle at it)")
-    key = load_private_key(args.key)
-    signature = ensure_signed(args.bundle, key)
-    manifest = Manifest.read(args.bundle)
-    model_sha = str(manifest.files[manifest.board_model]["sha256"])
+    manifest, signature, model_sha, vid = release_of(args)
     src, stamp = source_tar()
     stamp = install_stamp(stamp, args.torch)
     out: Path = args.out
@@ -374,7 +373,7 @@ def render(args: argparse.Namespace) -> int:
         path = out / name
         if not path.is_file() or path.read_bytes() != data:  # unchanged files keep their mtime
             path.write_bytes(data)
-    release = {"device": args.device_id, "vid": version_id(signature.version, model_sha),
+    release = {"device": args.device_id, "vid": vid,
                "sha256": model_sha, "version": signature.version, "stamp": stamp,
                "prefix": prefix}
     (out / "release.json").write_text(json.dumps(release, indent=2) + "\n")

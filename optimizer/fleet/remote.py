@@ -12,7 +12,6 @@ import base64
 import json
 import queue
 import secrets
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -23,6 +22,7 @@ import paho.mqtt.client as mqtt
 
 from agent.config import MqttConfig
 from agent.manifest import MANIFEST, Manifest
+from agent.publisher import apply_credentials
 from agent.signing import SIGNATURE_FILE
 from agent.telemetry import CMD_SCHEMA, OFFLINE, ONLINE, Topics
 from optimizer.errors import FleetError
@@ -59,14 +59,7 @@ class Fleet:
         self._refused: str | None = None
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                              client_id=f"edge-deploy-{secrets.token_hex(4)}")
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password)
-        if cfg.tls:
-            try:
-                client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file,
-                               keyfile=cfg.key_file, cert_reqs=ssl.CERT_REQUIRED)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise FleetError(f"mqtt.tls: cannot use the configured files ({exc})") from None
+        apply_credentials(client, cfg)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         self.client = client
