@@ -1,7 +1,8 @@
 """`edge-deploy flash USER@HOST[:PORT]`: the agent and a signed bundle onto one board, over SSH.
 
 Only the system's OpenSSH client is used (key authentication, BatchMode): each step is one
-`ssh ... sh -c SCRIPT`, with files streamed on stdin. The board needs python3 and tar.
+`ssh ... sh -c SCRIPT`, with files streamed on stdin. The board needs python3 and tar; a
+user other than root installing into / needs passwordless sudo (`sudo -n` runs the steps).
 
     1. probe      one round trip: machine, uid, hostname, and the sha256 of everything
                   flash manages (install stamp, config, public key, unit, current version)
@@ -94,6 +95,7 @@ class Ssh:
         if identity is not None:
             self.base += ["-i", str(identity)]
         self.base.append(f"{target.user}@{target.host}")
+        self.sudo = False  # set once the probe shows a non-root user installing into /
 
     def run(self, script: str, stdin: bytes = b"", what: str = "a step",
             timeout: float = 1800) -> str:
@@ -102,7 +104,8 @@ class Ssh:
         Raises:
             FleetError: unreachable (ssh's 255) or the script failed; one line with why.
         """
-        cmd = [*self.base, f"sh -c {shlex.quote('set -e; ' + script)}"]
+        shell = f"sh -c {shlex.quote('set -e; ' + script)}"
+        cmd = [*self.base, f"sudo -n {shell}" if self.sudo else shell]
         try:
             proc = subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout)
         except FileNotFoundError:
@@ -115,7 +118,9 @@ class Ssh:
             raise FleetError(f"cannot reach {self.target} over SSH ({last}): check the address, "
                              f"that sshd runs there and that your key is authorised")
         if proc.returncode != 0:
-            raise FleetError(f"{self.target}: {what} failed: {last}")
+            hint = (" (flash needs root there: allow passwordless sudo for this user, or "
+                    "flash as root)") if "sudo" in last and "password" in last else ""
+            raise FleetError(f"{self.target}: {what} failed: {last}{hint}")
         return proc.stdout.decode(errors="replace")
 
 
@@ -290,6 +295,7 @@ def flash(args: argparse.Namespace) -> int:
     say(f"probing {target}")
     facts = dict(line.partition("=")[::2] for line in
                  ssh.run(PROBE.format(p=q(prefix)), what="the probe").splitlines())
+    ssh.sudo = facts.get("uid") != "0" and not prefix
     device = args.device_id or facts.get("hostname") or target.host
     cfg, config_bytes = board_config(args, prefix, device)
     pub = public_path(args.key.expanduser()).read_bytes()
