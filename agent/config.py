@@ -26,7 +26,8 @@ from agent.errors import ConfigError
 # Every top-level section any edgeforge command knows. A name outside this list is a typo.
 SECTIONS = (
     "data", "train", "prune", "quantize", "export", "report",  # host: edge-optimize
-    "device", "model", "loop", "mqtt", "spool", "update",  # board: edge-agent
+    "monitor",  # host: edge-monitor
+    "device", "model", "loop", "mqtt", "spool", "update", "homeassistant",  # board: edge-agent
 )
 
 T = TypeVar("T")
@@ -156,6 +157,19 @@ class UpdateConfig:
                 f"got {self.max_accuracy_drop_pct}")
 
 
+@dataclass(frozen=True)
+class HomeAssistantConfig:
+    """MQTT discovery for Home Assistant (agent/homeassistant.py)."""
+
+    enabled: bool = False
+    discovery_prefix: str = "homeassistant"
+
+    def __post_init__(self) -> None:
+        require(bool(self.discovery_prefix) and not any(c in self.discovery_prefix for c in "+#"),
+                "discovery_prefix", f"must be non-empty without '+' or '#', "
+                f"got {self.discovery_prefix!r}")
+
+
 BOARD_SECTIONS: dict[str, type] = {
     "device": DeviceConfig,
     "model": ModelConfig,
@@ -163,6 +177,7 @@ BOARD_SECTIONS: dict[str, type] = {
     "mqtt": MqttConfig,
     "spool": SpoolConfig,
     "update": UpdateConfig,
+    "homeassistant": HomeAssistantConfig,
 }
 
 

@@ -129,6 +129,8 @@ class Publisher(threading.Thread):
         # Called on this thread for each message on <prefix>/<id>/cmd/<name>: must not block.
         self.on_command: Callable[[str, bytes], None] | None = None
         self.startup_events: list[tuple[str, str]] = []  # (kind, detail) sent on start
+        # Home Assistant discovery: (the HA status topic, the config messages), or None.
+        self.discovery: tuple[str, list[tuple[str, bytes]]] | None = None
         self._deadline: float | None = None  # monotonic time by which to be gone
         self.connected = False
         self._handed: dict[int, int] = {}  # paho mid -> spool row id
@@ -304,10 +306,23 @@ class Publisher(threading.Thread):
                        qos=1, retain=True)
         if self.on_command is not None:
             client.subscribe(self.topics.cmd("+"), qos=1)
+        if self.discovery is not None:
+            client.subscribe(self.discovery[0], qos=1)
+            self._announce()
         log.info("mqtt: connected to %s:%d; %d spooled message(s) to send", self.cfg.host,
                  self.cfg.port, self.spool.depth)
 
+    def _announce(self) -> None:
+        """Publish the Home Assistant discovery configs (retained)."""
+        assert self.discovery is not None
+        for topic, payload in self.discovery[1]:
+            self.client.publish(topic, payload, qos=1, retain=True)
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
+        if self.discovery is not None and message.topic == self.discovery[0]:
+            if message.payload == b"online":  # Home Assistant (re)started: announce again
+                self._announce()
+            return
         if self.on_command is None or not message.topic.startswith(self.topics.cmd_prefix):
             return
         if message.retain:  # would run again on every reconnect: commands are one-shot

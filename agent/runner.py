@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 import agent
 from agent.bundle import Bundle
 from agent.commands import Commands, RecentErrors, config_sha256, recover_trial
+from agent.homeassistant import discovery_messages
 from agent.loop import InferenceLoop, Inputs, Model
 from agent.publisher import Publisher, Window
 from agent.sdnotify import Notifier
@@ -76,6 +77,10 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
         raise
     if rolled_back:
         publisher.startup_events.append(("rollback", rolled_back))
+    ha = cfg["homeassistant"]
+    if ha.enabled:
+        publisher.discovery = (f"{ha.discovery_prefix.rstrip('/')}/status",
+                               discovery_messages(ha.discovery_prefix, device, publisher.topics))
     starts = int(spool.get("starts", 0) or 0) + 1
     last_exit = str(spool.get("last_exit") or "first start")
     if spool.get("running"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from agent.config import BOARD_SECTIONS, require
+from optimizer.monitor.config import MonitorConfig
 
 ENGINES = ("qnnpack", "x86", "fbgemm")
 
@@ -129,6 +130,8 @@ HOST_SECTIONS: dict[str, type] = {
     "report": ReportConfig,
 }
 
-# The optimizer checks the board sections too, so one config.yaml is validated in full on
-# the host before it is ever copied to a board.
-ALL_SECTIONS: dict[str, type] = {**HOST_SECTIONS, **BOARD_SECTIONS}
+MONITOR_SECTIONS: dict[str, type] = {"monitor": MonitorConfig}
+
+# The optimizer checks the board and monitor sections too, so one config.yaml is validated
+# in full on the host before it is ever copied to a board.
+ALL_SECTIONS: dict[str, type] = {**HOST_SECTIONS, **MONITOR_SECTIONS, **BOARD_SECTIONS}

@@ -1,0 +1,1 @@
+"""edge-monitor: the fleet's latency and health, live, alerted on, recorded and exported."""
