@@ -190,9 +190,13 @@ def _common(p: argparse.ArgumentParser, default: Any) -> None:
     parser's value unless given)."""
     p.add_argument("--config", type=Path, default=default if default is argparse.SUPPRESS
                    else None, help="config file (default: ./config.yaml if present)")
-    p.add_argument("--set", dest="overrides", action="append",
-                   default=default if default is argparse.SUPPRESS else [],
+    # After the command, --set goes to its own list: argparse would replace, not extend, the
+    # list given before the command.
+    p.add_argument("--set", dest="overrides" if default is None else "overrides_after",
+                   action="append", default=default if default is argparse.SUPPRESS else [],
                    metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
+    p.add_argument("--listen", type=float, default=default, metavar="S",
+                   help="seconds to listen before a snapshot (default monitor.listen_s)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -202,8 +206,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reverse", action="store_true", help="sort descending")
     p.add_argument("--once", action="store_true", help="one snapshot after --listen seconds")
     p.add_argument("--json", action="store_true", help="with --once: JSON instead of a table")
-    p.add_argument("--listen", type=float, default=None, metavar="S",
-                   help="seconds to listen before a snapshot (default monitor.listen_s)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _common(sub.add_parser("check", help="exit 1 when any alert is active, 0 when none"),
             argparse.SUPPRESS)
@@ -224,7 +226,8 @@ def parser() -> argparse.ArgumentParser:
 def load(args: argparse.Namespace) -> tuple[MqttConfig, MonitorConfig]:
     from optimizer.config import MONITOR_SECTIONS
 
-    cfg = load_config(args.config or default_config_path(["config.yaml"]), args.overrides,
+    overrides = [*args.overrides, *getattr(args, "overrides_after", [])]
+    cfg = load_config(args.config or default_config_path(["config.yaml"]), overrides,
                       {"mqtt": BOARD_SECTIONS["mqtt"], **MONITOR_SECTIONS})
     return cfg["mqtt"], cfg["monitor"]
 
