@@ -103,8 +103,10 @@ class InferenceLoop:
         self.healthy = healthy
         self.on_error = on_error
         self.windows = 0
-        # A plain flag, not an Event: a signal handler may set it at any point of the loop.
+        # Plain flags, not Events: a signal handler may set them at any point of the loop.
+        # `_break` is the one flag the hot loop reads: stop(), swap() and reconfigure() set it.
         self._stopping = False
+        self._break = False
         self._next_ping = math.inf
         # Set by other threads, taken by the loop (a single reference assignment each).
         self._next_model: Model | None = None
@@ -121,6 +123,7 @@ class InferenceLoop:
     def swap(self, model: Model) -> None:
         """Run `model` from the next forward pass on (any thread)."""
         self._next_model = model
+        self._break = True
 
     def reconfigure(self, rate_hz: float | None = None, window_s: float | None = None) -> \
             LoopConfig:
@@ -133,11 +136,13 @@ class InferenceLoop:
         cfg = replace(cfg, rate_hz=cfg.rate_hz if rate_hz is None else rate_hz,
                       window_s=cfg.window_s if window_s is None else window_s)
         self._next_cfg = cfg
+        self._break = True
         return cfg
 
     def stop(self) -> None:
         """Finish the current forward pass, close the window and return (signal-safe)."""
         self._stopping = True
+        self._break = True
 
     def warm_up(self) -> float:
         """Run cfg.warmup forward passes outside the stats; return the first one's seconds."""
@@ -155,6 +160,8 @@ class InferenceLoop:
             window_start = self._run_until_change(window_start, end, ping_every)
 
     def _take_changes(self) -> None:
+        # Cleared before reading: a change handed over from here on sets it again.
+        self._break = self._stopping
         if self._next_model is not None:
             self.model, self._next_model = self._next_model, None
         if self._next_cfg is not None:
@@ -177,11 +184,7 @@ class InferenceLoop:
         lat = array("d")
         correct, i = 0, 0
         with torch.inference_mode(), known_torch_deprecations():
-            while not self._stopping:
-                if self._next_model is not None or self._next_cfg is not None:
-                    now = perf()
-                    self._close(lat, window_start, now, correct if labels is not None else None)
-                    return now
+            while not self._break:
                 k = i % n
                 t0 = perf()
                 try:
@@ -190,7 +193,7 @@ class InferenceLoop:
                     fallback = self.on_error(exc)
                     if fallback is None:
                         raise
-                    self._next_model = fallback
+                    self.swap(fallback)
                     continue
                 t1 = perf()
                 lat.append(t1 - t0)
@@ -213,14 +216,15 @@ class InferenceLoop:
                     if t1 >= end or not self.healthy():
                         return None
                 next_event = min(window_end, next_ping, end)
-            self._close(lat, window_start, perf(), correct if labels is not None else None)
-            return None
+            now = perf()
+            self._close(lat, window_start, now, correct if labels is not None else None)
+            return None if self._stopping else now  # stopped, or a change was handed over
 
     def _sleep_until(self, tick: float, next_event: float) -> None:
         """Sleep until `tick` for a fixed rate, waking for windows, pings and stop()."""
         while True:
             now = time.perf_counter()
-            if now >= tick or self._stopping:
+            if now >= tick or self._break:
                 return
             # Wake at the next event too, so windows close and the watchdog is fed on time,
             # and at least every 50 ms to notice stop().
