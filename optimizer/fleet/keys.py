@@ -7,7 +7,6 @@ its verification live on the board side, in agent/signing.py.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -104,14 +103,6 @@ def signed_release(bundle: Path, key: Ed25519PrivateKey) -> Signature:
     path = bundle / SIGNATURE_FILE
     sig = path.read_bytes() if path.is_file() else None
     return verify(manifest_bytes(bundle), sig, key.public_key(), str(bundle))
-
-
-def signature_info(bundle: Path) -> dict[str, object] | None:
-    """The signature.json fields of `bundle` (unverified), or None when unsigned."""
-    try:
-        return json.loads((bundle / SIGNATURE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def ensure_signed(bundle: Path, key: Ed25519PrivateKey) -> Signature:
