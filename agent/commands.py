@@ -245,8 +245,8 @@ class Commands(threading.Thread):
                 self._reply(rid, "update_model", True, "unchanged", f"{release.vid} is already "
                             f"running", data={"from": from_vid, "to": release.vid})
                 return
-            keep = [*release.manifest.board_files(), "manifest.json", "signature.json"]
-            path = store.stage(release.vid, {n: release.files[n] for n in keep})
+            path = store.stage(release.vid, {n: release.files[n]
+                                             for n in release.manifest.release_files()})
             try:
                 bundle, checked, p99 = smoke_test(path, self.public_key,
                                                   self.loop_cfg.batch_size,

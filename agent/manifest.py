@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from agent.errors import BundleError
+from agent.signing import SIGNATURE_FILE
 
 SCHEMA_NAME = "edgeforge.bundle"
 SCHEMA_VERSION = 1
@@ -173,6 +174,10 @@ class Manifest:
     def board_files(self) -> list[str]:
         """The files a board needs: the board model and the labelled sample."""
         return [self.board_model, str(self.sample["file"])]
+
+    def release_files(self) -> list[str]:
+        """What a board receives of a signed bundle: manifest, signature, board files."""
+        return [MANIFEST, SIGNATURE_FILE, *self.board_files()]
 
     def verified_path(self, bundle: Path, name: str) -> Path:
         """Path of bundle file `name` after checking its sha256 against the manifest.

@@ -56,8 +56,7 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
 
     public_key = public_key_of(cfg)
     model_dir = Path(cfg["model"].dir)
-    store = Store(model_dir.parent) if model_dir.name == "current" and model_dir.is_symlink() \
-        else None
+    store = Store.behind(model_dir)
     rolled_back = recover_trial(store) if store is not None else None
     # A store's bundle is opened at its real path: `current` may point elsewhere later.
     bundle = Bundle.open(model_dir.resolve() if store else model_dir, public_key)

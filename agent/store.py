@@ -55,17 +55,24 @@ class Store:
     root: Path
 
     @classmethod
+    def behind(cls, model_dir: Path) -> Store | None:
+        """The store whose `current` link is `model_dir`, or None for a plain bundle folder."""
+        return cls(model_dir.parent) if model_dir.name == CURRENT and model_dir.is_symlink() \
+            else None
+
+    @classmethod
     def for_model_dir(cls, model_dir: Path) -> Store:
         """The store whose `current` link is `model_dir`.
 
         Raises:
             BundleError: model.dir is not a store's `current` link.
         """
-        if model_dir.name != CURRENT or not model_dir.is_symlink():
+        store = cls.behind(model_dir)
+        if store is None:
             raise BundleError(f"model.dir {model_dir} is not a versioned store's '{CURRENT}' "
                               f"link: remote updates need a board set up by edge-deploy flash "
                               f"(model.dir: <store>/{CURRENT})")
-        return cls(model_dir.parent)
+        return store
 
     @property
     def current_link(self) -> Path:

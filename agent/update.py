@@ -178,9 +178,8 @@ def activate(src: Path, store: Store, public_key: Ed25519PublicKey | None,
         BundleError: unsigned or tampered with (when a key is configured), or the check failed.
     """
     manifest = Manifest.read(src)
-    names = [MANIFEST, *manifest.board_files()]
-    if (src / SIGNATURE_FILE).is_file():
-        names.append(SIGNATURE_FILE)
+    names = [n for n in manifest.release_files()
+             if n != SIGNATURE_FILE or (src / SIGNATURE_FILE).is_file()]
     try:
         files = {name: (src / name).read_bytes() for name in names}
     except OSError as exc:

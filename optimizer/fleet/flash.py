@@ -39,7 +39,7 @@ import yaml
 
 from agent.config import BOARD_SECTIONS, default_config_path, load_config
 from agent.manifest import MANIFEST, Manifest
-from agent.signing import SIGNATURE_FILE, Signature
+from agent.signing import Signature
 from agent.store import version_id
 from optimizer.errors import FleetError
 from optimizer.fleet.keys import ensure_signed, load_private_key, public_path
@@ -153,7 +153,7 @@ def bundle_tar(bundle: Path) -> bytes:
     manifest = Manifest.read(bundle)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name in (MANIFEST, SIGNATURE_FILE, *manifest.board_files()):
+        for name in manifest.release_files():
             tar.add(bundle / name, arcname=name)
     return buf.getvalue()
 
@@ -373,7 +373,7 @@ def render(args: argparse.Namespace) -> int:
     _, config_bytes = board_config(args, prefix, args.device_id)
     files = {"config.yaml": config_bytes, "edge-agent.service": unit_file(prefix),
              "signing.pub": public_path(args.key.expanduser()).read_bytes(), "src.tar.gz": src}
-    for name in (MANIFEST, SIGNATURE_FILE, *manifest.board_files()):
+    for name in manifest.release_files():
         files[f"bundle/{name}"] = (args.bundle / name).read_bytes()
     for name, data in files.items():
         path = out / name

@@ -21,9 +21,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent.config import MqttConfig
-from agent.manifest import MANIFEST, Manifest
+from agent.manifest import Manifest
 from agent.publisher import apply_credentials
-from agent.signing import SIGNATURE_FILE
 from agent.telemetry import CMD_SCHEMA, OFFLINE, ONLINE, Topics
 from optimizer.errors import FleetError
 
@@ -37,9 +36,8 @@ def new_request_id() -> str:
 def update_args(bundle: Path, force: bool) -> dict[str, Any]:
     """The update_model args for a signed bundle: the manifest, its signature, board files."""
     manifest = Manifest.read(bundle)
-    names = [MANIFEST, SIGNATURE_FILE, *manifest.board_files()]
     files = {}
-    for name in names:
+    for name in manifest.release_files():
         try:
             files[name] = base64.b64encode((bundle / name).read_bytes()).decode()
         except OSError as exc:
