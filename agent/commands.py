@@ -40,7 +40,7 @@ from agent.bundle import Bundle
 from agent.config import Invalid, LoopConfig, UpdateConfig
 from agent.errors import EdgeforgeError
 from agent.loop import InferenceLoop, Inputs, Model, warm_up
-from agent.publisher import CommandResult, ModelChange, Publisher, Window, percentile
+from agent.publisher import CommandResult, ModelChange, Publisher, Window
 from agent.store import Store
 from agent.telemetry import CMD_SCHEMA
 from agent.update import Refused, decode_files, smoke_test, verify_release
@@ -160,9 +160,9 @@ class Commands(threading.Thread):
         """A command from the publisher thread (paho's on_message)."""
         self._inbox.put(("cmd", (name, payload)))
 
-    def observe(self, window: Window) -> None:
-        """A closed window from the loop."""
-        self._inbox.put(("window", window))
+    def observe(self, window: Window, fields: dict[str, Any]) -> None:
+        """A closed window and its telemetry fields, from the publisher thread."""
+        self._inbox.put(("window", (window, fields)))
 
     def close(self) -> None:
         self._inbox.put(None)
@@ -188,7 +188,7 @@ class Commands(threading.Thread):
             kind, value = item
             try:
                 if kind == "window":
-                    self._window(value)
+                    self._window(*value)
                 else:
                     self._command(*value)
             except Exception:  # a bug: say so, keep the agent and the worker running
@@ -320,10 +320,10 @@ class Commands(threading.Thread):
 
     # --- the trial ------------------------------------------------------------------------
 
-    def _window(self, window: Window) -> None:
+    def _window(self, window: Window, fields: dict[str, Any]) -> None:
         if len(window.latencies_s) < MIN_PASSES:
             return
-        p99 = percentile(sorted(window.latencies_s), 99) * 1000
+        p99 = float(fields["latency_p99_ms"])
         self._p99s.setdefault(window.model_sha256, deque(maxlen=6)).append(p99)
         with self._lock:
             trial = self.trial

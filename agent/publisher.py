@@ -129,6 +129,8 @@ class Publisher(threading.Thread):
         # Called on this thread for each message on <prefix>/<id>/cmd/<name>: must not block.
         self.on_command: Callable[[str, bytes], None] | None = None
         self.startup_events: list[tuple[str, str]] = []  # (kind, detail) sent on start
+        # Called on this thread with each window and its telemetry fields: must not block.
+        self.on_window: Callable[[Window, dict[str, Any]], None] | None = None
         # Home Assistant discovery: (the HA status topic, the config messages), or None.
         self.discovery: tuple[str, list[tuple[str, bytes]]] | None = None
         self._deadline: float | None = None  # monotonic time by which to be gone
@@ -210,6 +212,8 @@ class Publisher(threading.Thread):
         if not fields["inferences"]:
             return  # a window cut short before its first inference says nothing
         fields.update(self.stats.sample())
+        if self.on_window is not None:
+            self.on_window(window, fields)
         depth, dropped = self.spool.depth, self.spool.dropped_total
 
         def payload(seq: int) -> bytes:

@@ -27,7 +27,7 @@ from agent.bundle import Bundle
 from agent.commands import Commands, RecentErrors, config_sha256, recover_trial
 from agent.homeassistant import discovery_messages
 from agent.loop import InferenceLoop, Inputs, Model
-from agent.publisher import Publisher, Window
+from agent.publisher import Publisher
 from agent.sdnotify import Notifier
 from agent.signing import load_public_key
 from agent.spool import Spool
@@ -113,16 +113,13 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
         commands = Commands(cfg["update"], loop_cfg, store, public_key, publisher, bundle,
                             make_info, config_sha256(cfg), recent)
 
-        def emit(window: Window) -> None:
-            publisher.submit(window)
-            commands.observe(window)  # type: ignore[union-attr]
-
-        loop = InferenceLoop(model, loop_cfg, emit, notifier,
+        loop = InferenceLoop(model, loop_cfg, publisher.submit, notifier,
                              healthy=lambda: publisher.error is None, on_error=commands.on_error)
         commands.loop = loop
         first_ms = loop.warm_up() * 1000
         publisher.info = make_info(bundle, checked)
         publisher.on_command = commands.receive
+        publisher.on_window = commands.observe
         commands.start()
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         publisher.start()
