@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from agent.manifest import sha256_of
 from tests.broker import Broker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +107,42 @@ def signed_copy(bundle: Path, dest: Path, key: Path, version: int) -> Path:
     proc = run_cli("optimizer.fleet.cli", "sign", dest, "--key", key, "--version", str(version))
     assert proc.returncode == 0, proc.stderr
     return dest
+
+
+def wrong_logits_copy(bundle: Path, dest: Path, key: Path, version: int) -> Path:
+    """A signed copy whose sample logits are not what its model computes: every sha256 and
+    the signature are right, so only the on-board check (or smoke test) can refuse it."""
+    signed_copy(bundle, dest, key, version)
+    sample = torch.load(dest / "sample.pt", weights_only=True)
+    sample["logits"] = sample["logits"] + 1.0
+    torch.save(sample, dest / "sample.pt")
+    m = json.loads((dest / "manifest.json").read_text())
+    m["files"]["sample.pt"] = {"bytes": (dest / "sample.pt").stat().st_size,
+                               "sha256": sha256_of(dest / "sample.pt")}
+    (dest / "manifest.json").write_text(json.dumps(m))
+    proc = run_cli("optimizer.fleet.cli", "sign", dest, "--key", key, "--version", str(version))
+    assert proc.returncode == 0, proc.stderr
+    return dest
+
+
+def tree(root: Path, parts: tuple[str, ...] = ("",)) -> dict[str, str]:
+    """Every file's sha256 and every link's target under root/part for each part (a file or
+    a folder): what 'unchanged' means on disk."""
+    out = {}
+    for part in parts:
+        top = root / part
+        for path in [top, *sorted(top.rglob("*"))] if top.is_dir() else [top]:
+            if path.is_symlink():
+                out[str(path.relative_to(root))] = "-> " + os.readlink(path)
+            elif path.is_file():
+                out[str(path.relative_to(root))] = sha256_of(path)
+    return out
+
+
+def model_sha(bundle: Path) -> str:
+    """The sha256 of a bundle's board model, as its manifest lists it."""
+    return str(json.loads((bundle / "manifest.json").read_text())["files"]
+               ["quantized_cnn_scripted.pt"]["sha256"])
 
 
 def make_store(bundle: Path, tmp_path: Path, key: Path, version: int = 1) -> Path:

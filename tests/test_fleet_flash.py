@@ -19,11 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from agent.manifest import sha256_of
 from tests.broker import Broker, Subscriber, free_port
-from tests.conftest import ROOT, run_cli, signed_copy
+from tests.conftest import ROOT, model_sha, run_cli, signed_copy, tree, wrong_logits_copy
 from tests.sshd import Sshd
-from tests.test_fleet_update import model_sha
 
 
 def fake_systemctl_restart(prefix: Path) -> str:
@@ -44,15 +42,8 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
 
 def managed(prefix: Path) -> dict[str, str]:
     """What flash manages on the board, by sha256 (links by target), and the agent's pid."""
-    out = {}
-    for sub in ("etc", "opt/edgeforge/.stamp", "var/lib/edgeforge/models", "agent.pid"):
-        root = prefix / sub
-        for path in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
-            if path.is_symlink():
-                out[str(path.relative_to(prefix))] = "-> " + os.readlink(path)
-            elif path.is_file():
-                out[str(path.relative_to(prefix))] = sha256_of(path)
-    return out
+    return tree(prefix, ("etc", "opt/edgeforge/.stamp", "var/lib/edgeforge/models",
+                         "agent.pid"))
 
 
 def test_flash_installs_through_ssh_then_changes_nothing_and_ansible_rolls_out_an_update(
@@ -92,15 +83,7 @@ def test_flash_installs_through_ssh_then_changes_nothing_and_ansible_rolls_out_a
         assert managed(prefix) == before  # same files, same links, same agent process
 
         # A bundle that fails the on-board check is never made current.
-        bad = signed_copy(bundle, tmp_path / "bad", fleet_key, 3)
-        sample = torch.load(bad / "sample.pt", weights_only=True)
-        sample["logits"] = sample["logits"] + 1.0  # not what this model computes
-        torch.save(sample, bad / "sample.pt")
-        m = json.loads((bad / "manifest.json").read_text())
-        m["files"]["sample.pt"]["sha256"] = sha256_of(bad / "sample.pt")
-        (bad / "manifest.json").write_text(json.dumps(m))
-        assert run_cli("optimizer.fleet.cli", "sign", bad, "--key", fleet_key, "--version",
-                       "3").returncode == 0
+        bad = wrong_logits_copy(bundle, tmp_path / "bad", fleet_key, 3)
         failed = run_cli(*[str(bad) if a == v1 else a for a in flash], timeout=300)
         assert failed.returncode == 1
         assert "activating the bundle failed" in failed.stderr

@@ -11,28 +11,23 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import torch
 
-from agent.manifest import sha256_of
 from optimizer.fleet.remote import update_args
 from tests.broker import Broker, Subscriber
-from tests.conftest import Agent, edit_manifest, make_store, run_cli, signed_copy
+from tests.conftest import (
+    Agent,
+    edit_manifest,
+    make_store,
+    model_sha,
+    run_cli,
+    signed_copy,
+    tree,
+    wrong_logits_copy,
+)
 
 # Windows of 0.5 s at full rate: a trial of 3 windows takes 1.5 s. The p99 limit is loose so
 # a busy CI machine does not roll back a good update; the slow model is far beyond it.
 TRIAL = ("update.watch_windows=3", "update.max_p99_regression_pct=200")
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every file's sha256 and every link's target under `root`: what 'unchanged' means."""
-    out = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            out[rel] = "-> " + os.readlink(path)
-        elif path.is_file():
-            out[rel] = sha256_of(path)
-    return out
 
 
 def start_agent(current: Path, broker: Broker, tmp_path: Path, key: Path,
@@ -71,11 +66,6 @@ def request(rid: str, args: dict[str, Any]) -> bytes:
 
 def info_sha(sub: Subscriber) -> str:
     return str(json.loads(sub.on("/info")[-1][0])["model_sha256"])
-
-
-def model_sha(bundle: Path) -> str:
-    return str(json.loads((bundle / "manifest.json").read_text())["files"]
-               ["quantized_cnn_scripted.pt"]["sha256"])
 
 
 def test_a_signed_update_is_applied_watched_confirmed_and_reported(
@@ -176,17 +166,7 @@ def test_a_smoke_test_failure_keeps_the_old_model(bundle: Path, fleet_key: Path,
     agent, sub = start_agent(current, broker, tmp_path, fleet_key)
     before = tree(current.parent)
     try:
-        # Signed correctly, but its sample logits are not what this model computes.
-        bad = signed_copy(bundle, tmp_path / "bad", fleet_key, 2)
-        sample = torch.load(bad / "sample.pt", weights_only=True)
-        sample["logits"] = sample["logits"] + 1.0
-        torch.save(sample, bad / "sample.pt")
-        m = json.loads((bad / "manifest.json").read_text())
-        m["files"]["sample.pt"] = {"bytes": (bad / "sample.pt").stat().st_size,
-                                   "sha256": sha256_of(bad / "sample.pt")}
-        (bad / "manifest.json").write_text(json.dumps(m))
-        assert run_cli("optimizer.fleet.cli", "sign", bad, "--key", fleet_key, "--version",
-                       "2").returncode == 0
+        bad = wrong_logits_copy(bundle, tmp_path / "bad", fleet_key, 2)
         proc = deploy("update", "--device", "testboard", bad, "--key", fleet_key, "--timeout",
                       "60", port=broker.port)
         assert proc.returncode == 1
