@@ -192,6 +192,7 @@ def test_a_latency_regression_rolls_back_by_itself(bundle: Path, slow_bundle: Pa
         proc = deploy("update", "--device", "testboard", slow, "--key", fleet_key,
                       "--timeout", "90", port=broker.port)
         assert proc.returncode == 1, proc.stdout + proc.stderr
+        print(proc.stdout)  # the table the README shows (pytest -s)
         applied, rolled = results(sub)
         assert applied["result"] == "applied"
         assert rolled["result"] == "rolled_back" and "p99 latency" in rolled["reason"]
