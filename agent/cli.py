@@ -100,17 +100,18 @@ def parser() -> argparse.ArgumentParser:
 
 def store_command(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     """activate, confirm, rollback and versions: the versioned store behind model.dir."""
-    from agent.store import Store
+    from agent.store import CURRENT, Store
 
     model_dir = Path(cfg["model"].dir)
     if args.command == "activate":
-        from agent.runner import public_key_of
+        from agent.signing import configured_key
         from agent.update import activate
 
-        if model_dir.name != "current":
+        if model_dir.name != CURRENT:
             raise ConfigError(f"model.dir {model_dir}: must end in /current (the store's link) "
                               f"for activate; for example /var/lib/edgeforge/models/current")
-        result = activate(args.source, Store(model_dir.parent), public_key_of(cfg), args.trial)
+        result = activate(args.source, Store(model_dir.parent),
+                          configured_key(cfg["update"].public_key), args.trial)
     else:
         store = Store.for_model_dir(model_dir)
         if args.command == "confirm":
@@ -152,9 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from agent.runner import run_agent  # paho and psutil only where needed
 
             return run_agent(cfg, args.duration)
-        from agent.runner import public_key_of
+        from agent.signing import configured_key
 
-        bundle = Bundle.open(Path(cfg["model"].dir), public_key_of(cfg))
+        bundle = Bundle.open(Path(cfg["model"].dir), configured_key(cfg["update"].public_key))
         if args.command == "check":
             import torch
 

@@ -20,7 +20,6 @@ from types import FrameType
 from typing import Any
 
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 import agent
 from agent.bundle import Bundle
@@ -29,7 +28,7 @@ from agent.homeassistant import discovery_messages
 from agent.loop import InferenceLoop, Inputs, Model
 from agent.publisher import Publisher
 from agent.sdnotify import Notifier
-from agent.signing import load_public_key
+from agent.signing import configured_key
 from agent.spool import Spool
 from agent.stats import ResourceStats
 from agent.store import Store
@@ -54,7 +53,7 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
     loop_cfg = cfg["loop"]
     torch.set_num_threads(loop_cfg.threads)
 
-    public_key = public_key_of(cfg)
+    public_key = configured_key(cfg["update"].public_key)
     model_dir = Path(cfg["model"].dir)
     store = Store.behind(model_dir)
     rolled_back = recover_trial(store) if store is not None else None
@@ -157,12 +156,6 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
         notifier.close()
     log.info("stopped (%s) after %d window(s)", reason[0], loop.windows if loop else 0)
     return code
-
-
-def public_key_of(cfg: dict[str, Any]) -> Ed25519PublicKey | None:
-    """update.public_key loaded, or None when no key is configured."""
-    path = cfg["update"].public_key
-    return load_public_key(Path(path)) if path else None
 
 
 def birth_info(cfg: dict[str, Any], device: str, bundle: Bundle, checked: dict[str, Any],

@@ -58,6 +58,15 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
+def configured_key(path: str | None) -> Ed25519PublicKey | None:
+    """update.public_key loaded, or None when no key is configured.
+
+    Raises:
+        ConfigError: as load_public_key.
+    """
+    return load_public_key(Path(path)) if path else None
+
+
 def _signed_bytes(fields: dict[str, Any]) -> bytes:
     body = {k: v for k, v in fields.items() if k != "signature"}
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
