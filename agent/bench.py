@@ -14,7 +14,7 @@ import torch
 
 from agent.bundle import Bundle
 from agent.loop import Inputs
-from agent.publisher import percentile
+from agent.percentile import percentile
 from agent.torchwarnings import known_torch_deprecations
 
 

@@ -9,11 +9,17 @@ payload can be answered). Names: `update_model`, `rollback`, `set`, `benchmark`,
 
 One worker thread does the work: paho's callback only queues the payload, and the inference
 loop only swaps in a module that is already loaded, checked and warmed up. After a switch
-the worker watches the next `update.watch_windows` windows of the new model: a forward-pass
-error, a median p99 more than `max_p99_regression_pct` above the old model's, or a sample
-accuracy more than `max_accuracy_drop_pct` below the manifest's rolls back by itself.
+the loop runs the old module beside the new one on every input (the shadow), and the worker
+watches the next `update.watch_windows` windows: a forward-pass error, a latency regression
+(agent/regression.py: the paired latencies, Mann-Whitney, median first and p99 second), or a
+sample accuracy more than `max_accuracy_drop_pct` below the manifest's rolls back by itself.
 If the agent dies during a trial, the next start rolls back before loading anything
 (`recover_trial`).
+
+Every update ends in exactly one final answer, whatever breaks: an exception nobody foresaw
+is answered as `failed` with code `internal`, the staged folder is removed, and the refusal
+is listed under `rejected` in `diagnostics`. The inbox is bounded: a command that finds it
+full is refused at once (`busy`).
 """
 
 from __future__ import annotations
@@ -23,12 +29,12 @@ import json
 import logging
 import queue
 import re
-import statistics
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -41,14 +47,17 @@ from agent.config import Invalid, LoopConfig, UpdateConfig
 from agent.errors import EdgeforgeError
 from agent.loop import InferenceLoop, Inputs, Model, warm_up
 from agent.publisher import CommandResult, ModelChange, Publisher, Window
+from agent.regression import Verdict, compare
 from agent.store import Store
-from agent.telemetry import CMD_SCHEMA
+from agent.telemetry import CMD_SCHEMA, COMMANDS, SETTABLE
 from agent.update import Refused, decode_files, smoke_test, verify_release
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("update_model", "rollback", "set", "benchmark", "diagnostics")
 MIN_PASSES = 10  # a window with fewer forward passes says nothing about latency
+INBOX = 64  # commands and windows waiting for the worker
+STALL_S = 600.0  # one command busy for longer than this: the worker is stuck
+MAX_BENCH_IMAGES = 100_000  # a benchmark's iters x sum(batch_sizes)
 _REQUEST_ID = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9._:-]{1,64})"')
 
 
@@ -123,9 +132,10 @@ class Trial:
     from_vid: str | None
     previous: Model
     previous_bundle: Bundle
-    baseline_p99_ms: float | None
     expected_accuracy_pct: float | None
-    p99s: list[float] = field(default_factory=list)
+    windows: int = 0
+    new_s: array = field(default_factory=lambda: array("d"))  # paired pass latencies
+    old_s: array = field(default_factory=lambda: array("d"))
     correct: int = 0
     labelled: int = 0
 
@@ -150,22 +160,40 @@ class Commands(threading.Thread):
         self.loop: InferenceLoop | None = None
         self.trial: Trial | None = None
         self.started = time.time()
-        self._inbox: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue(INBOX)
+        self._closing = threading.Event()
         self._lock = threading.Lock()  # the store, self.bundle and self.trial
-        self._p99s: dict[str, deque[float]] = {}
+        self.refused: deque[dict[str, Any]] = deque(maxlen=10)  # updates refused since start
+        self.unobserved = 0  # windows the full inbox did not take (not watched)
+        self.beat = time.monotonic()
+        self.busy_since: float | None = None
 
     # --- called from other threads; none of these block -----------------------------------
 
     def receive(self, name: str, payload: bytes) -> None:
         """A command from the publisher thread (paho's on_message)."""
-        self._inbox.put(("cmd", (name, payload)))
+        try:
+            self._inbox.put_nowait(("cmd", (name, payload)))
+        except queue.Full:
+            head = _REQUEST_ID.search(payload[:512])
+            self._reply(head.group(1).decode() if head else None, name, False, "refused",
+                        f"{INBOX} commands are already waiting on this board; retry later",
+                        "busy")
 
     def observe(self, window: Window, fields: dict[str, Any]) -> None:
         """A closed window and its telemetry fields, from the publisher thread."""
-        self._inbox.put(("window", (window, fields)))
+        try:
+            self._inbox.put_nowait(("window", (window, fields)))
+        except queue.Full:
+            self.unobserved += 1  # only this thread writes it; diagnostics shows it
+
+    def stalled_s(self) -> float:
+        """Seconds the worker has been busy with one item, or since it last looked."""
+        since = self.busy_since
+        return time.monotonic() - (self.beat if since is None else since)
 
     def close(self) -> None:
-        self._inbox.put(None)
+        self._closing.set()
         self.join(5.0)
 
     def on_error(self, exc: RuntimeError) -> Model | None:
@@ -181,11 +209,13 @@ class Commands(threading.Thread):
     # --- the worker -----------------------------------------------------------------------
 
     def run(self) -> None:
-        while True:
-            item = self._inbox.get()
-            if item is None:
-                return
-            kind, value = item
+        while not self._closing.is_set():
+            self.beat = time.monotonic()
+            try:
+                kind, value = self._inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self.busy_since = time.monotonic()
             try:
                 if kind == "window":
                     self._window(*value)
@@ -193,6 +223,8 @@ class Commands(threading.Thread):
                     self._command(*value)
             except Exception:  # a bug: say so, keep the agent and the worker running
                 log.exception("commands: %s failed", kind)
+            finally:
+                self.busy_since = None
 
     def _reply(self, rid: str | None, command: str, ok: bool, result: str,
                reason: str | None = None, code: str | None = None,
@@ -222,9 +254,22 @@ class Commands(threading.Thread):
             handler(rid, args)
         except Refused as exc:
             data = {"from": self.store.current()} if self.store is not None else None
+            self._refused(rid, name, exc.code, str(exc), getattr(exc, "vid", None))
             self._reply(rid, name, False, "refused", str(exc), exc.code, data)
         except (EdgeforgeError, Invalid) as exc:
+            self._refused(rid, name, "error", str(exc), None)
             self._reply(rid, name, False, "failed", str(exc), "error")
+        except Exception as exc:  # a bug; the sender still gets its one answer
+            log.exception("commands: %s %s failed", name, rid)
+            reason = f"internal error: {type(exc).__name__}: {exc}"[:500]
+            self._refused(rid, name, "internal", reason, getattr(exc, "vid", None))
+            self._reply(rid, name, False, "failed", reason, "internal")
+
+    def _refused(self, rid: str, command: str, code: str, reason: str, vid: str | None) -> None:
+        if command == "update_model":
+            self.refused.append({"id": vid, "request_id": rid, "code": code,
+                                 "reason": reason[:300],
+                                 "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
     # --- update and rollback --------------------------------------------------------------
 
@@ -245,27 +290,28 @@ class Commands(threading.Thread):
                 self._reply(rid, "update_model", True, "unchanged", f"{release.vid} is already "
                             f"running", data={"from": from_vid, "to": release.vid})
                 return
-            path = store.stage(release.vid, {n: release.files[n]
-                                             for n in release.manifest.release_files()})
+            existed = store.path(release.vid).is_dir()
             try:
+                path = store.stage(release.vid, {n: release.files[n]
+                                                 for n in release.manifest.release_files()})
                 bundle, checked, p99 = smoke_test(path, self.public_key,
                                                   self.loop_cfg.batch_size,
                                                   self.cfg.smoke_iters, self.cfg.smoke_max_p99_ms)
                 model = self._model(bundle)
-            except Refused:
-                store.discard(release.vid)
+            except Exception as exc:  # Refused, or anything nobody foresaw: nothing stays
+                if not existed:
+                    store.discard(release.vid)
+                exc.vid = release.vid  # type: ignore[attr-defined]
                 raise
             assert self.loop is not None
             previous, previous_bundle = self.loop.model, self.bundle
             store.switch(release.vid, release.version, release.sha256, "update", pending=True,
                          running=True)
-            self._go_live(bundle, checked, model)
+            self._go_live(bundle, checked, replace(model, shadow=previous.module))
             expected = float(bundle.manifest.sample["accuracy_pct"]) \
                 if self.loop_cfg.input == "sample" else None
-            recent = self._p99s.get(previous.sha256)
             self.trial = Trial(rid, release.vid, release.sha256, from_vid, previous,
-                               previous_bundle,
-                               statistics.median(recent) if recent else None, expected)
+                               previous_bundle, expected)
         self._reply(rid, "update_model", True, "applied", f"smoke test passed (p99 "
                     f"{p99:.2f} ms); watching {self.cfg.watch_windows} window(s)",
                     data={"from": from_vid, "to": release.vid, "smoke_p99_ms": round(p99, 3),
@@ -283,7 +329,7 @@ class Commands(threading.Thread):
         if model is not None and self.loop is not None:
             self.loop.swap(model)
 
-    def _roll_back_trial(self, reason: str) -> None:
+    def _roll_back_trial(self, reason: str, verdict: Verdict | None = None) -> None:
         """Undo the trial's switch (lock held): old module back, store back, reported."""
         trial = self.trial
         assert trial is not None and self.store is not None
@@ -295,7 +341,8 @@ class Commands(threading.Thread):
             self.loop.swap(trial.previous)
         # In the update's terms: from the version before it, to the update (now undone).
         self._reply(trial.request_id, "update_model", False, "rolled_back", reason,
-                    "health", {"from": trial.from_vid, "to": left, "running": target["id"]})
+                    "health", {"from": trial.from_vid, "to": left, "running": target["id"],
+                               **(latency_data(verdict) if verdict else {})})
 
     def _rollback_cmd(self, rid: str, args: dict[str, Any]) -> None:
         with self._lock:
@@ -323,26 +370,23 @@ class Commands(threading.Thread):
     def _window(self, window: Window, fields: dict[str, Any]) -> None:
         if len(window.latencies_s) < MIN_PASSES:
             return
-        p99 = float(fields["latency_p99_ms"])
-        self._p99s.setdefault(window.model_sha256, deque(maxlen=6)).append(p99)
         with self._lock:
             trial = self.trial
-            if trial is None or window.model_sha256 != trial.sha256:
+            # Only the trial's own windows carry the old model's passes beside the new one's.
+            if (trial is None or window.model_sha256 != trial.sha256
+                    or window.shadow_latencies_s is None):
                 return
-            trial.p99s.append(p99)
+            trial.windows += 1
+            trial.new_s.extend(window.latencies_s)
+            trial.old_s.extend(window.shadow_latencies_s)
             if window.correct is not None:
                 trial.correct += window.correct
                 trial.labelled += window.labelled
-            if len(trial.p99s) < self.cfg.watch_windows:
+            if trial.windows < self.cfg.watch_windows:
                 return
-            median = statistics.median(trial.p99s)
-            problems = []
-            if trial.baseline_p99_ms:
-                rise = 100.0 * (median / trial.baseline_p99_ms - 1.0)
-                if rise > self.cfg.max_p99_regression_pct:
-                    problems.append(f"p99 latency {median:.3f} ms is {rise:.0f}% above the old "
-                                    f"model's {trial.baseline_p99_ms:.3f} ms (limit "
-                                    f"{self.cfg.max_p99_regression_pct:g}%)")
+            verdict = compare(trial.new_s, trial.old_s, self.cfg.max_p50_regression_pct,
+                              self.cfg.max_p99_regression_pct)
+            problems = list(verdict.problems)
             if trial.expected_accuracy_pct is not None and trial.labelled:
                 acc = 100.0 * trial.correct / trial.labelled
                 if acc < trial.expected_accuracy_pct - self.cfg.max_accuracy_drop_pct:
@@ -350,22 +394,23 @@ class Commands(threading.Thread):
                                     f"{trial.expected_accuracy_pct:.1f}% by more than "
                                     f"{self.cfg.max_accuracy_drop_pct:g} points")
             if problems:
-                self._roll_back_trial("; ".join(problems))
+                self._roll_back_trial("; ".join(problems) + f" [{verdict.summary()}]",
+                                      verdict)
                 return
             assert self.store is not None
             self.trial = None
+            if self.loop is not None:  # stop timing the old model beside the new one
+                self.loop.swap(replace(self.loop.model, shadow=None))
             removed = self.store.confirm(trial.vid, self.cfg.keep)
         self._reply(trial.request_id, "update_model", True, "confirmed",
-                    f"healthy for {len(trial.p99s)} window(s): median p99 {median:.3f} ms"
-                    + (f" (old model {trial.baseline_p99_ms:.3f} ms)"
-                       if trial.baseline_p99_ms else ""),
-                    data={"from": trial.from_vid, "to": trial.vid, "median_p99_ms": median,
-                          "pruned": removed})
+                    f"healthy for {trial.windows} window(s): {verdict.summary()}",
+                    data={"from": trial.from_vid, "to": trial.vid, "pruned": removed,
+                          **latency_data(verdict)})
 
     # --- the other commands ---------------------------------------------------------------
 
     def _set(self, rid: str, args: dict[str, Any]) -> None:
-        unknown = sorted(set(args) - {"rate_hz", "window_s"})
+        unknown = sorted(set(args) - set(SETTABLE))
         if unknown or not args:
             raise Refused("malformed", f"set takes rate_hz and/or window_s, got "
                                        f"{', '.join(unknown) or 'nothing'}")
@@ -390,6 +435,10 @@ class Commands(threading.Thread):
                 or not 1 <= iters <= 100_000):
             raise Refused("malformed", "benchmark takes batch_sizes (a list of 1-256) and iters "
                                        "(1-100000)")
+        if iters * sum(sizes) > MAX_BENCH_IMAGES:
+            raise Refused("malformed", f"benchmark of iters x sum(batch_sizes) = "
+                                       f"{iters * sum(sizes):,} images is over "
+                                       f"{MAX_BENCH_IMAGES:,}: ask for fewer iters")
         with self._lock:
             bundle = self.bundle
         result = bench(bundle, sizes, iters, self.loop_cfg.warmup, self.loop_cfg.threads)
@@ -410,8 +459,18 @@ class Commands(threading.Thread):
             "spool_depth": spool.depth, "dropped_total": spool.dropped_total,
             "mqtt_connected": self.publisher.connected,
             "trial": None if trial is None else {"version": trial.vid,
-                                                 "windows_seen": len(trial.p99s)},
+                                                 "windows_seen": trial.windows},
+            "rejected": [*({"how": "rolled_back", **r} for r in (versions or {}).get(
+                "rejected", [])), *({"how": "refused", **r} for r in self.refused)],
+            "windows_unobserved": self.unobserved,
             "recent_errors": list(self.recent.lines)})
+
+
+def latency_data(verdict: Verdict) -> dict[str, Any]:
+    """A trial verdict's figures for cmd_result's data (ms)."""
+    return {"new_p50_ms": round(verdict.new_p50_ms, 4), "old_p50_ms": round(verdict.old_p50_ms, 4),
+            "new_p99_ms": round(verdict.new_p99_ms, 4), "old_p99_ms": round(verdict.old_p99_ms, 4),
+            "mann_whitney_p": verdict.p_value, "paired_passes": verdict.passes}
 
 
 def config_sha256(cfg: dict[str, Any]) -> str:

@@ -5,6 +5,15 @@ reads and appends the latency to an array; everything else (stats, JSON, SQLite,
 happens on the publisher thread, which gets each closed window through a non-blocking
 queue. The watchdog is pinged from here, so a forward pass that hangs stops the pings and
 systemd restarts the service.
+
+About once a second (`CHECK_S`, or a third of WatchdogSec if shorter) the loop asks
+`healthy()` whether every other thread is alive and making progress. The watchdog is fed
+only when it is; otherwise the loop closes its window and stops with `failure` set, and the
+runner exits non-zero so systemd restarts the agent: no thread dies while the process lives.
+
+During an update's trial the model carries a `shadow` (the old module): the loop runs both on
+every input, alternating which goes first, so the two latency samples are taken under the
+same conditions however busy the board is (agent/regression.py compares them).
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from agent.model import normalize
 from agent.publisher import Window
 from agent.sdnotify import Notifier
 from agent.torchwarnings import known_torch_deprecations
+
+CHECK_S = 1.0  # how often the loop asks whether the other threads are healthy
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,7 @@ class Model:
     module: torch.jit.ScriptModule
     inputs: Inputs
     sha256: str
+    shadow: torch.jit.ScriptModule | None = None  # the old model, timed beside it on trial
 
 
 def warm_up(model: Model, count: int) -> float:
@@ -90,11 +102,12 @@ class InferenceLoop:
     Another thread may hand it a new model (`swap`) or new rate and window (`reconfigure`):
     the loop closes the current window and takes them before its next forward pass. A
     forward pass that raises goes to `on_error`, which may return a model to go on with
-    (an automatic rollback); otherwise the error ends the run.
+    (an automatic rollback); otherwise the error ends the run. `healthy` returns None, or
+    what is wrong with the agent's other threads (then the run ends with `failure` set).
     """
 
-    def __init__(self, model: Model, cfg: LoopConfig, emit: Callable[[Window], None],
-                 notifier: Notifier, healthy: Callable[[], bool] = lambda: True,
+    def __init__(self, model: Model, cfg: LoopConfig, emit: Callable[[Window], object],
+                 notifier: Notifier, healthy: Callable[[], str | None] = lambda: None,
                  on_error: Callable[[RuntimeError], Model | None] = lambda exc: None) -> None:
         self.model = model
         self.cfg = cfg
@@ -103,6 +116,7 @@ class InferenceLoop:
         self.healthy = healthy
         self.on_error = on_error
         self.windows = 0
+        self.failure: str | None = None  # why healthy() ended the run
         # Plain flags, not Events: a signal handler may set them at any point of the loop.
         # `_break` is the one flag the hot loop reads: stop(), swap() and reconfigure() set it.
         self._stopping = False
@@ -153,8 +167,9 @@ class InferenceLoop:
         perf = time.perf_counter
         start = perf()
         end = start + duration_s if duration_s is not None else math.inf
-        ping_every = self.notifier.watchdog_s / 3 if self.notifier.watchdog_s else math.inf
-        self._next_ping = start + ping_every if ping_every != math.inf else math.inf
+        ping_every = min(CHECK_S, self.notifier.watchdog_s / 3) if self.notifier.watchdog_s \
+            else CHECK_S
+        self._next_ping = start + ping_every
         window_start: float | None = start
         while window_start is not None:
             window_start = self._run_until_change(window_start, end, ping_every)
@@ -174,6 +189,7 @@ class InferenceLoop:
         self._take_changes()
         cfg, model = self.cfg, self.model
         module, batches, labels = model.module, model.inputs.batches, model.inputs.labels
+        shadow = model.shadow
         n = len(batches)
         period = 1.0 / cfg.rate_hz if cfg.rate_hz > 0 else 0.0
         perf = time.perf_counter
@@ -182,10 +198,13 @@ class InferenceLoop:
         next_event = min(window_end, next_ping, end)
         next_tick = perf()
         lat = array("d")
+        old = array("d") if shadow is not None else None
         correct, i = 0, 0
         with torch.inference_mode(), known_torch_deprecations():
             while not self._break:
                 k = i % n
+                if shadow is not None and i & 1:  # odd passes: the old model goes first
+                    shadow = self._shadow(shadow, batches[k], old)
                 t0 = perf()
                 try:
                     out = module(batches[k])
@@ -197,6 +216,9 @@ class InferenceLoop:
                     continue
                 t1 = perf()
                 lat.append(t1 - t0)
+                if shadow is not None and not i & 1:
+                    shadow = self._shadow(shadow, batches[k], old)
+                    t1 = perf()
                 if labels is not None:
                     correct += int((out.argmax(1) == labels[k]).sum())
                 i += 1
@@ -207,18 +229,38 @@ class InferenceLoop:
                 if t1 < next_event:
                     continue
                 if t1 >= next_ping:
+                    self.failure = self.healthy()
+                    if self.failure is not None:
+                        break  # no ping: the window is closed below and the run ends
                     self.notifier.watchdog()
                     next_ping = self._next_ping = t1 + ping_every
                 if t1 >= window_end or t1 >= end:
-                    self._close(lat, window_start, t1, correct if labels is not None else None)
+                    self._close(lat, window_start, t1, correct if labels is not None else None,
+                                old)
                     lat, correct = array("d"), 0
+                    old = array("d") if shadow is not None else None
                     window_start, window_end = t1, t1 + cfg.window_s
-                    if t1 >= end or not self.healthy():
+                    if t1 >= end:
                         return None
                 next_event = min(window_end, next_ping, end)
             now = perf()
-            self._close(lat, window_start, now, correct if labels is not None else None)
-            return None if self._stopping else now  # stopped, or a change was handed over
+            self._close(lat, window_start, now, correct if labels is not None else None, old)
+            # Stopped or failed, else a change was handed over: go on from now.
+            return None if self._stopping or self.failure is not None else now
+
+    @staticmethod
+    def _shadow(shadow: torch.jit.ScriptModule, batch: torch.Tensor,
+                lat: array | None) -> torch.jit.ScriptModule | None:
+        """Time one pass of the old model beside the new one; None (no more shadow passes)
+        if it fails, which says nothing about the model on trial."""
+        t0 = time.perf_counter()
+        try:
+            shadow(batch)
+        except RuntimeError:
+            return None
+        if lat is not None:
+            lat.append(time.perf_counter() - t0)
+        return shadow
 
     def _sleep_until(self, tick: float, next_event: float) -> None:
         """Sleep until `tick` for a fixed rate, waking for windows, pings and stop()."""
@@ -232,8 +274,9 @@ class InferenceLoop:
             if time.perf_counter() >= next_event:
                 return
 
-    def _close(self, lat: array, start: float, end: float, correct: int | None) -> None:
+    def _close(self, lat: array, start: float, end: float, correct: int | None,
+               old: array | None = None) -> None:
         self.windows += 1
         labelled = len(lat) * self.cfg.batch_size if correct is not None else 0
         self.emit(Window(self.windows, time.time(), end - start, self.cfg.batch_size, lat,
-                         correct, labelled, self.model.sha256))
+                         correct, labelled, self.model.sha256, old))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -75,6 +76,69 @@ def manifest_bytes(bundle: Path) -> bytes:
     except OSError as exc:
         raise BundleError(f"{path}: unreadable manifest ({exc}) (copy the bundle "
                           f"again)") from None
+
+
+def check_sample(sample: Any, input_shape: list[int], classes: int, origin: str
+                 ) -> dict[str, torch.Tensor]:
+    """The sample's three tensors, after checking they fit the manifest.
+
+    Raises:
+        BundleError: a key missing, a wrong dtype or shape, or labels that do not match.
+    """
+    def bad(problem: str) -> BundleError:
+        return BundleError(f"{origin}: {problem} (rebuild the bundle with edge-optimize)")
+
+    if not isinstance(sample, dict):
+        raise bad(f"the sample must be a dict of tensors, got {type(sample).__name__}")
+    missing = [k for k in ("images", "labels", "logits")
+               if not isinstance(sample.get(k), torch.Tensor)]
+    if missing:
+        raise bad(f"the sample lacks the tensor(s) {', '.join(missing)} (it has "
+                  f"{', '.join(map(str, sample)) or 'nothing'})")
+    images, labels, logits = sample["images"], sample["labels"], sample["logits"]
+    n = int(images.shape[0]) if images.dim() else 0
+    if images.dtype != torch.uint8 or list(images.shape[1:]) != input_shape or n < 1:
+        raise bad(f"sample images must be uint8 [N, {', '.join(map(str, input_shape))}] "
+                  f"with N >= 1, got {images.dtype} {list(images.shape)}")
+    if labels.dtype != torch.int64 or list(labels.shape) != [n]:
+        raise bad(f"sample labels must be int64 [{n}] (one per image), got {labels.dtype} "
+                  f"{list(labels.shape)}")
+    if not logits.is_floating_point() or list(logits.shape) != [n, classes]:
+        raise bad(f"sample logits must be float [{n}, {classes}], got {logits.dtype} "
+                  f"{list(logits.shape)}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise bad(f"sample labels must be 0-{classes - 1}, got {int(labels.min())}-"
+                  f"{int(labels.max())}")
+    return {"images": images, "labels": labels, "logits": logits}
+
+
+def _check_fields(raw: dict[str, Any], origin: str) -> None:
+    """The manifest fields a board computes with have the types it needs."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    inp, sample = raw.get("input"), raw.get("sample")
+    shape = inp.get("shape") if isinstance(inp, dict) else None
+    norm = inp.get("normalization") if isinstance(inp, dict) else None
+    problems = []
+    if not (isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        problems.append(f"input.shape must be [channels, height, width], got {shape!r}")
+    elif not (isinstance(norm, dict) and all(
+            isinstance(norm.get(k), list) and len(norm[k]) == shape[0]
+            and all(number(x) for x in norm[k]) for k in ("mean", "std"))):
+        problems.append("input.normalization needs mean and std, one number per channel")
+    classes = raw.get("classes")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        problems.append("classes must be a non-empty list of names")
+    if not (isinstance(sample, dict) and isinstance(sample.get("file"), str)
+            and number(sample.get("accuracy_pct")) and number(sample.get("logit_tolerance"))):
+        problems.append("sample needs file, accuracy_pct and logit_tolerance")
+    if not isinstance(raw.get("engine"), str):
+        problems.append("engine must be a name")
+    if problems:
+        raise BundleError(f"{origin}: {'; '.join(problems)} (rebuild the bundle with "
+                          f"edge-optimize)")
 
 
 def sha256_of(path: Path) -> str:
@@ -169,6 +233,7 @@ class Manifest:
                 isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values()):
             raise BundleError(f"{origin}: manifest files must map names to sha256 entries "
                               f"(rebuild the bundle with edge-optimize)")
+        _check_fields(raw, origin)
         return cls(**{k: v for k, v in raw.items() if k in known})
 
     def board_files(self) -> list[str]:
@@ -183,11 +248,10 @@ class Manifest:
         """Path of bundle file `name` after checking its sha256 against the manifest.
 
         Raises:
-            BundleError: not listed, missing, or its sha256 differs (never load it then).
+            BundleError: not listed, missing, unreadable, or its sha256 differs.
         """
-        path = self._listed(bundle, name)
-        self._compare(path, sha256_of(path))
-        return path
+        self.verified_bytes(bundle, name)
+        return bundle / name
 
     def verified_bytes(self, bundle: Path, name: str) -> bytes:
         """The content of bundle file `name`, read once and checked against its sha256.
@@ -218,10 +282,17 @@ class Manifest:
                               f"from the host)")
 
     def load_sample(self, bundle: Path) -> dict[str, torch.Tensor]:
-        """The verified labelled sample: uint8 images, labels and the host's logits."""
-        path = self.verified_path(bundle, self.sample["file"])
+        """The verified labelled sample: uint8 images, labels and the host's logits.
+
+        Raises:
+            BundleError: unreadable, or its contents are not what the manifest describes
+                (keys, dtypes, shapes, label count and range).
+        """
+        name = str(self.sample["file"])
+        data = self.verified_bytes(bundle, name)
+        path = bundle / name
         try:
-            sample = torch.load(path, map_location="cpu", weights_only=True)
+            sample = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # sha matched, so this is a host-side bug or torch mismatch
             raise BundleError(f"{path}: cannot read the sample ({exc})") from None
-        return {k: sample[k] for k in ("images", "labels", "logits")}
+        return check_sample(sample, self.input_shape, len(self.classes), str(path))

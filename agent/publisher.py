@@ -12,12 +12,16 @@ the rest are replayed from the spool in id order, so a subscriber sees seq in or
 
 Reconnects back off exponentially with jitter (1 s doubling to 60 s, each delay drawn from
 [d/2, d]), and each failed attempt is logged once, whatever the number of messages waiting.
+
+The inbox is bounded (`INBOX`). A window or result that finds it full is not queued: its
+seq is burnt and `dropped_total` counts it (`Spool.skip`), so a subscriber sees the gap.
+`beat` is the monotonic time of this thread's last pass through its loop; the runner's
+supervisor takes a thread that stopped beating for `STALL_S` as dead.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import random
 import sqlite3
@@ -33,6 +37,7 @@ import paho.mqtt.client as mqtt
 
 from agent.config import MqttConfig
 from agent.errors import ConfigError
+from agent.percentile import percentile
 from agent.spool import Spool
 from agent.stats import ResourceStats
 from agent.telemetry import (
@@ -48,6 +53,8 @@ from agent.telemetry import (
 log = logging.getLogger(__name__)
 
 INFLIGHT = 20
+INBOX = 256  # windows and results waiting for the publisher thread
+STALL_S = 20.0  # no pass through the publisher's loop for this long: it is stuck
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 60.0
 CONNECT_TIMEOUT_S = 3.0
@@ -65,6 +72,7 @@ class Window:
     correct: int | None = None  # top-1 hits when the input is the labelled sample
     labelled: int = 0
     model_sha256: str = ""  # the model that ran this window (updates switch it mid-run)
+    shadow_latencies_s: array | None = None  # the old model's passes beside it, on trial
 
 
 @dataclass(frozen=True)
@@ -80,12 +88,6 @@ class ModelChange:
 
     sha256: str
     info: dict[str, Any]
-
-
-def percentile(ordered: array | list[float], pct: float) -> float:
-    """Nearest-rank percentile of an ascending sequence."""
-    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def telemetry_fields(window: Window) -> dict[str, Any]:
@@ -124,8 +126,11 @@ class Publisher(threading.Thread):
         self.stats = stats
         self.info = info
         self.model_sha256 = model_sha256
-        self._inbox: queue.SimpleQueue[Window | CommandResult | ModelChange | None] = \
-            queue.SimpleQueue()
+        self._inbox: queue.Queue[Window | CommandResult | ModelChange] = queue.Queue(INBOX)
+        self._closing = threading.Event()
+        self._lost_lock = threading.Lock()
+        self._unqueued: dict[str, int] = {}  # seq counter -> messages the full inbox refused
+        self.beat = time.monotonic()
         # Called on this thread for each message on <prefix>/<id>/cmd/<name>: must not block.
         self.on_command: Callable[[str, bytes], None] | None = None
         self.startup_events: list[tuple[str, str]] = []  # (kind, detail) sent on start
@@ -146,14 +151,32 @@ class Publisher(threading.Thread):
 
     # --- the API the loop uses (any thread) ------------------------------------------------
 
-    def submit(self, item: Window | CommandResult | ModelChange) -> None:
-        """Queue a closed window, a command's result or a model change; never blocks."""
-        self._inbox.put(item)
+    def submit(self, item: Window | CommandResult | ModelChange) -> bool:
+        """Queue a closed window, a command's result or a model change; False when the inbox
+        is full (the loss is counted). Only a model change waits, up to 5 s, for room."""
+        try:
+            if isinstance(item, ModelChange):
+                self._inbox.put(item, timeout=5.0)
+            else:
+                self._inbox.put_nowait(item)
+            return True
+        except queue.Full:
+            counter = {Window: "telemetry", CommandResult: "cmd_result"}.get(type(item))
+            with self._lost_lock:
+                if counter is not None:
+                    self._unqueued[counter] = self._unqueued.get(counter, 0) + 1
+            log.error("publisher inbox full (%d): %s not queued%s", INBOX, type(item).__name__,
+                      "; counted in dropped_total" if counter else "")
+            return False
+
+    def stalled_s(self) -> float:
+        """Seconds since this thread last went round its loop."""
+        return time.monotonic() - self.beat
 
     def close(self, timeout_s: float) -> None:
         """Ask the thread to flush, publish offline and disconnect within `timeout_s`; join."""
         self._deadline = time.monotonic() + timeout_s
-        self._inbox.put(None)
+        self._closing.set()
         self.join(timeout_s + 1.0)
 
     # --- the thread ------------------------------------------------------------------------
@@ -172,10 +195,13 @@ class Publisher(threading.Thread):
             self._event("spool_reset", self.spool.reset_reason)
         for kind, detail in self.startup_events:
             self._event(kind, detail)
-        stopping = False
         while True:
-            stopping = self._drain_inbox(block=not self._socket_open) or stopping
-            if stopping:
+            self.beat = time.monotonic()
+            self._drain_inbox(block=not self._socket_open)
+            self._count_losses()
+            if self._closing.is_set():
+                self._drain_inbox(block=False)  # what was queued before close() is spooled
+                self._count_losses()
                 self._shutdown()
                 return
             if self._socket_open:
@@ -187,15 +213,13 @@ class Publisher(threading.Thread):
             self._flush_acks()
             self._hand_over()
 
-    def _drain_inbox(self, block: bool) -> bool:
-        """Spool every queued window; True once the stop sentinel has been seen."""
+    def _drain_inbox(self, block: bool) -> None:
+        """Spool every queued window and result (at most INBOX, so a stop stays prompt)."""
         try:
             item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
         except queue.Empty:
-            return False
-        while True:
-            if item is None:
-                return True
+            return
+        for _ in range(INBOX):
             if isinstance(item, Window):
                 self._record(item)
             elif isinstance(item, CommandResult):
@@ -205,7 +229,18 @@ class Publisher(threading.Thread):
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
-                return False
+                return
+
+    def _count_losses(self) -> None:
+        """Burn the seqs of what the full inbox refused, so the gap shows and is counted."""
+        with self._lost_lock:
+            lost, self._unqueued = self._unqueued, {}
+        for counter, count in lost.items():
+            try:
+                self.spool.skip(counter, count)
+            except sqlite3.OperationalError as exc:
+                log.error("spool %s: cannot count %d lost %s message(s) (%s)", self.spool.path,
+                          count, counter, exc)
 
     def _record(self, window: Window) -> None:
         fields = telemetry_fields(window)

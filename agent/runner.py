@@ -5,6 +5,12 @@ count and last exit reason read) -> a fresh module loaded, timed and warmed up -
 thread started (it connects in the background) -> READY=1 -> the loop. SIGTERM or SIGINT
 close the current window, flush what the broker will take within a few seconds, publish
 `offline` and exit 0; whatever was not acknowledged stays spooled for the next start.
+
+Supervision: the loop asks `supervise()` about once a second whether the publisher and the
+commands worker are alive and going round their loops. If one died or is stuck, the watchdog
+is no longer fed, the agent exits 1 within seconds and systemd restarts it; the next start
+publishes the reason as an `event` (and `last_exit` in `info`). No thread dies while the
+process lives on.
 """
 
 from __future__ import annotations
@@ -23,13 +29,15 @@ import torch
 
 import agent
 from agent.bundle import Bundle
+from agent.commands import STALL_S as COMMANDS_STALL_S
 from agent.commands import Commands, RecentErrors, config_sha256, recover_trial
 from agent.homeassistant import discovery_messages
 from agent.loop import InferenceLoop, Inputs, Model
+from agent.publisher import STALL_S as PUBLISHER_STALL_S
 from agent.publisher import Publisher
 from agent.sdnotify import Notifier
 from agent.signing import configured_key
-from agent.spool import Spool
+from agent.spool import Spool, spool_path
 from agent.stats import ResourceStats
 from agent.store import Store
 from agent.telemetry import INFO_SCHEMA
@@ -39,11 +47,19 @@ log = logging.getLogger(__name__)
 STOP_BUDGET_S = 4.0  # SIGTERM to exit; systemd's TimeoutStopSec in the unit is longer
 
 
-def resolve_spool_path(configured: str, environ: dict[str, str] | os._Environ[str]) -> Path:
-    """A relative spool.path lives in $STATE_DIRECTORY (set by systemd), else the cwd."""
-    path = Path(configured).expanduser()
-    state = environ.get("STATE_DIRECTORY", "").split(":")[0]
-    return path if path.is_absolute() or not state else Path(state) / path
+def supervise(publisher: Publisher, commands: Commands) -> str | None:
+    """None while both worker threads are alive and making progress, else what is wrong."""
+    for name, thread, limit in (("publisher", publisher, PUBLISHER_STALL_S),
+                                ("commands", commands, COMMANDS_STALL_S)):
+        error = getattr(thread, "error", None)
+        if error is not None:
+            return f"the {name} thread failed ({type(error).__name__}: {error})"
+        if not thread.is_alive():
+            return f"the {name} thread ended"
+        stalled = thread.stalled_s()
+        if stalled > limit:
+            return f"the {name} thread has made no progress for {stalled:.0f} s"
+    return None
 
 
 def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
@@ -65,8 +81,10 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
              checked["sample_images"], checked["max_abs_logit_diff"])
 
     spool_cfg = cfg["spool"]
-    spool = Spool(resolve_spool_path(spool_cfg.path, os.environ),
+    spool = Spool(spool_path(spool_cfg.path, os.environ, os.geteuid() == 0),
                   int(spool_cfg.max_mb * 2**20), spool_cfg.max_age_s)
+    log.info("spool %s: %d message(s) waiting, next telemetry seq %s", spool.path, spool.depth,
+             spool.get("seq.telemetry", 1))
     try:
         # Built before anything is recorded: it checks the TLS files (ConfigError).
         publisher = Publisher(cfg["mqtt"], device, spool, ResourceStats(), {}, bundle.sha256)
@@ -75,6 +93,9 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
         raise
     if rolled_back:
         publisher.startup_events.append(("rollback", rolled_back))
+    if str(spool.get("last_exit") or "").startswith("error"):
+        publisher.startup_events.append(("restarted", f"the last run ended with "
+                                                      f"{spool.get('last_exit')}"))
     ha = cfg["homeassistant"]
     if ha.enabled:
         publisher.discovery = (f"{ha.discovery_prefix.rstrip('/')}/status",
@@ -112,8 +133,10 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
         commands = Commands(cfg["update"], loop_cfg, store, public_key, publisher, bundle,
                             make_info, config_sha256(cfg), recent)
 
+        workers = commands
         loop = InferenceLoop(model, loop_cfg, publisher.submit, notifier,
-                             healthy=lambda: publisher.error is None, on_error=commands.on_error)
+                             healthy=lambda: supervise(publisher, workers),
+                             on_error=commands.on_error)
         commands.loop = loop
         first_ms = loop.warm_up() * 1000
         publisher.info = make_info(bundle, checked)
@@ -131,6 +154,9 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
                  publisher.topics.telemetry)
         notifier.ready(f"running {device}: {bundle.sha256[:12]} on {checked['engine']}")
         loop.run(duration_s)
+        if loop.failure is not None:
+            log.error("stopping: %s (exit 1, so systemd restarts the agent)", loop.failure)
+            reason[0], code = f"error: {loop.failure}", 1
     except RuntimeError as exc:
         # A forward pass that fails mid-run: exit 1 so systemd restarts the service.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -146,7 +172,7 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
         if commands is not None and commands.is_alive():
             commands.close()
         logging.getLogger("agent").removeHandler(recent)
-        if publisher.error is not None:
+        if publisher.error is not None and code == 0:
             reason[0], code = f"error: publisher failed ({publisher.error})", 1
         if publisher.is_alive():
             publisher.close(STOP_BUDGET_S)

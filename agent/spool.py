@@ -24,16 +24,39 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from agent.errors import ConfigError
 
+SYSTEM_STATE_DIR = Path("/var/lib/edgeforge")
+
 # A row's cost against max_bytes: its payload and topic plus SQLite's per-row overhead,
 # estimated. The file itself is somewhat larger (pages, WAL).
 ROW_OVERHEAD = 64
+
+
+def spool_path(configured: str, environ: Mapping[str, str], is_root: bool) -> Path:
+    """Where the spool lives, whatever the working directory.
+
+    An absolute `spool.path` is used as it is. A relative one lives in the agent's state
+    directory: $STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/edgeforge for
+    root, else $XDG_STATE_HOME/edgeforge (~/.local/state/edgeforge), so an agent started by
+    hand from any folder finds the same spool and its seq keeps counting.
+    """
+    path = Path(configured).expanduser()
+    if path.is_absolute():
+        return path
+    state = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state) / path
+    if is_root:
+        return SYSTEM_STATE_DIR / path
+    xdg = environ.get("XDG_STATE_HOME", "")
+    base = Path(xdg) if xdg.startswith("/") else Path.home() / ".local" / "state"
+    return base / "edgeforge" / path
 
 
 @dataclass(frozen=True)
@@ -169,6 +192,22 @@ class Spool:
             self._recount()
             raise
         return int(cur.lastrowid or 0), seq
+
+    def skip(self, counter: str, count: int) -> None:
+        """Burn `count` seqs of `counter` for messages lost before they reached the spool
+        (the publisher's queue was full): a subscriber sees the gap, `dropped_total` counts
+        them, both in one transaction."""
+        if count <= 0:
+            return
+        key = f"seq.{counter}"
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self.set(key, int(self.get(key, 1) or 1) + count)
+            self.set("dropped_total", self.dropped_total + count)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def pending(self, after_id: int = 0, limit: int = 100) -> list[Entry]:
         """Unacknowledged rows with id > after_id, oldest first."""

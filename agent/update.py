@@ -30,7 +30,7 @@ from agent.bundle import Bundle
 from agent.errors import BundleError
 from agent.loop import Inputs
 from agent.manifest import MANIFEST, Manifest
-from agent.publisher import percentile
+from agent.percentile import percentile
 from agent.signing import SIGNATURE_FILE, Signature, verify
 from agent.store import Store, version_id
 from agent.torchwarnings import known_torch_deprecations

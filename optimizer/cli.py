@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from agent.config import default_config_path, load_config
-from agent.errors import EdgeforgeError
+from agent.errors import ConfigError, EdgeforgeError
 from optimizer import pipeline
 from optimizer.config import ALL_SECTIONS
 
@@ -45,6 +46,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_out(out: Path) -> None:
+    """The bundle folder can be created and written, checked before any training starts.
+
+    Raises:
+        ConfigError: --out is a file, or the folder cannot be created or written.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder (name a folder for the "
+                          f"bundle)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write there ({exc.strerror}): name a folder "
+                          f"you can write to") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     overrides = list(args.overrides)
@@ -53,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config_path = args.config or default_config_path(["config.yaml"])
         cfg = load_config(config_path, overrides, ALL_SECTIONS)
+        check_out(args.out)
         STEPS[args.command][0](pipeline.Context(cfg=cfg, out=args.out))
     except EdgeforgeError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)

@@ -8,8 +8,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -109,13 +110,14 @@ def signed_copy(bundle: Path, dest: Path, key: Path, version: int) -> Path:
     return dest
 
 
-def wrong_logits_copy(bundle: Path, dest: Path, key: Path, version: int) -> Path:
-    """A signed copy whose sample logits are not what its model computes: every sha256 and
-    the signature are right, so only the on-board check (or smoke test) can refuse it."""
+def resampled_copy(bundle: Path, dest: Path, key: Path, version: int,
+                   change: Callable[[dict[str, Any]], dict[str, Any]]) -> Path:
+    """A signed copy whose sample.pt is change(sample), with the manifest's sha256 of it
+    updated and signed again: every sha256 and the signature are right, so only the
+    on-board check (or the smoke test, or edge-deploy's own check) can refuse it."""
     signed_copy(bundle, dest, key, version)
     sample = torch.load(dest / "sample.pt", weights_only=True)
-    sample["logits"] = sample["logits"] + 1.0
-    torch.save(sample, dest / "sample.pt")
+    torch.save(change(sample), dest / "sample.pt")
     m = json.loads((dest / "manifest.json").read_text())
     m["files"]["sample.pt"] = {"bytes": (dest / "sample.pt").stat().st_size,
                                "sha256": sha256_of(dest / "sample.pt")}
@@ -123,6 +125,12 @@ def wrong_logits_copy(bundle: Path, dest: Path, key: Path, version: int) -> Path
     proc = run_cli("optimizer.fleet.cli", "sign", dest, "--key", key, "--version", str(version))
     assert proc.returncode == 0, proc.stderr
     return dest
+
+
+def wrong_logits_copy(bundle: Path, dest: Path, key: Path, version: int) -> Path:
+    """A signed copy whose sample logits are not what its model computes."""
+    return resampled_copy(bundle, dest, key, version,
+                          lambda s: {**s, "logits": s["logits"] + 1.0})
 
 
 def tree(root: Path, parts: tuple[str, ...] = ("",)) -> dict[str, str]:
@@ -192,3 +200,14 @@ class Agent:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+@pytest.fixture
+def cpu_hog() -> Iterator[None]:
+    """Both cores kept busy for the whole test, as a camera pipeline keeps a board busy."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(os.cpu_count() or 2)]
+    yield
+    for h in hogs:
+        h.kill()
+        h.wait(10)

@@ -173,6 +173,7 @@ def test_a_full_spool_drops_the_oldest_and_reports_dropped_total(bundle: Path,
     telemetry = sub.telemetry()
     replayed = [m["seq"] for m in telemetry if m["seq"] <= made]
     assert replayed and replayed == list(range(made - len(replayed) + 1, made + 1))
-    assert len(replayed) <= 4  # the newest few survived; the oldest were dropped
+    # The newest few survived (about 5 rows of ~600 bytes fit); the oldest were dropped.
+    assert len(replayed) <= 5 and len(replayed) <= made - 2
     newer = [m for m in telemetry if m["seq"] > made]
     assert newer and newer[-1]["dropped_total"] == made - len(replayed)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from agent.config import BOARD_SECTIONS, load_config
-from agent.runner import resolve_spool_path
+from agent.spool import spool_path
 from tests.conftest import ROOT, Agent
 
 UNIT = ROOT / "deploy" / "edge-agent.service"
@@ -96,7 +96,14 @@ def test_agent_runs_with_write_execute_memory_refused(bundle: Path, tmp_path: Pa
 def test_the_board_config_the_installer_ships_is_valid() -> None:
     cfg = load_config(ROOT / "deploy" / "config.yaml", [], BOARD_SECTIONS)
     assert cfg["model"].dir == "/var/lib/edgeforge/models"
-    assert resolve_spool_path(cfg["spool"].path, {"STATE_DIRECTORY": "/var/lib/edgeforge"}) \
+    assert spool_path(cfg["spool"].path, {"STATE_DIRECTORY": "/var/lib/edgeforge"}, False) \
         == Path("/var/lib/edgeforge/spool.sqlite3")
-    assert resolve_spool_path("/abs/s.db", {"STATE_DIRECTORY": "/x"}) == Path("/abs/s.db")
-    assert resolve_spool_path("s.db", {}) == Path("s.db")
+    assert spool_path("/abs/s.db", {"STATE_DIRECTORY": "/x"}, False) == Path("/abs/s.db")
+
+
+def test_a_relative_spool_path_never_depends_on_the_working_directory() -> None:
+    """systemd's StateDirectory, else /var/lib/edgeforge for root, else XDG state."""
+    assert spool_path("s.db", {}, True) == Path("/var/lib/edgeforge/s.db")
+    assert spool_path("s.db", {"XDG_STATE_HOME": "/home/u/.st"}, False) \
+        == Path("/home/u/.st/edgeforge/s.db")
+    assert spool_path("s.db", {}, False) == Path.home() / ".local/state/edgeforge/s.db"

@@ -117,8 +117,20 @@ def test_a_killed_board_is_offline_a_silent_one_stale_and_alerts_fire_and_clear(
              "metrics of b2")
         fleet["b1"].proc.send_signal(signal.SIGKILL)  # the broker sends its last will
         fleet["b2"].proc.send_signal(signal.SIGSTOP)  # connected, but silent
-        wait(lambda: 'state="offline"' in metrics(port) and 'state="stale"' in metrics(port),
-             20, "b1 offline and b2 stale")
+        def state_is(text: str, device: str, state: str) -> bool:
+            return f'edgeforge_state{{device="{device}",state="{state}"}} 1.0' in text
+
+        wait(lambda: state_is(metrics(port), "b1", "offline")
+             and state_is(metrics(port), "b2", "stale"), 20, "b1 offline and b2 stale")
+        text = metrics(port)
+        # One series per device whose value changes; a dead board's last values are gone.
+        assert metric(text, "edgeforge_up", "b1") == 0.0 and metric(text, "edgeforge_up",
+                                                                   "b2") == 0.0
+        assert text.count('edgeforge_up{device="b1"') == 1
+        for device in ("b1", "b2"):
+            assert metric(text, "edgeforge_latency_p99_ms", device) is None
+            assert metric(text, "edgeforge_throughput_ips", device) is None
+            assert (metric(text, "edgeforge_seconds_since_telemetry", device) or 0) > 1.0
         alerts.wait_for(lambda: len(alerts.on("alerts/b2")) >= 1, 20, "b2's alert")
         payload, retained = alerts.on("alerts/b2")[-1]
         msg = json.loads(payload)

@@ -19,13 +19,20 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from agent.config import BOARD_SECTIONS, MqttConfig, default_config_path, load_config
+from agent.config import (
+    BOARD_SECTIONS,
+    Invalid,
+    LoopConfig,
+    MqttConfig,
+    default_config_path,
+    load_config,
+)
 from agent.errors import ConfigError, EdgeforgeError
+from agent.telemetry import COMMANDS, SETTABLE
 from optimizer.errors import FleetError
 from optimizer.fleet.keys import (
     DEFAULT_KEY,
@@ -105,7 +112,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("device")
     s.add_argument("name", help="benchmark | set | rollback | diagnostics")
     s.add_argument("args", nargs="*", metavar="KEY=VALUE",
-                   help="arguments, values as YAML (rate_hz=5, batch_sizes=[1,8])")
+                   help="arguments, values as JSON (rate_hz=5, batch_sizes=[1,8]); a value "
+                        "that is not JSON is a string")
 
     s = sub.add_parser("wait", help="wait until a board reports running a model (Ansible)")
     common(s, mqtt=True)
@@ -123,24 +131,77 @@ def mqtt_config(args: argparse.Namespace) -> MqttConfig:
 
 
 def parse_args_kv(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE arguments; values parsed as JSON (1e12 is a number), else taken as text.
+
+    Raises:
+        ConfigError: not KEY=VALUE, a key given twice, or a non-finite number.
+    """
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"argument {item!r}: expected KEY=VALUE, e.g. rate_hz=5")
+        if key in out:
+            raise ConfigError(f"argument {key!r} is given twice: give it once")
         try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
+            out[key] = json.loads(value, parse_constant=_no_constant)
+        except ValueError as exc:
+            if "not a finite number" in str(exc):
+                raise ConfigError(f"argument {item!r}: {value} is not a finite number") from None
             out[key] = value
     return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a finite number")
+
+
+def check_command(name: str, args: dict[str, Any]) -> None:
+    """Refuse here what the board would refuse: an unknown command, a bad `set`.
+
+    Raises:
+        ConfigError: the command name or a `set` value, with what is allowed.
+    """
+    if name not in COMMANDS or name == "update_model":
+        known = ", ".join(c for c in COMMANDS if c != "update_model")
+        hint = " (send models with edge-deploy update)" if name == "update_model" else ""
+        raise ConfigError(f"unknown command {name!r}{hint}: use one of {known}")
+    if name != "set":
+        return
+    unknown = sorted(set(args) - set(SETTABLE))
+    if unknown or not args:
+        raise ConfigError(f"set takes {' and/or '.join(SETTABLE)}, got "
+                          f"{', '.join(unknown) or 'nothing'} (e.g. set window_s=5)")
+    for key, value in args.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"set {key}={value!r}: must be a number")
+    try:
+        replace(LoopConfig(), **args)
+    except Invalid as exc:
+        raise ConfigError(f"set {exc}") from None
+
+
+def online_states(fleet: Fleet, devices: Sequence[str]) -> dict[str, str]:
+    """Each named device's retained status: online, offline, or unknown (none retained)."""
+    states = fleet.devices()
+    return {d: states.get(d, "unknown") for d in devices}
 
 
 def cmd_update(args: argparse.Namespace) -> int:
     key = load_private_key(args.key)
     signature = ensure_signed(args.bundle, key)
     payload = update_args(args.bundle, args.force)
+    rows = []
+    failed = 0
     with Fleet(mqtt_config(args)) as fleet:
-        devices = args.device
+        devices = list(dict.fromkeys(args.device))
+        if devices:
+            states = online_states(fleet, devices)
+            for d in [d for d in devices if states[d] != "online"]:
+                rows.append((d, "?", "?", "not sent", f"the board is {states[d]} (its "
+                             f"retained status on the broker); nothing was sent to it"))
+                failed += 1
+            devices = [d for d in devices if states[d] == "online"]
         if args.all:
             states = fleet.devices()
             devices = sorted(d for d, state in states.items() if state == "online")
@@ -149,6 +210,9 @@ def cmd_update(args: argparse.Namespace) -> int:
                 print(f"skipping offline: {', '.join(offline)}", file=sys.stderr)
             if not devices:
                 raise FleetError("no board is online (none has a retained status 'online')")
+        if not devices:
+            print(table(("device", "old version", "new version", "result", "reason"), rows))
+            return 1
         fleet.subscribe([fleet.topics(d).cmd_result for d in devices])
         pending = {(d, fleet.send(d, "update_model", payload)): "update_model" for d in devices}
         print(f"sent version {signature.version} to {len(devices)} board(s); waiting up to "
@@ -161,8 +225,6 @@ def cmd_update(args: argparse.Namespace) -> int:
         finals = ("applied", *FINAL_UPDATE_RESULTS) if args.no_watch else FINAL_UPDATE_RESULTS
         done = fleet.answers(pending, args.timeout,
                              lambda m: m.get("result") in finals, progress)
-    rows = []
-    failed = 0
     for device, rid in pending:
         msg = done.get((device, rid))
         data = (msg or {}).get("data") or {}
@@ -188,7 +250,12 @@ def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def cmd_cmd(args: argparse.Namespace) -> int:
     payload = parse_args_kv(args.args)
+    check_command(args.name, payload)
     with Fleet(mqtt_config(args)) as fleet:
+        state = online_states(fleet, [args.device])[args.device]
+        if state != "online":
+            raise FleetError(f"{args.device} is {state} (its retained status on the broker): "
+                             f"nothing was sent (edge-monitor --once lists the boards)")
         fleet.subscribe([fleet.topics(args.device).cmd_result])
         rid = fleet.send(args.device, args.name, payload)
         done = fleet.answers({(args.device, rid): args.name}, args.timeout,
@@ -200,6 +267,8 @@ def cmd_cmd(args: argparse.Namespace) -> int:
     data = msg.get("data") or {}
     print(f"{args.device} {args.name}: {msg.get('result')}"
           + (f" ({msg['reason']})" if msg.get("reason") else ""))
+    if not msg.get("ok"):
+        return 1  # the reason line says what went wrong; no data dump on a refusal
     if "table" in data:
         print(data.pop("table"))
     elif data:

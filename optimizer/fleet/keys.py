@@ -7,6 +7,7 @@ its verification live on the board side, in agent/signing.py.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -114,6 +115,31 @@ def ensure_signed(bundle: Path, key: Ed25519PrivateKey) -> Signature:
     if not (bundle / SIGNATURE_FILE).is_file():
         return sign_bundle(bundle, key)
     try:
-        return signed_release(bundle, key)
+        signature = signed_release(bundle, key)
     except BundleError as exc:
         raise BundleError(f"{exc} (re-sign with: edge-deploy sign {bundle})") from None
+    check_release_files(bundle)
+    return signature
+
+
+def check_release_files(bundle: Path) -> None:
+    """What a board will check, checked here first: every board file's sha256 against the
+    signed manifest, and the sample's contents, so a broken bundle is never sent.
+
+    Raises:
+        BundleError: a file missing, unreadable or changed since the bundle was built.
+    """
+    manifest = Manifest.read(bundle)
+    for name in manifest.board_files():
+        path = bundle / name
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise BundleError(f"{path}: cannot read ({exc.strerror}); nothing was sent") from None
+        expected = str(manifest.files.get(name, {}).get("sha256"))
+        if digest != expected:
+            raise BundleError(f"{path}: changed after the bundle was built (sha256 "
+                              f"{digest[:12]}... is not the signed manifest's {expected[:12]}..."
+                              f"): rebuild it with edge-optimize and sign it again; nothing "
+                              f"was sent")
+    manifest.load_sample(bundle)

@@ -57,7 +57,8 @@ class Monitor:
                  quiet: bool = False) -> None:
         self.mqtt_cfg = mqtt_cfg
         self.cfg = cfg
-        self.fleet = Fleet(mqtt_cfg.topic_prefix)
+        self.fleet = Fleet(mqtt_cfg.topic_prefix, int(cfg.max_payload_kb * 1024),
+                           cfg.history_max_age_s)
         self.alerts = Alerts(cfg)
         self.history = history
         self.quiet = quiet

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.config import require
+from agent.config import in_range, require
 
 SORT_KEYS = ("device", "status", "model", "p50", "p99", "throughput", "cpu", "temp", "rss",
              "spool", "age")
@@ -23,17 +23,21 @@ class MonitorConfig:
     alert_spool_growing: int = 5  # spool depth grew in this many windows in a row; 0 = off
     history: str = "monitor.sqlite3"  # edge-monitor record's SQLite file
     history_max_age_s: float = 7 * 24 * 3600.0  # older rows are deleted
+    max_payload_kb: float = 64.0  # a larger message is refused before it is parsed
 
     def __post_init__(self) -> None:
-        require(self.stale_s > 0, "stale_s", f"must be > 0, got {self.stale_s}")
-        require(self.listen_s > 0, "listen_s", f"must be > 0, got {self.listen_s}")
-        require(self.refresh_s > 0, "refresh_s", f"must be > 0, got {self.refresh_s}")
+        in_range(self.stale_s, "stale_s", 0.1, 86_400, " seconds")
+        in_range(self.listen_s, "listen_s", 0.1, 3600, " seconds")
+        in_range(self.refresh_s, "refresh_s", 0.1, 3600, " seconds")
         require(self.sort in SORT_KEYS, "sort", f"must be one of {', '.join(SORT_KEYS)}, "
                 f"got {self.sort!r}")
-        for key in ("alert_p99_ms", "alert_temp_c", "alert_offline_s"):
+        for key, lo, hi, unit in (("alert_p99_ms", 0.001, 3_600_000, " ms"),
+                                  ("alert_temp_c", -40, 150, " C"),
+                                  ("alert_offline_s", 1, 30 * 86_400, " seconds")):
             value = getattr(self, key)
-            require(value is None or value > 0, key, f"must be > 0 or null, got {value}")
-        require(self.alert_spool_growing >= 0, "alert_spool_growing",
-                f"must be >= 0, got {self.alert_spool_growing}")
-        require(self.history_max_age_s > 0, "history_max_age_s",
-                f"must be > 0, got {self.history_max_age_s}")
+            if value is not None:
+                in_range(value, key, lo, hi, f"{unit} or null")
+        in_range(self.alert_spool_growing, "alert_spool_growing", 0, 10_000)
+        in_range(self.history_max_age_s, "history_max_age_s", 60, 10 * 365 * 86_400,
+                 " seconds")
+        in_range(self.max_payload_kb, "max_payload_kb", 1, 16_384, " KB")

@@ -1,10 +1,13 @@
 """What the monitor knows about each board, built from the agents' own MQTT messages.
 
-`Fleet.ingest` takes every message under `<prefix>/+/status|info|telemetry`. A telemetry
-message must pass the agent's own schema check (`agent.telemetry.decode_telemetry`) and a
-sanity check (no NaN or infinity, no negative latency, throughput, CPU or memory); one that
-fails is counted and shown as a warning for its device, and never reaches the state, the
-alerts or the history.
+`Fleet.ingest` takes every message under `<prefix>/+/status|info|telemetry`. A payload over
+`monitor.max_payload_kb` is refused before it is parsed. A telemetry message must pass the
+agent's own schema check (`agent.telemetry.decode_telemetry`) and a sanity check (no NaN or
+infinity; no negative latency, throughput, CPU, memory or seq; latencies under an hour; a
+temperature of -40 to 150 C; a timestamp no more than a day ahead and not older than the
+history horizon); one that fails is counted and shown as a warning for its device, and never
+reaches the state, the alerts, the history or Prometheus. Keys the schema does not know are
+dropped, so nothing unchecked is stored.
 """
 
 from __future__ import annotations
@@ -15,20 +18,38 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.telemetry import OFFLINE, ONLINE, decode_telemetry
+from agent.telemetry import (
+    OFFLINE,
+    ONLINE,
+    OPTIONAL_TELEMETRY_KEYS,
+    TELEMETRY_KEYS,
+    decode_telemetry,
+)
 
-NON_NEGATIVE = ("window_s", "inferences", "throughput_ips", "latency_p50_ms", "latency_p90_ms",
-                "latency_p99_ms", "latency_max_ms", "latency_mean_ms", "proc_cpu_percent",
-                "sys_cpu_percent", "rss_mb", "mem_percent", "spool_depth", "dropped_total")
+NON_NEGATIVE = ("seq", "window_s", "inferences", "throughput_ips", "latency_p50_ms",
+                "latency_p90_ms", "latency_p99_ms", "latency_max_ms", "latency_mean_ms",
+                "proc_cpu_percent", "sys_cpu_percent", "rss_mb", "mem_percent", "spool_depth",
+                "dropped_total")
+HOUR_MS = 3_600_000.0
+# Physical sense: (key, lowest, highest). Outside it a value is a bug or a forgery.
+RANGES = (("latency_p50_ms", 0, HOUR_MS), ("latency_p90_ms", 0, HOUR_MS),
+          ("latency_p99_ms", 0, HOUR_MS), ("latency_max_ms", 0, HOUR_MS),
+          ("latency_mean_ms", 0, HOUR_MS), ("window_s", 0, 86_400.0),
+          ("soc_temp_c", -40.0, 150.0), ("mem_percent", 0, 100.0), ("accuracy_pct", 0, 100.0))
+FUTURE_S = 86_400.0  # a timestamp further ahead than this is a wrong clock
 
 
-def check_telemetry(payload: bytes) -> dict[str, Any]:
-    """A telemetry message that is safe to show, alert on and record.
+def check_telemetry(payload: bytes, now: float | None = None,
+                    horizon_s: float | None = None) -> dict[str, Any]:
+    """A telemetry message that is safe to show, alert on and record (known keys only).
+
+    `horizon_s`: a timestamp older than this (the history's age limit) is refused too.
 
     Raises:
         ValueError: not JSON, wrong schema, missing fields, or absurd values; says which.
     """
     msg = decode_telemetry(payload)
+    msg = {k: msg[k] for k in (*TELEMETRY_KEYS, *OPTIONAL_TELEMETRY_KEYS) if k in msg}
     for key, value in msg.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"telemetry {key} is {value}")
@@ -36,6 +57,18 @@ def check_telemetry(payload: bytes) -> dict[str, Any]:
         value = msg.get(key)
         if value is not None and value < 0:
             raise ValueError(f"telemetry {key} is negative ({value})")
+    for key, lo, hi in RANGES:
+        value = msg.get(key)
+        if value is not None and not lo <= value <= hi:
+            raise ValueError(f"telemetry {key} {value} is outside {lo:g} to {hi:g}")
+    now = time.time() if now is None else now
+    ts = msg["ts"]
+    if ts is None or ts > now + FUTURE_S:
+        raise ValueError(f"telemetry ts {ts} is more than a day in the future (check the "
+                         f"board's clock)")
+    if horizon_s is not None and ts < now - horizon_s:
+        raise ValueError(f"telemetry ts {ts} is older than the history horizon "
+                         f"({horizon_s:g} s)")
     p50, p99 = msg.get("latency_p50_ms"), msg.get("latency_p99_ms")
     if p50 is not None and p99 is not None and p99 < p50:
         raise ValueError(f"telemetry latency_p99_ms {p99} is below latency_p50_ms {p50}")
@@ -96,8 +129,11 @@ class Device:
 class Fleet:
     """Every device seen under one topic prefix."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, max_payload_bytes: int = 64 * 1024,
+                 horizon_s: float | None = None) -> None:
         self.prefix = prefix.rstrip("/")
+        self.max_payload_bytes = max_payload_bytes
+        self.horizon_s = horizon_s
         self.devices: dict[str, Device] = {}
 
     def device(self, device_id: str) -> Device:
@@ -116,6 +152,10 @@ class Fleet:
         if kind not in ("status", "info", "telemetry"):
             return None
         dev = self.device(device_id)
+        if len(payload) > self.max_payload_bytes:
+            self._bad(dev, f"{kind} payload of {len(payload):,} bytes is over "
+                           f"monitor.max_payload_kb ({self.max_payload_bytes:,} bytes)")
+            return None
         if kind == "status":
             text = payload.decode(errors="replace")
             if text in (ONLINE, OFFLINE):
@@ -135,7 +175,7 @@ class Fleet:
             dev.info = info
             return None
         try:
-            msg = check_telemetry(payload)
+            msg = check_telemetry(payload, now, self.horizon_s)
         except ValueError as exc:
             self._bad(dev, str(exc))
             return None

@@ -3,6 +3,11 @@
 prometheus_client (the maintained client library) serves /metrics from its own thread; a
 custom collector reads the monitor's state under its lock at each scrape, so a device that
 disappears disappears from the metrics too. Every metric has a `device` label.
+
+A board that is not online (offline, stale or never heard) exports no measured values: its
+last latency would read as current. `edgeforge_up{device}` keeps one series per device and
+changes its value (1 online, 0 not); `edgeforge_state{device,state}` is a state set with one
+series per possible state, 1 for the current one, so each series' identity never changes.
 """
 
 from __future__ import annotations
@@ -21,9 +26,8 @@ METRICS = (  # (metric name, row field, help)
     ("edgeforge_soc_temp_celsius", "soc_temp_c", "SoC temperature (C)"),
     ("edgeforge_rss_mb", "rss_mb", "Agent resident memory (MB)"),
     ("edgeforge_spool_depth", "spool_depth", "Telemetry messages waiting on the board"),
-    ("edgeforge_seconds_since_telemetry", "seconds_since_telemetry",
-     "Seconds since the monitor last received telemetry"),
 )
+STATES = ("online", "stale", "offline", "unknown")
 
 
 def serve(monitor: Any, host: str, port: int) -> None:
@@ -39,14 +43,21 @@ def serve(monitor: Any, host: str, port: int) -> None:
     class FleetCollector(Collector):
         def collect(self) -> Iterator[GaugeMetricFamily]:
             rows = monitor.rows()
+            live = [r for r in rows if r["state"] == "online"]
             for name, field, help_text in METRICS:
                 g = GaugeMetricFamily(name, help_text, labels=["device"])
-                for r in rows:
+                for r in live:
                     if r.get(field) is not None:
                         g.add_metric([r["device"]], float(r[field]))
                 yield g
-            up = GaugeMetricFamily("edgeforge_up", "1 when the device is online and reporting",
-                                   labels=["device", "state"])
+            age = GaugeMetricFamily("edgeforge_seconds_since_telemetry",
+                                    "Seconds since the monitor last received telemetry",
+                                    labels=["device"])
+            up = GaugeMetricFamily("edgeforge_up", "1 when the device is online and reporting, "
+                                   "else 0", labels=["device"])
+            state = GaugeMetricFamily("edgeforge_state", "1 for the device's current state "
+                                      "(online, stale, offline, unknown), 0 for the others",
+                                      labels=["device", "state"])
             throttled = GaugeMetricFamily("edgeforge_throttled",
                                           "1 while the firmware throttles the CPU",
                                           labels=["device"])
@@ -55,12 +66,16 @@ def serve(monitor: Any, host: str, port: int) -> None:
             bad = GaugeMetricFamily("edgeforge_bad_messages", "Messages refused since start",
                                     labels=["device"])
             for r in rows:
-                up.add_metric([r["device"], r["state"]], 1.0 if r["state"] == "online" else 0.0)
-                if r.get("throttling") is not None:
+                up.add_metric([r["device"]], 1.0 if r["state"] == "online" else 0.0)
+                for name in STATES:
+                    state.add_metric([r["device"], name], 1.0 if r["state"] == name else 0.0)
+                if r.get("seconds_since_telemetry") is not None:
+                    age.add_metric([r["device"]], float(r["seconds_since_telemetry"]))
+                if r["state"] == "online" and r.get("throttling") is not None:
                     throttled.add_metric([r["device"]], 1.0 if r["throttling"] else 0.0)
                 alerts.add_metric([r["device"]], float(len(r["alerts"])))
                 bad.add_metric([r["device"]], float(r["bad_messages"]))
-            yield from (up, throttled, alerts, bad)
+            yield from (age, up, state, throttled, alerts, bad)
 
     REGISTRY.register(FleetCollector())
     try:

@@ -1,0 +1,151 @@
+"""No thread dies while the process lives on; nothing is lost uncounted; the spool does not
+depend on the working directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from array import array
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from agent.config import MqttConfig
+from agent.publisher import INBOX, Publisher, Window
+from agent.runner import supervise
+from agent.spool import SYSTEM_STATE_DIR, Spool
+from agent.stats import ResourceStats
+from tests.broker import Broker, Subscriber
+from tests.conftest import ROOT, Agent
+
+# A named fault injection, not a fake of anything real: the agent runs as it does on a board,
+# except that its resource sampler (called on the publisher thread) raises from the third
+# window on, the way an unforeseen bug would.
+FAULTY_PUBLISHER = (
+    "import sys\n"
+    "import agent.stats as stats\n"
+    "calls = [0]\n"
+    "real = stats.ResourceStats.sample\n"
+    "def sample(self):\n"
+    "    calls[0] += 1\n"
+    "    if calls[0] > 2:\n"
+    "        raise ValueError('injected fault in the publisher thread')\n"
+    "    return real(self)\n"
+    "stats.ResourceStats.sample = sample\n"
+    "from agent.cli import main\n"
+    "raise SystemExit(main(sys.argv[1:]))\n")
+
+
+def test_a_failed_publisher_thread_stops_the_watchdog_and_exits_1_then_is_reported(
+        bundle: Path, broker: Broker, tmp_path: Path) -> None:
+    """Before: the publisher died and the process lived on, feeding the watchdog, a zombie."""
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(1.0)
+    spool = tmp_path / "spool.db"
+    args = [sys.executable, "-c", FAULTY_PUBLISHER, "run", "--set", f"model.dir={bundle}",
+            "--set", f"mqtt.port={broker.port}", "--set", "mqtt.host=127.0.0.1",
+            "--set", "device.id=testboard", "--set", f"spool.path={spool}",
+            "--set", "loop.window_s=0.5", "--set", "loop.warmup=2"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "NOTIFY_SOCKET": str(path),
+                                            "WATCHDOG_USEC": "3000000"})
+    pings: list[float] = []
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if sock.recv(4096) == b"WATCHDOG=1":
+                    pings.append(time.monotonic())
+            except TimeoutError:
+                pass
+        code = proc.wait(10)
+        ended = time.monotonic()
+        out = proc.stdout.read() if proc.stdout else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close()
+    assert code == 1, out
+    assert "the publisher thread failed (ValueError: injected fault" in out, out
+    fault = out.index("injected fault")
+    assert "Traceback" in out[:fault + 2000]  # the bug's own traceback, logged once
+    # No watchdog ping after the failure: the last one is more than a check interval old.
+    assert pings and ended - pings[-1] > 0.5, pings
+    # The next start says why the last run ended, as an event.
+    sub = Subscriber(broker.port)
+    try:
+        again = Agent(bundle, broker.port, tmp_path, duration=1.5)
+        assert again.wait() == 0, again.output()
+        sub.wait_for(lambda: bool(sub.on("/event")), 10, "the restart event")
+        event = json.loads(sub.on("/event")[0][0])
+        assert event["event"] == "restarted" and "publisher thread failed" in event["detail"]
+    finally:
+        sub.close()
+
+
+def test_supervise_names_a_dead_a_failed_and_a_stuck_thread() -> None:
+    def thread(alive: bool = True, stalled: float = 0.0, error: Any = None) -> Any:
+        return SimpleNamespace(is_alive=lambda: alive, stalled_s=lambda: stalled, error=error)
+
+    assert supervise(thread(), thread()) is None
+    assert supervise(thread(alive=False), thread()) == "the publisher thread ended"
+    assert "failed (OSError: disk" in str(supervise(thread(error=OSError("disk")), thread()))
+    assert "commands thread has made no progress for 601 s" in str(
+        supervise(thread(), thread(stalled=601.0)))
+
+
+def test_a_full_publisher_inbox_burns_seqs_and_counts_every_window_it_refused(
+        tmp_path: Path) -> None:
+    """Nothing is dropped in silence: a refused window is a seq gap and in dropped_total."""
+    spool = Spool(tmp_path / "s.db", 2**24, 3600)
+    pub = Publisher(MqttConfig(port=1, host="127.0.0.1"), "b", spool, ResourceStats(), {}, "x")
+
+    def window(i: int) -> Window:
+        return Window(i, time.time(), 0.5, 1, array("d", [0.001] * 20))
+
+    accepted = [pub.submit(window(i)) for i in range(INBOX + 5)]
+    assert accepted.count(False) == 5
+    pub.start()  # drains the inbox into the spool, counts the 5 it refused
+    deadline = time.monotonic() + 20
+    while spool.depth < INBOX and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pub.close(1.0)
+    assert spool.depth == INBOX
+    assert spool.dropped_total == 5
+    assert spool.get("seq.telemetry") == INBOX + 5 + 1  # the next window shows the gap
+    spool.close()
+
+
+def test_the_default_spool_is_the_same_from_any_working_directory(
+        bundle: Path, tmp_path: Path) -> None:
+    """A relative spool.path lives in the state directory, not the cwd: seq keeps counting."""
+    name = f"test-spool-{uuid.uuid4().hex[:8]}.sqlite3"
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state") \
+        / "edgeforge" if os.geteuid() else SYSTEM_STATE_DIR
+    seqs = []
+    try:
+        for folder in ("a", "b"):
+            cwd = tmp_path / folder
+            cwd.mkdir()
+            proc = subprocess.run([sys.executable, "-m", "agent", "run", "--set",
+                                   f"model.dir={bundle}", "--set", "mqtt.port=1",
+                                   "--set", f"spool.path={name}", "--set", "loop.window_s=0.5",
+                                   "--duration", "1.2"], cwd=cwd, capture_output=True,
+                                  text=True, timeout=120, env={**os.environ,
+                                                               "PYTHONPATH": str(ROOT)})
+            assert proc.returncode == 0, proc.stderr
+            assert f"spool {state / name}:" in proc.stderr
+            seqs.append([int(line.split(" seq ")[1].split(":")[0])
+                         for line in proc.stderr.splitlines() if " seq " in line])
+            assert not (cwd / name).exists()
+    finally:
+        for leftover in state.glob(f"{name}*"):
+            leftover.unlink()
+    assert seqs[1][0] == seqs[0][-1] + 1, seqs

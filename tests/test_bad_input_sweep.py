@@ -1,0 +1,333 @@
+"""A bad-input sweep: config files, --set, CLI arguments, bundle files, MQTT commands and
+telemetry, each fired at a real subprocess (and a real mosquitto), each with its outcome
+class asserted:
+
+- a command: one line naming the problem, a non-zero exit, never a traceback;
+- an MQTT command: a refusal on cmd_result with a code, and the agent goes on publishing
+  with no seq gap;
+- telemetry into the monitor: counted as bad for its device, never in the history or in
+  Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from agent.manifest import sha256_of
+from optimizer.fleet.remote import update_args
+from tests.broker import Broker, Subscriber, free_port
+from tests.conftest import ROOT, copy_bundle, edit_manifest, make_store, resampled_copy
+from tests.test_fleet_update import request, results, send, start_agent
+from tests.test_monitor import background, metric, metrics, stop, wait
+
+ONE_LINE = re.compile(r"^(\w+Error: |edge-[\w -]+: )")
+
+
+def outcome(proc: subprocess.CompletedProcess[str]) -> str:
+    """The line a person reads, after checking the outcome class (non-zero, no traceback)."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines, "no message at all"
+    return lines[-1]
+
+
+def sweep(cases: dict[str, tuple[list[str | Path], str]]) -> None:
+    """Run every case as a real subprocess (a few at a time); each must end in one clear line
+    that contains its expected text."""
+    def one(item: tuple[str, tuple[list[str | Path], str]]) -> tuple[str, str, str]:
+        name, (argv, expected) = item
+        proc = subprocess.run([sys.executable, "-m", *map(str, argv)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        try:
+            return name, outcome(proc), expected
+        except AssertionError as exc:
+            return name, f"BAD OUTCOME: {exc}", expected
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(one, cases.items()))
+    wrong = [(name, line) for name, line, expected in got
+             if expected not in line or not ONE_LINE.match(line)]
+    assert not wrong, "\n".join(f"{n}: {line}" for n, line in wrong)
+    print("\n".join(f"{n:28} {line[:150]}" for n, line, _ in got))  # the note's table (-s)
+
+
+def test_bad_config_files_and_overrides_get_one_line_and_exit_2(tmp_path: Path) -> None:
+    files = {
+        "not-yaml": ("loop: [1, 2\n", "not valid YAML"),
+        "top-level-list": ("- loop\n", "must be a mapping of sections"),
+        "unknown-section": ("lop: {}\n", "unknown section 'lop'"),
+        "unknown-key": ("loop: {windowz: 1}\n", "unknown key"),
+        "window-inf": ("loop: {window_s: .inf}\n", "finite"),
+        "window-nan": ("loop: {window_s: .nan}\n", "finite"),
+        "window-1e12": ("loop: {window_s: 1.0e+12}\n", "0.5-3,600"),
+        "window-tiny": ("loop: {window_s: 0.001}\n", "0.5-3,600"),
+        "rate-negative": ("loop: {rate_hz: -1}\n", "rate_hz"),
+        "batch-zero": ("loop: {batch_size: 0}\n", "batch_size"),
+        "batch-text": ("loop: {batch_size: eight}\n", "whole number"),
+        "threads-huge": ("loop: {threads: 100000}\n", "1-256"),
+        "port-zero": ("mqtt: {port: 0}\n", "mqtt.port"),
+        "keepalive-float": ("mqtt: {keepalive: 30.5}\n", "whole number"),
+        "spool-zero": ("spool: {max_mb: 0}\n", "max_mb"),
+        "keep-one": ("update: {keep: 1}\n", "keep"),
+        "p50-nan": ("update: {max_p50_regression_pct: .nan}\n", "finite"),
+        "device-slash": ("device: {id: a/b}\n", "device.id"),
+        "section-scalar": ("loop: 5\n", "must be a mapping"),
+        "monitor-stale": ("monitor: {stale_s: -1}\n", "stale_s"),
+        "monitor-payload": ("monitor: {max_payload_kb: .inf}\n", "finite"),
+    }
+    cases: dict[str, tuple[list[str | Path], str]] = {}
+    for name, (text, expected) in files.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        command = ["optimizer.monitor.cli", "check"] if name.startswith("monitor") \
+            else ["agent", "check"]
+        cases[f"config {name}"] = ([*command, "--config", path], expected)
+    cases["config missing"] = (["agent", "check", "--config", tmp_path / "nope.yaml"],
+                               "no such config file")
+    for item, expected in (("loop.window_s=.inf", "finite"), ("loop.window_s=.nan", "finite"),
+                           ("loop.window_s=inf", "must be a number"),
+                           ("loop.rate_hz=1e5", "must be a number"), ("loop", "section.key"),
+                           ("nosuch.key=1", "unknown section"),
+                           ("loop.batch_size=2.5", "whole number"), ("mqtt.qos=3", "qos"),
+                           ("spool.max_age_s=0", "max_age_s"),
+                           ("update.watch_windows=0", "watch_windows")):
+        cases[f"--set {item}"] = (["agent", "check", "--set", item], expected)
+    sweep(cases)
+
+
+def test_bad_cli_arguments_get_one_line_and_a_non_zero_exit(tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    dev = ["--set", "mqtt.port=1", "--set", "mqtt.host=127.0.0.1"]
+    sweep({
+        "run --duration nan": (["agent", "run", "--duration", "nan"], "finite"),
+        "run --duration -1": (["agent", "run", "--duration", "-1"], "finite"),
+        "bench --batch-sizes 1,x": (["agent", "bench", "--batch-sizes", "1,x"], "1,8"),
+        "agent nosuch": (["agent", "nosuch"], "invalid choice"),
+        "optimize --out file": (["optimizer", "train", "--data", "synthetic", "--out", a_file],
+                                "is a file"),
+        "optimize --out unwritable": (["optimizer", "train", "--data", "synthetic", "--out",
+                                       "/proc/edgeforge"], "cannot write"),
+        "cmd set Infinity": (["optimizer.fleet.cli", "cmd", "b", "set", "window_s=Infinity",
+                              *dev], "not a finite number"),
+        "cmd set 1e12": (["optimizer.fleet.cli", "cmd", "b", "set", "window_s=1e12", *dev],
+                         "0.5-3,600"),
+        "cmd set text": (["optimizer.fleet.cli", "cmd", "b", "set", "window_s=fast", *dev],
+                         "must be a number"),
+        "cmd set unknown key": (["optimizer.fleet.cli", "cmd", "b", "set", "foo=1", *dev],
+                                "set takes"),
+        "cmd unknown name": (["optimizer.fleet.cli", "cmd", "b", "reboot", *dev],
+                             "unknown command 'reboot'"),
+        "cmd no =": (["optimizer.fleet.cli", "cmd", "b", "set", "window_s", *dev],
+                     "KEY=VALUE"),
+        "cmd twice": (["optimizer.fleet.cli", "cmd", "b", "set", "rate_hz=1", "rate_hz=2",
+                       *dev], "given twice"),
+        "update missing bundle": (["optimizer.fleet.cli", "update", "--device", "b",
+                                   tmp_path / "nope", "--key", tmp_path / "k", *dev],
+                                  "signing key"),
+        "monitor bad listen": (["optimizer.monitor.cli", "serve", "--prometheus", "abc"],
+                               "HOST]:PORT"),
+        "monitor broker down": (["optimizer.monitor.cli", "--once", "--listen", "0.5", *dev],
+                                "cannot reach the broker"),
+    })
+
+
+def test_bad_bundle_files_get_one_line_and_exit_2(bundle: Path, tmp_path: Path) -> None:
+    def damaged(name: str) -> Path:
+        return copy_bundle(bundle, tmp_path / name)
+
+    def resample(name: str, change: Any) -> Path:
+        b = damaged(name)
+        torch.save(change(torch.load(b / "sample.pt", weights_only=True)), b / "sample.pt")
+        m = json.loads((b / "manifest.json").read_text())
+        m["files"]["sample.pt"]["sha256"] = sha256_of(b / "sample.pt")
+        (b / "manifest.json").write_text(json.dumps(m))
+        return b
+
+    no_manifest = damaged("no-manifest")
+    (no_manifest / "manifest.json").unlink()
+    not_json = damaged("not-json")
+    (not_json / "manifest.json").write_text("{not json")
+    tampered = damaged("tampered")
+    data = bytearray((tampered / "quantized_cnn_scripted.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tampered / "quantized_cnn_scripted.pt").write_bytes(bytes(data))
+    folder = damaged("sample-folder")
+    (folder / "sample.pt").unlink()
+    (folder / "sample.pt").mkdir()
+    shape = damaged("shape")
+    m = json.loads((shape / "manifest.json").read_text())
+    edit_manifest(shape, input={**m["input"], "shape": [3, 64, 64]})
+    engine = damaged("engine")
+    edit_manifest(engine, engine="nosuch")
+    no_tol = damaged("no-tolerance")
+    edit_manifest(no_tol, sample={k: v for k, v in m["sample"].items()
+                                  if k != "logit_tolerance"})
+    newer = damaged("newer")
+    edit_manifest(newer, schema="edgeforge.bundle/99")
+    cases = {
+        "no manifest": (no_manifest, "manifest"),
+        "manifest not JSON": (not_json, "unreadable manifest"),
+        "model tampered": (tampered, "does not match the manifest"),
+        "sample is a folder": (folder, "sample.pt"),
+        "input shape": (shape, "input shape"),
+        "engine": (engine, "nosuch"),
+        "no logit_tolerance": (no_tol, "logit_tolerance"),
+        "newer schema": (newer, "newer"),
+        "sample other keys": (resample("keys", lambda s: {"imgs": s["images"]}),
+                              "lacks the tensor(s) images, labels, logits"),
+        "sample fewer labels": (resample("labels", lambda s: {**s, "labels": s["labels"][:-3]}),
+                                "one per image"),
+        "sample float labels": (resample("flabels", lambda s: {**s,
+                                                               "labels": s["labels"].float()}),
+                                "int64"),
+        "sample not a dict": (resample("list", lambda s: [s["images"]]), "dict of tensors"),
+        "sample label range": (resample("range", lambda s: {**s, "labels": s["labels"] + 50}),
+                               "labels must be 0-9"),
+    }
+    sweep({name: (["agent", "check", "--set", f"model.dir={path}"], expected)
+           for name, (path, expected) in cases.items()})
+
+
+@pytest.mark.slow
+def test_bad_mqtt_commands_are_refused_and_the_agent_keeps_publishing_without_a_gap(
+        bundle: Path, fleet_key: Path, broker: Broker, tmp_path: Path) -> None:
+    current = make_store(bundle, tmp_path, fleet_key, version=1)
+    agent, sub = start_agent(current, broker, tmp_path, fleet_key, "loop.rate_hz=200")
+    try:
+        bad_sample = resampled_copy(bundle, tmp_path / "v2", fleet_key, 2,
+                                    lambda s: {"imgs": s["images"], "labels": s["labels"]})
+        cases: dict[str, tuple[str, bytes, str]] = {
+            "set-inf": ("set", b'{"request_id":"set-inf","args":{"window_s":Infinity}}',
+                        "invalid"),
+            "set-nan": ("set", b'{"request_id":"set-nan","args":{"window_s":NaN}}', "invalid"),
+            "set-1e12": ("set", request("set-1e12", {"window_s": 1e12}), "invalid"),
+            "set-tiny": ("set", request("set-tiny", {"window_s": 0.001}), "invalid"),
+            "set-rate": ("set", request("set-rate", {"rate_hz": -5}), "invalid"),
+            "set-rate-huge": ("set", request("set-rate-huge", {"rate_hz": 1e9}), "invalid"),
+            "set-text": ("set", request("set-text", {"rate_hz": "fast"}), "malformed"),
+            "set-bool": ("set", request("set-bool", {"rate_hz": True}), "malformed"),
+            "set-empty": ("set", request("set-empty", {}), "malformed"),
+            "set-foo": ("set", request("set-foo", {"foo": 1}), "malformed"),
+            "unknown": ("reboot", request("unknown", {}), "unknown_command"),
+            "args-list": ("set", b'{"request_id":"args-list","args":[1]}', "malformed"),
+            "schema": ("set", b'{"request_id":"schema","schema":"x/9","args":{}}', "malformed"),
+            "bench-zero": ("benchmark", request("bench-zero", {"batch_sizes": [0]}),
+                           "malformed"),
+            "bench-huge": ("benchmark", request("bench-huge", {"batch_sizes": [256],
+                                                               "iters": 100000}), "malformed"),
+            "upd-base64": ("update_model", request("upd-base64", {"files": {
+                "manifest.json": "@@@"}}), "malformed"),
+            "upd-nofiles": ("update_model", request("upd-nofiles", {}), "malformed"),
+            "upd-sample": ("update_model", request("upd-sample", update_args(bad_sample, False)),
+                           "smoke_failed"),
+            "rollback": ("rollback", request("rollback", {}), "error"),
+        }
+        before = max(sub.seqs())
+        for name, payload, _ in cases.values():
+            send(broker.port, name, payload)
+        send(broker.port, "set", b"not json at all")
+        send(broker.port, "set", b'["a list"]')
+        sub.wait_for(lambda: len(results(sub)) >= len(cases) + 2, 90, "every answer")
+        got = {m["request_id"]: m for m in results(sub)}
+        for rid, (_, _, code) in cases.items():
+            assert got[rid]["ok"] is False and got[rid]["code"] == code, got[rid]
+            assert got[rid]["result"] in ("refused", "failed"), got[rid]
+        assert sum(1 for m in results(sub) if m["request_id"] is None) == 2
+        print("\n".join(f"{rid:14} {got[rid]['result']:8} {got[rid]['code']:15} "
+                        f"{got[rid]['reason'][:90]}" for rid in cases))
+        # The malformed sample was staged, failed, removed, and is listed as rejected.
+        assert "lacks the tensor(s)" in got["upd-sample"]["reason"]
+        assert sorted(p.name for p in (current.parent / "versions").iterdir()) \
+            == [current.resolve().name]
+        send(broker.port, "diagnostics", request("diag", {}))
+        sub.wait_for(lambda: bool(results(sub, "diag")), 30, "diagnostics")
+        rejected = results(sub, "diag")[0]["data"]["rejected"]
+        assert any(r["request_id"] == "upd-sample" and r["code"] == "smoke_failed"
+                   and str(r["id"]).startswith("2-") for r in rejected), rejected
+        # Still alive, still publishing, and not one window lost.
+        sub.wait_for(lambda: max(sub.seqs()) >= before + 6, 30, "telemetry after the sweep")
+        seqs = sorted(set(sub.seqs()))
+        assert seqs == list(range(seqs[0], seqs[-1] + 1))
+        assert sub.telemetry()[-1]["dropped_total"] == 0
+        assert agent.proc.poll() is None
+    finally:
+        agent.kill()
+        sub.close()
+
+
+@pytest.mark.slow
+def test_bad_telemetry_is_counted_and_never_reaches_history_or_prometheus(
+        broker: Broker, tmp_path: Path) -> None:
+    port = free_port()
+    history = tmp_path / "history.sqlite3"
+    hist = ("--set", f"monitor.history={history}")
+    serve = background(broker.port, tmp_path, "serve", "--prometheus", f"127.0.0.1:{port}")
+    record = background(broker.port, tmp_path, *hist, "record")
+    now = time.time()
+    good = {"schema": "edgeforge.telemetry/1", "device": "good", "seq": 1, "ts": now,
+            "window_s": 10.0, "inferences": 100, "throughput_ips": 10.0,
+            "latency_p50_ms": 1.0, "latency_p90_ms": 1.5, "latency_p99_ms": 2.0,
+            "latency_max_ms": 3.0, "latency_mean_ms": 1.1, "proc_cpu_percent": 50.0,
+            "sys_cpu_percent": 60.0, "rss_mb": 200.0, "mem_percent": 10.0, "load_1m": 1.0,
+            "soc_temp_c": 50.0, "cpu_freq_mhz": 1500.0, "throttled": None,
+            "under_voltage": None, "freq_capped": None, "throttling": None, "spool_depth": 0,
+            "dropped_total": 0, "model_sha256": "ab" * 32}
+
+    def variant(**changes: Any) -> bytes:
+        return json.dumps({**good, **changes}).encode()
+
+    bad: dict[str, tuple[str, bytes]] = {
+        "not-json": ("telemetry", b"{nope"),
+        "not-object": ("telemetry", b"[1, 2]"),
+        "schema": ("telemetry", variant(schema="other/1")),
+        "missing": ("telemetry", json.dumps({k: v for k, v in good.items()
+                                             if k != "rss_mb"}).encode()),
+        "nan": ("telemetry", variant(latency_p99_ms=float("nan"))),
+        "huge-p99": ("telemetry", variant(latency_p99_ms=1e308, latency_max_ms=1e308)),
+        "negative": ("telemetry", variant(latency_p50_ms=-1.0)),
+        "hot": ("telemetry", variant(soc_temp_c=1e6)),
+        "cold": ("telemetry", variant(soc_temp_c=-100.0)),
+        "neg-seq": ("telemetry", variant(seq=-7)),
+        "year-2100": ("telemetry", variant(ts=4102444800.0)),
+        "year-1990": ("telemetry", variant(ts=631152000.0)),
+        "megabyte": ("telemetry", variant(pad="x" * 2**20)),
+        "p99-below-p50": ("telemetry", variant(latency_p50_ms=5.0)),
+        "string-number": ("telemetry", variant(rss_mb="200")),
+        "status": ("status", b"rebooting"),
+        "info": ("info", b"{broken"),
+    }
+    try:
+        sub = Subscriber(broker.port, client_id="sweep-pub")
+        wait(lambda: metrics(port) != "", 30, "the metrics endpoint")
+        time.sleep(1.0)  # both monitors subscribed (serve answers before it connects)
+        for name, (kind, payload) in bad.items():
+            sub.client.publish(f"edgeforge/bad-{name}/{kind}", payload, qos=1).wait_for_publish(10)
+        sub.client.publish("edgeforge/good/telemetry", variant(), qos=1).wait_for_publish(10)
+        wait(lambda: all(metric(metrics(port), "edgeforge_bad_messages", f"bad-{n}") == 1.0
+                         for n in bad) and metric(metrics(port), "edgeforge_latency_p99_ms",
+                                                  "good") == 2.0, 30, "every bad message counted")
+        text = metrics(port)
+        for name in bad:
+            assert metric(text, "edgeforge_latency_p99_ms", f"bad-{name}") is None, name
+            assert metric(text, "edgeforge_soc_temp_celsius", f"bad-{name}") is None, name
+        sub.close()
+    finally:
+        stop(serve)
+        time.sleep(1.0)
+        stop(record)
+    with sqlite3.connect(history) as db:
+        devices = {row[0] for row in db.execute("SELECT DISTINCT device FROM telemetry")}
+    assert devices == {"good"}
