@@ -53,9 +53,11 @@ def test_a_failed_publisher_thread_stops_the_watchdog_and_exits_1_then_is_report
             "--set", f"mqtt.port={broker.port}", "--set", "mqtt.host=127.0.0.1",
             "--set", "device.id=testboard", "--set", f"spool.path={spool}",
             "--set", "loop.window_s=0.5", "--set", "loop.warmup=2"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "NOTIFY_SOCKET": str(path),
-                                            "WATCHDOG_USEC": "3000000"})
+    log = tmp_path / "agent.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "NOTIFY_SOCKET": str(path),
+                                     "WATCHDOG_USEC": "3000000"})
     pings: list[float] = []
     try:
         deadline = time.monotonic() + 60
@@ -67,11 +69,11 @@ def test_a_failed_publisher_thread_stops_the_watchdog_and_exits_1_then_is_report
                 pass
         code = proc.wait(10)
         ended = time.monotonic()
-        out = proc.stdout.read() if proc.stdout else ""
     finally:
         if proc.poll() is None:
             proc.kill()
         sock.close()
+    out = log.read_text()
     assert code == 1, out
     assert "the publisher thread failed (ValueError: injected fault" in out, out
     fault = out.index("injected fault")
