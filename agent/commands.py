@@ -384,18 +384,21 @@ class Commands(threading.Thread):
                 trial.labelled += window.labelled
             if trial.windows < self.cfg.watch_windows:
                 return
+            # The old model failing beside the new one leaves nothing to compare latency with.
             verdict = compare(trial.new_s, trial.old_s, self.cfg.max_p50_regression_pct,
-                              self.cfg.max_p99_regression_pct)
-            problems = list(verdict.problems)
+                              self.cfg.max_p99_regression_pct) \
+                if min(len(trial.new_s), len(trial.old_s)) >= MIN_PASSES else None
+            problems = list(verdict.problems) if verdict else []
             if trial.expected_accuracy_pct is not None and trial.labelled:
                 acc = 100.0 * trial.correct / trial.labelled
                 if acc < trial.expected_accuracy_pct - self.cfg.max_accuracy_drop_pct:
                     problems.append(f"sample accuracy {acc:.1f}% is below the manifest's "
                                     f"{trial.expected_accuracy_pct:.1f}% by more than "
                                     f"{self.cfg.max_accuracy_drop_pct:g} points")
+            summary = verdict.summary() if verdict else "latency not compared (the old model " \
+                "failed beside the new one)"
             if problems:
-                self._roll_back_trial("; ".join(problems) + f" [{verdict.summary()}]",
-                                      verdict)
+                self._roll_back_trial("; ".join(problems) + f" [{summary}]", verdict)
                 return
             assert self.store is not None
             self.trial = None
@@ -403,9 +406,9 @@ class Commands(threading.Thread):
                 self.loop.swap(replace(self.loop.model, shadow=None))
             removed = self.store.confirm(trial.vid, self.cfg.keep)
         self._reply(trial.request_id, "update_model", True, "confirmed",
-                    f"healthy for {trial.windows} window(s): {verdict.summary()}",
+                    f"healthy for {trial.windows} window(s): {summary}",
                     data={"from": trial.from_vid, "to": trial.vid, "pruned": removed,
-                          **latency_data(verdict)})
+                          **(latency_data(verdict) if verdict else {})})
 
     # --- the other commands ---------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agent.percentile import percentile
 
@@ -41,11 +41,11 @@ class Verdict:
 
     @property
     def p50_rise_pct(self) -> float:
-        return 100.0 * (self.new_p50_ms / self.old_p50_ms - 1.0)
+        return 100.0 * (self.new_p50_ms / max(self.old_p50_ms, 1e-9) - 1.0)
 
     @property
     def p99_rise_pct(self) -> float:
-        return 100.0 * (self.new_p99_ms / self.old_p99_ms - 1.0)
+        return 100.0 * (self.new_p99_ms / max(self.old_p99_ms, 1e-9) - 1.0)
 
     def summary(self) -> str:
         return (f"median {self.new_p50_ms:.3f} ms vs the old model's {self.old_p50_ms:.3f} ms "
@@ -94,22 +94,26 @@ def mann_whitney_greater(a: Sequence[float], b: Sequence[float]) -> float:
 
 def compare(new_s: Sequence[float], old_s: Sequence[float], max_p50_pct: float,
             max_p99_pct: float) -> Verdict:
-    """Judge a trial from its paired latencies in seconds (new model, old model)."""
+    """Judge a trial from its paired latencies in seconds (new model, old model).
+
+    Raises:
+        ValueError: either side is empty (nothing to compare).
+    """
+    if not new_s or not old_s:
+        raise ValueError("compare needs latencies of both models")
     new, old = thin(new_s), thin(old_s)
     new_sorted, old_sorted = sorted(new), sorted(old)
     ms = 1000.0
     p_value = mann_whitney_greater(new, old)
     new_p50, old_p50 = percentile(new_sorted, 50) * ms, percentile(old_sorted, 50) * ms
     new_p99, old_p99 = percentile(new_sorted, 99) * ms, percentile(old_sorted, 99) * ms
+    verdict = Verdict(new_p50, old_p50, new_p99, old_p99, p_value, min(len(new), len(old)), ())
     problems = []
     if p_value < ALPHA:
-        if new_p50 > old_p50 * (1 + max_p50_pct / 100.0):
-            problems.append(f"median latency {new_p50:.3f} ms is "
-                            f"{100 * (new_p50 / old_p50 - 1):.0f}% above the old model's "
-                            f"{old_p50:.3f} ms (limit {max_p50_pct:g}%)")
-        if new_p99 > old_p99 * (1 + max_p99_pct / 100.0):
-            problems.append(f"p99 latency {new_p99:.3f} ms is "
-                            f"{100 * (new_p99 / old_p99 - 1):.0f}% above the old model's "
-                            f"{old_p99:.3f} ms (limit {max_p99_pct:g}%)")
-    return Verdict(new_p50, old_p50, new_p99, old_p99, p_value, min(len(new), len(old)),
-                   tuple(problems))
+        if verdict.p50_rise_pct > max_p50_pct:
+            problems.append(f"median latency {new_p50:.3f} ms is {verdict.p50_rise_pct:.0f}% "
+                            f"above the old model's {old_p50:.3f} ms (limit {max_p50_pct:g}%)")
+        if verdict.p99_rise_pct > max_p99_pct:
+            problems.append(f"p99 latency {new_p99:.3f} ms is {verdict.p99_rise_pct:.0f}% "
+                            f"above the old model's {old_p99:.3f} ms (limit {max_p99_pct:g}%)")
+    return replace(verdict, problems=tuple(problems))

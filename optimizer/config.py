@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agent.config import BOARD_SECTIONS, require
+from agent.config import BOARD_SECTIONS, in_range, require
 from optimizer.monitor.config import MonitorConfig
 
 ENGINES = ("qnnpack", "x86", "fbgemm")
@@ -24,11 +24,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         require(self.source in ("cifar10", "synthetic"), "source",
                 f"must be 'cifar10' or 'synthetic', got {self.source!r}")
-        require(self.synthetic_train >= 10, "synthetic_train",
-                f"must be >= 10, got {self.synthetic_train}")
-        require(self.synthetic_test >= 10, "synthetic_test",
-                f"must be >= 10, got {self.synthetic_test}")
-        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        in_range(self.synthetic_train, "synthetic_train", 10, 1_000_000, " images")
+        in_range(self.synthetic_test, "synthetic_test", 10, 1_000_000, " images")
+        in_range(self.seed, "seed", 0, 2**32 - 1)
+        in_range(self.batch_size, "batch_size", 1, 65_536)
 
 
 @dataclass(frozen=True)
@@ -49,9 +48,10 @@ class TrainConfig:
                 f"must look like package.module:callable, got {self.factory!r}")
         require(len(self.input_shape) == 3 and all(d > 0 for d in self.input_shape),
                 "input_shape", f"must be [channels, height, width], got {self.input_shape}")
-        require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        in_range(self.epochs, "epochs", 1, 10_000)
+        in_range(self.lr, "lr", 1e-9, 10)
+        in_range(self.weight_decay, "weight_decay", 0, 1)
+        in_range(self.seed, "seed", 0, 2**32 - 1)
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,8 @@ class PruneConfig:
         require(0.0 <= self.amount < 1.0, "amount", f"must be in [0, 1), got {self.amount}")
         require(self.scope in ("global", "layer"), "scope",
                 f"must be 'global' or 'layer', got {self.scope!r}")
-        require(self.finetune_epochs >= 0, "finetune_epochs",
-                f"must be >= 0, got {self.finetune_epochs}")
-        require(self.finetune_lr > 0, "finetune_lr", f"must be > 0, got {self.finetune_lr}")
+        in_range(self.finetune_epochs, "finetune_epochs", 0, 10_000)
+        in_range(self.finetune_lr, "finetune_lr", 1e-9, 10)
 
 
 @dataclass(frozen=True)
@@ -82,10 +81,8 @@ class QuantizeConfig:
                 f"unknown engine {self.engine!r}: use one of {', '.join(ENGINES)}")
         require(self.source in ("pruned", "baseline"), "source",
                 f"must be 'pruned' or 'baseline', got {self.source!r}")
-        require(self.calibration_images >= 1, "calibration_images",
-                f"must be >= 1, got {self.calibration_images}")
-        require(self.max_accuracy_drop >= 0, "max_accuracy_drop",
-                f"must be >= 0, got {self.max_accuracy_drop}")
+        in_range(self.calibration_images, "calibration_images", 1, 1_000_000, " images")
+        in_range(self.max_accuracy_drop, "max_accuracy_drop", 0, 100, " points")
 
 
 @dataclass(frozen=True)
@@ -99,8 +96,7 @@ class ExportConfig:
     def __post_init__(self) -> None:
         require(self.method in ("script", "trace"), "method",
                 f"must be 'script' or 'trace', got {self.method!r}")
-        require(self.logit_tolerance >= 0, "logit_tolerance",
-                f"must be >= 0, got {self.logit_tolerance}")
+        in_range(self.logit_tolerance, "logit_tolerance", 0, 1000)
         require(1 <= self.sample_size <= 1000, "sample_size",
                 f"must be 1-1000, got {self.sample_size}")
 
@@ -113,12 +109,10 @@ class ReportConfig:
     throughput_batches: int = 20  # batch-64 forward passes timed per variant
 
     def __post_init__(self) -> None:
-        require(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
-        require(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
-        require(self.latency_iters >= 10, "latency_iters",
-                f"must be >= 10, got {self.latency_iters}")
-        require(self.throughput_batches >= 1, "throughput_batches",
-                f"must be >= 1, got {self.throughput_batches}")
+        in_range(self.threads, "threads", 1, 256)
+        in_range(self.warmup, "warmup", 0, 1_000_000)
+        in_range(self.latency_iters, "latency_iters", 10, 10_000_000)
+        in_range(self.throughput_batches, "throughput_batches", 1, 1_000_000)
 
 
 HOST_SECTIONS: dict[str, type] = {
