@@ -26,12 +26,13 @@ import os
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import BundleError
 from agent.signing import SIGNATURE_FILE
+
+if TYPE_CHECKING:  # torch is imported where a sample is read: edge-deploy starts without it
+    import torch
 
 SCHEMA_NAME = "edgeforge.bundle"
 SCHEMA_VERSION = 1
@@ -85,6 +86,8 @@ def check_sample(sample: Any, input_shape: list[int], classes: int, origin: str
     Raises:
         BundleError: a key missing, a wrong dtype or shape, or labels that do not match.
     """
+    import torch
+
     def bad(problem: str) -> BundleError:
         return BundleError(f"{origin}: {problem} (rebuild the bundle with edge-optimize)")
 
@@ -288,6 +291,8 @@ class Manifest:
             BundleError: unreadable, or its contents are not what the manifest describes
                 (keys, dtypes, shapes, label count and range).
         """
+        import torch
+
         name = str(self.sample["file"])
         data = self.verified_bytes(bundle, name)
         path = bundle / name
