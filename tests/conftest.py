@@ -63,14 +63,16 @@ def small_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def build_bundle(tmp_path_factory: pytest.TempPathFactory, config: Path, *overrides: str
-                 ) -> Path:
-    """A bundle from `edge-optimize run --data synthetic` with `config` and overrides."""
+def build_bundle(tmp_path_factory: pytest.TempPathFactory, config: Path, *overrides: str,
+                 steps: tuple[str, ...] = ("run",)) -> Path:
+    """A bundle from `edge-optimize run --data synthetic` (or the named steps, one by one)
+    with `config` and overrides."""
     out = tmp_path_factory.mktemp("bundle")
     sets = [a for o in overrides for a in ("--set", o)]
-    proc = run_cli("optimizer", "run", "--data", "synthetic", "--config", config, "--out", out,
-                   *sets)
-    assert proc.returncode == 0, proc.stderr
+    for step in steps:
+        proc = run_cli("optimizer", step, "--data", "synthetic", "--config", config, "--out",
+                       out, *sets)
+        assert proc.returncode == 0, proc.stderr
     return out
 
 
@@ -88,9 +90,14 @@ def bundle_v2(tmp_path_factory: pytest.TempPathFactory, small_config: Path) -> P
 
 @pytest.fixture(scope="session")
 def slow_bundle(tmp_path_factory: pytest.TempPathFactory, small_config: Path) -> Path:
-    """A valid update that runs much slower (tests/slow_model.py): a latency regression."""
+    """A valid update that runs much slower (tests/slow_model.py): a latency regression.
+
+    Its accuracy does not matter, so it trains on little data and skips the report step
+    (timing the wide fp32 model at batch 64 is most of a full run's minute and a half)."""
     return build_bundle(tmp_path_factory, small_config, "train.factory=tests.slow_model:WideCNN",
-                        "train.epochs=1", "prune.finetune_epochs=0")
+                        "train.epochs=1", "prune.finetune_epochs=0", "data.synthetic_train=512",
+                        "data.synthetic_test=200", "quantize.calibration_images=32",
+                        steps=("train", "prune", "quantize", "export"))
 
 
 @pytest.fixture(scope="session")
