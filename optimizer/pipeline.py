@@ -167,8 +167,12 @@ def step_export(ctx: Context) -> Manifest:
     else:
         verification = {"status": "skipped (export.verify=false)", "engine": engine}
     n = min(e.sample_size, d.test_images.shape[0])
+    # The sample's logits come from one batch of exactly the sample, as the board computes
+    # them: dynamic quantization scales activations per batch, so the same images inside a
+    # larger batch give other logits (measured: up to 0.02 apart for a 16-image sample).
+    sample_logits = predict(module, test_inputs[:n], batch_size=n)
     torch.save({"images": d.test_images[:n].clone(), "labels": d.test_labels[:n].clone(),
-                "logits": expected[:n].clone()}, ctx.out / SAMPLE_FILE)
+                "logits": sample_logits.clone()}, ctx.out / SAMPLE_FILE)
     acc = accuracy_pct(expected, d.test_labels)
     names = [BASELINE, PRUNED, QUANTIZED, BOARD_MODEL, SAMPLE_FILE]
     files = {name: file_entry(ctx.out / name) for name in names if (ctx.out / name).is_file()}
@@ -193,7 +197,7 @@ def step_export(ctx: Context) -> Manifest:
                  "baseline_bytes": base_bytes,
                  "test_images": int(d.test_labels.shape[0])},
         sample={"file": SAMPLE_FILE, "count": n,
-                "accuracy_pct": accuracy_pct(expected[:n], d.test_labels[:n]),
+                "accuracy_pct": accuracy_pct(sample_logits, d.test_labels[:n]),
                 "logit_tolerance": e.logit_tolerance},
         verification=verification, files=files)
     manifest.write(ctx.out)

@@ -19,6 +19,7 @@ from optimizer.data import synthetic
 from optimizer.errors import QuantizationError, VerificationError
 from optimizer.model import SimpleCNN, predict
 from optimizer.prune import prune_, sparsity, state_sizes
+from tests.conftest import copy_bundle, run_cli
 
 FILES = ["baseline_cnn.pth", "pruned_cnn.pth", "quantized_cnn.pt", BOARD_MODEL]
 
@@ -131,3 +132,27 @@ def test_pruning_hits_the_amount_and_makes_masks_permanent() -> None:
     prune_(per_layer, PruneConfig(amount=0.5, scope="layer", finetune_epochs=0), d,
            TrainConfig(), DataConfig())
     assert all(abs(v["sparsity"] - 0.5) < 0.01 for v in sparsity(per_layer)["layers"].values())
+
+
+def test_a_dynamic_int8_bundle_passes_its_own_board_check(bundle: Path, small_config: Path,
+                                                          tmp_path: Path) -> None:
+    """Dynamic quantization scales activations per batch: the sample's logits must come from
+    the sample as one batch, as the board computes them (a gate that fell back to dynamic
+    once built a bundle whose sample differed from its own model by 0.02)."""
+    out = copy_bundle(bundle, tmp_path)
+    _, payload = quantize.load_quantized(out / "quantized_cnn.pt")
+    pruned = torch.load(out / "pruned_cnn.pth", weights_only=True)
+    model = SimpleCNN(len(json.loads((out / "manifest.json").read_text())["classes"]))
+    model.load_state_dict(pruned)
+    quantize.save_quantized(out / "quantized_cnn.pt",
+                            quantize.quantize_dynamic(model.eval(), "qnnpack"),
+                            mode="dynamic", engine="qnnpack", factory=payload["factory"],
+                            num_classes=payload["num_classes"],
+                            input_shape=payload["input_shape"], record=payload["record"])
+    proc = run_cli("optimizer", "export", "--data", "synthetic", "--config", small_config,
+                   "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "manifest.json").read_text())["quantization"]["mode"] == "dynamic"
+    check = run_cli("agent", "check", "--set", f"model.dir={out}")
+    assert check.returncode == 0 and "max |logit diff| 0" in check.stdout + check.stderr, \
+        check.stdout + check.stderr
