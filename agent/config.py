@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import socket
 import types
 import typing
@@ -32,6 +33,7 @@ SECTIONS = (
 )
 
 T = TypeVar("T")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e5, 2.5E-3
 
 
 class Invalid(ValueError):
@@ -316,6 +318,8 @@ def _coerce(value: Any, hint: Any) -> Any:
             raise Invalid("", f"must be a whole number, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e5 (no dot) as a string; it is a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise Invalid("", f"must be a number, got {value!r}")
         if not math.isfinite(value):
