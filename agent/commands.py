@@ -43,13 +43,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 import agent
 from agent.bench import bench, table
 from agent.bundle import Bundle
-from agent.config import Invalid, LoopConfig, UpdateConfig
+from agent.config import Invalid, LoopConfig, UpdateConfig, loop_changes
 from agent.errors import EdgeforgeError
 from agent.loop import InferenceLoop, Inputs, Model, warm_up
 from agent.publisher import CommandResult, ModelChange, Publisher, Window
 from agent.regression import Verdict, compare
 from agent.store import Store
-from agent.telemetry import CMD_SCHEMA, COMMANDS, SETTABLE
+from agent.telemetry import CMD_SCHEMA, COMMANDS
 from agent.update import Refused, decode_files, smoke_test, verify_release
 
 log = logging.getLogger(__name__)
@@ -413,16 +413,13 @@ class Commands(threading.Thread):
     # --- the other commands ---------------------------------------------------------------
 
     def _set(self, rid: str, args: dict[str, Any]) -> None:
-        unknown = sorted(set(args) - set(SETTABLE))
-        if unknown or not args:
-            raise Refused("malformed", f"set takes rate_hz and/or window_s, got "
-                                       f"{', '.join(unknown) or 'nothing'}")
-        for key, value in args.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise Refused("malformed", f"{key} must be a number, got {value!r}")
+        try:
+            changes = loop_changes(args)
+        except ValueError as exc:
+            raise Refused("malformed", str(exc)) from None
         assert self.loop is not None
         try:
-            cfg = self.loop.reconfigure(**{k: float(v) for k, v in args.items()})
+            cfg = self.loop.reconfigure(**changes)
         except Invalid as exc:
             raise Refused("invalid", f"loop.{exc}") from None
         self._reply(rid, "set", True, "done", "applies until the agent restarts (edit "

@@ -108,6 +108,25 @@ class LoopConfig:
         in_range(self.window_s, "window_s", 0.5, 3600, " seconds")
 
 
+SETTABLE = ("rate_hz", "window_s")  # what a remote `set` may change, until a restart
+
+
+def loop_changes(args: Mapping[str, Any]) -> dict[str, float]:
+    """The loop settings a `set` command carries, as numbers (ranges: LoopConfig's).
+
+    Raises:
+        ValueError: an unknown key, no key at all, or a value that is not a number.
+    """
+    unknown = sorted(set(args) - set(SETTABLE))
+    if unknown or not args:
+        raise ValueError(f"set takes {' and/or '.join(SETTABLE)}, got "
+                         f"{', '.join(unknown) or 'nothing'}")
+    for key, value in args.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+    return {key: float(value) for key, value in args.items()}
+
+
 @dataclass(frozen=True)
 class MqttConfig:
     host: str = "localhost"

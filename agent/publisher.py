@@ -152,21 +152,26 @@ class Publisher(threading.Thread):
     # --- the API the loop uses (any thread) ------------------------------------------------
 
     def submit(self, item: Window | CommandResult | ModelChange) -> bool:
-        """Queue a closed window, a command's result or a model change; False when the inbox
-        is full (the loss is counted). Only a model change waits, up to 5 s, for room."""
+        """Queue a closed window or a command's result without blocking; False when the inbox
+        is full (the loss is counted). A model change is never dropped: it waits for room
+        while this thread lives (a stuck thread ends the agent through the supervisor)."""
+        if isinstance(item, ModelChange):
+            while True:
+                try:
+                    self._inbox.put(item, timeout=1.0)
+                    return True
+                except queue.Full:
+                    if not self.is_alive():
+                        return False
         try:
-            if isinstance(item, ModelChange):
-                self._inbox.put(item, timeout=5.0)
-            else:
-                self._inbox.put_nowait(item)
+            self._inbox.put_nowait(item)
             return True
         except queue.Full:
-            counter = {Window: "telemetry", CommandResult: "cmd_result"}.get(type(item))
+            counter = "telemetry" if isinstance(item, Window) else "cmd_result"
             with self._lost_lock:
-                if counter is not None:
-                    self._unqueued[counter] = self._unqueued.get(counter, 0) + 1
-            log.error("publisher inbox full (%d): %s not queued%s", INBOX, type(item).__name__,
-                      "; counted in dropped_total" if counter else "")
+                self._unqueued[counter] = self._unqueued.get(counter, 0) + 1
+            log.error("publisher inbox full (%d): %s not queued; counted in dropped_total",
+                      INBOX, type(item).__name__)
             return False
 
     def stalled_s(self) -> float:

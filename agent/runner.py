@@ -15,6 +15,7 @@ process lives on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -133,9 +134,8 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
         commands = Commands(cfg["update"], loop_cfg, store, public_key, publisher, bundle,
                             make_info, config_sha256(cfg), recent)
 
-        workers = commands
         loop = InferenceLoop(model, loop_cfg, publisher.submit, notifier,
-                             healthy=lambda: supervise(publisher, workers),
+                             healthy=functools.partial(supervise, publisher, commands),
                              on_error=commands.on_error)
         commands.loop = loop
         first_ms = loop.warm_up() * 1000

@@ -29,8 +29,6 @@ CMD_RESULT_SCHEMA = "edgeforge.cmd_result/1"
 
 # The commands an agent answers on cmd/<name> (agent/commands.py).
 COMMANDS = ("update_model", "rollback", "set", "benchmark", "diagnostics")
-# What `set` may change: LoopConfig fields, checked against the same bounds as config.yaml.
-SETTABLE = ("rate_hz", "window_s")
 
 ONLINE = "online"
 OFFLINE = "offline"

@@ -309,8 +309,8 @@ def test_bad_telemetry_is_counted_and_never_reaches_history_or_prometheus(
         "status": ("status", b"rebooting"),
         "info": ("info", b"{broken"),
     }
+    sub = Subscriber(broker.port, client_id="sweep-pub")
     try:
-        sub = Subscriber(broker.port, client_id="sweep-pub")
         wait(lambda: metrics(port) != "", 30, "the metrics endpoint")
         time.sleep(1.0)  # both monitors subscribed (serve answers before it connects)
         for name, (kind, payload) in bad.items():
@@ -323,10 +323,9 @@ def test_bad_telemetry_is_counted_and_never_reaches_history_or_prometheus(
         for name in bad:
             assert metric(text, "edgeforge_latency_p99_ms", f"bad-{name}") is None, name
             assert metric(text, "edgeforge_soc_temp_celsius", f"bad-{name}") is None, name
-        sub.close()
     finally:
+        sub.close()
         stop(serve)
-        time.sleep(1.0)
         stop(record)
     with sqlite3.connect(history) as db:
         devices = {row[0] for row in db.execute("SELECT DISTINCT device FROM telemetry")}

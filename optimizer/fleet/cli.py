@@ -30,9 +30,10 @@ from agent.config import (
     MqttConfig,
     default_config_path,
     load_config,
+    loop_changes,
 )
 from agent.errors import ConfigError, EdgeforgeError
-from agent.telemetry import COMMANDS, SETTABLE
+from agent.telemetry import COMMANDS
 from optimizer.errors import FleetError
 from optimizer.fleet.keys import (
     DEFAULT_KEY,
@@ -168,15 +169,12 @@ def check_command(name: str, args: dict[str, Any]) -> None:
         raise ConfigError(f"unknown command {name!r}{hint}: use one of {known}")
     if name != "set":
         return
-    unknown = sorted(set(args) - set(SETTABLE))
-    if unknown or not args:
-        raise ConfigError(f"set takes {' and/or '.join(SETTABLE)}, got "
-                          f"{', '.join(unknown) or 'nothing'} (e.g. set window_s=5)")
-    for key, value in args.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"set {key}={value!r}: must be a number")
     try:
-        replace(LoopConfig(), **args)
+        changes: dict[str, Any] = loop_changes(args)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (e.g. set window_s=5)") from None
+    try:
+        replace(LoopConfig(), **changes)
     except Invalid as exc:
         raise ConfigError(f"set {exc}") from None
 

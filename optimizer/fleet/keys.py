@@ -113,11 +113,12 @@ def ensure_signed(bundle: Path, key: Ed25519PrivateKey) -> Signature:
         BundleError: signed by another key or changed since signing (sign it again).
     """
     if not (bundle / SIGNATURE_FILE).is_file():
-        return sign_bundle(bundle, key)
-    try:
-        signature = signed_release(bundle, key)
-    except BundleError as exc:
-        raise BundleError(f"{exc} (re-sign with: edge-deploy sign {bundle})") from None
+        signature = sign_bundle(bundle, key)
+    else:
+        try:
+            signature = signed_release(bundle, key)
+        except BundleError as exc:
+            raise BundleError(f"{exc} (re-sign with: edge-deploy sign {bundle})") from None
     check_release_files(bundle)
     return signature
 

@@ -63,7 +63,9 @@ def check_telemetry(payload: bytes, now: float | None = None,
             raise ValueError(f"telemetry {key} {value} is outside {lo:g} to {hi:g}")
     now = time.time() if now is None else now
     ts = msg["ts"]
-    if ts is None or ts > now + FUTURE_S:
+    if ts is None:
+        raise ValueError("telemetry ts is null")
+    if ts > now + FUTURE_S:
         raise ValueError(f"telemetry ts {ts} is more than a day in the future (check the "
                          f"board's clock)")
     if horizon_s is not None and ts < now - horizon_s:
