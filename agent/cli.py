@@ -27,11 +27,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 # Nothing here imports torch at module level: agent.runtime must vet it first (a torch that
 # does not fit the CPU dies with SIGILL at import).
-from agent.config import BOARD_SECTIONS, default_config_path, load_config
+from agent.config import AgentConfig, default_config_path, load_config
 from agent.errors import ConfigError, EdgeforgeError
 from agent.runtime import check_runtime
 
@@ -99,11 +98,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def store_command(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+def store_command(args: argparse.Namespace, cfg: AgentConfig) -> int:
     """activate, confirm, rollback and versions: the versioned store behind model.dir."""
     from agent.store import CURRENT, Store
 
-    model_dir = Path(cfg["model"].dir)
+    model_dir = Path(cfg.model.dir)
     if args.command == "activate":
         from agent.signing import configured_key
         from agent.update import activate
@@ -112,13 +111,13 @@ def store_command(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
             raise ConfigError(f"model.dir {model_dir}: must end in /current (the store's link) "
                               f"for activate; for example /var/lib/edgeforge/models/current")
         result = activate(args.source, Store(model_dir.parent),
-                          configured_key(cfg["update"].public_key), args.trial)
+                          configured_key(cfg.update.public_key), args.trial)
     else:
         store = Store.for_model_dir(model_dir)
         if args.command == "confirm":
             current = store.current()
             result = {"confirmed": current, "pruned": store.confirm(current or "",
-                                                                    cfg["update"].keep)}
+                                                                    cfg.update.keep)}
         elif args.command == "rollback":
             left, target = store.rollback(args.reason)
             result = {"from": left, "to": target["id"]}
@@ -141,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = load_config(args.config or default_config_path(DEFAULT_CONFIGS), args.overrides,
-                          BOARD_SECTIONS)
+                          AgentConfig)
         unproven = check_runtime()
         if unproven:
             log.warning("%s", unproven)
@@ -156,19 +155,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_agent(cfg, args.duration)
         from agent.signing import configured_key
 
-        bundle = Bundle.open(Path(cfg["model"].dir), configured_key(cfg["update"].public_key))
+        bundle = Bundle.open(Path(cfg.model.dir), configured_key(cfg.update.public_key))
         if args.command == "check":
             import torch
 
-            torch.set_num_threads(cfg["loop"].threads)
+            torch.set_num_threads(cfg.loop.threads)
             r = bundle.check()
             print(f"ok: {r['bundle']} ({r['mode']}, engine {r['engine']}, torch "
                   f"{r['torch_version']}): sample of {r['sample_images']} images reproduced, "
                   f"max |logit diff| {r['max_abs_logit_diff']:.3g}, accuracy "
                   f"{r['sample_accuracy_pct']:.2f}%")
             return 0
-        result = bench(bundle, args.batch_sizes or [cfg["loop"].batch_size], args.iters,
-                       cfg["loop"].warmup, cfg["loop"].threads)
+        result = bench(bundle, args.batch_sizes or [cfg.loop.batch_size], args.iters,
+                       cfg.loop.warmup, cfg.loop.threads)
         print(json.dumps(result, indent=2) if args.json else table(result))
         return 0
     except EdgeforgeError as exc:

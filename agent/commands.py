@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 import agent
 from agent.bench import bench, table
 from agent.bundle import Bundle
-from agent.config import Invalid, LoopConfig, UpdateConfig, loop_changes
+from agent.config import AgentConfig, Invalid, LoopConfig, UpdateConfig, loop_changes
 from agent.errors import EdgeforgeError
 from agent.loop import InferenceLoop, Inputs, Model, warm_up
 from agent.publisher import CommandResult, ModelChange, Publisher, Window
@@ -473,8 +473,8 @@ def latency_data(verdict: Verdict) -> dict[str, Any]:
             "mann_whitney_p": verdict.p_value, "paired_passes": verdict.passes}
 
 
-def config_sha256(cfg: dict[str, Any]) -> str:
+def config_sha256(cfg: AgentConfig) -> str:
     """A fingerprint of the resolved config (file plus overrides), for diagnostics."""
-    plain = {name: asdict(section) for name, section in sorted(cfg.items())}
+    plain = asdict(cfg)
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
 

@@ -1,7 +1,9 @@
 """config.yaml: one file for every edgeforge command, one frozen dataclass per section.
 
-Each command builds the sections it reads with `load_config`; unknown sections anywhere and
-unknown keys in a section it reads are errors that name them. `--set section.key=value`
+Each command family has one root dataclass whose fields are the sections it reads
+(`AgentConfig` here, `OptimizerConfig` in optimizer/config.py, the operator tools' in
+deploy/); `load_config` builds it. Unknown sections anywhere (SECTIONS is the one list of
+names) and unknown keys in a section it reads are errors that name them. `--set section.key=value`
 overrides are parsed as YAML scalars and checked exactly like the file.
 
 The board sections (`device`, `model`, `loop`, `mqtt`, `spool`) live here; the host steps
@@ -17,7 +19,7 @@ import socket
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +35,7 @@ SECTIONS = (
 )
 
 T = TypeVar("T")
+R = TypeVar("R")  # a command family's root config
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e5, 2.5E-3
 
 
@@ -204,23 +207,27 @@ class HomeAssistantConfig:
                 f"got {self.discovery_prefix!r}")
 
 
-BOARD_SECTIONS: dict[str, type] = {
-    "device": DeviceConfig,
-    "model": ModelConfig,
-    "loop": LoopConfig,
-    "mqtt": MqttConfig,
-    "spool": SpoolConfig,
-    "update": UpdateConfig,
-    "homeassistant": HomeAssistantConfig,
-}
+@dataclass(frozen=True)
+class AgentConfig:
+    """What edge-agent reads: the board sections of config.yaml."""
+
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
 
 
 # --- loading ------------------------------------------------------------------------------
 
 
-def load_config(path: Path | None, overrides: Sequence[str],
-                sections: Mapping[str, type]) -> dict[str, Any]:
-    """Read `path` (or built-in defaults when None), apply overrides, build `sections`.
+def load_config(path: Path | None, overrides: Sequence[str], root: type[R]) -> R:
+    """Read `path` (or built-in defaults when None), apply overrides, build `root`.
+
+    `root` is a command family's frozen dataclass (AgentConfig, OptimizerConfig, ...) whose
+    fields are the sections it reads; sections it does not read are only checked by name.
 
     Raises:
         ConfigError: unreadable file, bad YAML, unknown section or key, wrong type or value.
@@ -242,13 +249,13 @@ def load_config(path: Path | None, overrides: Sequence[str],
             raise ConfigError(f"{origin}: unknown section {name!r} "
                               f"(known sections: {', '.join(SECTIONS)})")
     built: dict[str, Any] = {}
-    for name, cls in sections.items():
+    for name, cls in typing.get_type_hints(root).items():
         values = raw.get(name) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: {name}: must be a mapping of keys, "
                               f"got {type(values).__name__}")
         built[name] = _build(cls, name, values, origin, overridden)
-    return built
+    return root(**built)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

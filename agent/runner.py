@@ -32,6 +32,7 @@ import agent
 from agent.bundle import Bundle
 from agent.commands import STALL_S as COMMANDS_STALL_S
 from agent.commands import Commands, RecentErrors, config_sha256, recover_trial
+from agent.config import AgentConfig
 from agent.homeassistant import discovery_messages
 from agent.loop import InferenceLoop, Inputs, Model
 from agent.publisher import STALL_S as PUBLISHER_STALL_S
@@ -63,15 +64,15 @@ def supervise(publisher: Publisher, commands: Commands) -> str | None:
     return None
 
 
-def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
+def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
     """Run the agent until a signal or `duration_s`; return the exit code."""
     notifier = Notifier()
-    device = cfg["device"].resolved_id
-    loop_cfg = cfg["loop"]
+    device = cfg.device.resolved_id
+    loop_cfg = cfg.loop
     torch.set_num_threads(loop_cfg.threads)
 
-    public_key = configured_key(cfg["update"].public_key)
-    model_dir = Path(cfg["model"].dir)
+    public_key = configured_key(cfg.update.public_key)
+    model_dir = Path(cfg.model.dir)
     store = Store.behind(model_dir)
     rolled_back = recover_trial(store) if store is not None else None
     # A store's bundle is opened at its real path: `current` may point elsewhere later.
@@ -81,14 +82,14 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
              "diff| %.3g)", bundle.dir, bundle.sha256[:12], checked["mode"], checked["engine"],
              checked["sample_images"], checked["max_abs_logit_diff"])
 
-    spool_cfg = cfg["spool"]
+    spool_cfg = cfg.spool
     spool = Spool(spool_path(spool_cfg.path, os.environ, os.geteuid() == 0),
                   int(spool_cfg.max_mb * 2**20), spool_cfg.max_age_s)
     log.info("spool %s: %d message(s) waiting, next telemetry seq %s", spool.path, spool.depth,
              spool.get("seq.telemetry", 1))
     try:
         # Built before anything is recorded: it checks the TLS files (ConfigError).
-        publisher = Publisher(cfg["mqtt"], device, spool, ResourceStats(), {}, bundle.sha256)
+        publisher = Publisher(cfg.mqtt, device, spool, ResourceStats(), {}, bundle.sha256)
     except BaseException:
         spool.close()
         raise
@@ -97,7 +98,7 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
     if str(spool.get("last_exit") or "").startswith("error"):
         publisher.startup_events.append(("restarted", f"the last run ended with "
                                                       f"{spool.get('last_exit')}"))
-    ha = cfg["homeassistant"]
+    ha = cfg.homeassistant
     if ha.enabled:
         publisher.discovery = (f"{ha.discovery_prefix.rstrip('/')}/status",
                                discovery_messages(ha.discovery_prefix, device, publisher.topics))
@@ -131,7 +132,7 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
         def make_info(b: Bundle, c: dict[str, Any]) -> dict[str, Any]:
             return birth_info(cfg, device, b, c, starts, last_exit, load_ms, first_ms)
 
-        commands = Commands(cfg["update"], loop_cfg, store, public_key, publisher, bundle,
+        commands = Commands(cfg.update, loop_cfg, store, public_key, publisher, bundle,
                             make_info, config_sha256(cfg), recent)
 
         loop = InferenceLoop(model, loop_cfg, publisher.submit, notifier,
@@ -150,7 +151,7 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
                  "%s:%d %s", device, load_ms, first_ms, loop_cfg.warmup, loop_cfg.input,
                  loop_cfg.batch_size,
                  f"{loop_cfg.rate_hz:g} Hz" if loop_cfg.rate_hz else "full rate",
-                 loop_cfg.threads, loop_cfg.window_s, cfg["mqtt"].host, cfg["mqtt"].port,
+                 loop_cfg.threads, loop_cfg.window_s, cfg.mqtt.host, cfg.mqtt.port,
                  publisher.topics.telemetry)
         notifier.ready(f"running {device}: {bundle.sha256[:12]} on {checked['engine']}")
         loop.run(duration_s)
@@ -184,11 +185,11 @@ def run_agent(cfg: dict[str, Any], duration_s: float | None = None) -> int:
     return code
 
 
-def birth_info(cfg: dict[str, Any], device: str, bundle: Bundle, checked: dict[str, Any],
+def birth_info(cfg: AgentConfig, device: str, bundle: Bundle, checked: dict[str, Any],
                starts: int, last_exit: str, load_ms: float, first_ms: float) -> dict[str, Any]:
     """The retained `info` message: who this agent is and what it runs."""
     m = bundle.manifest
-    loop_cfg = cfg["loop"]
+    loop_cfg = cfg.loop
     return {
         "schema": INFO_SCHEMA, "device": device, "agent_version": agent.__version__,
         "torch_version": torch.__version__, "python_version": platform.python_version(),

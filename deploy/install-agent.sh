@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # Install the edgeforge agent as a systemd service on this board (Raspberry Pi OS or Debian,
-# arm64), idempotently. Run it on the board, as root, from a copy of the project:
+# arm64), idempotently, from a folder that `edge-deploy render` wrote on your workstation:
 #
-#   sudo bash deploy/install-agent.sh --bundle models [--config deploy/config.yaml]
-#                                     [--torch SPEC] [--no-start]
+#   edge-deploy render --device-id pi1 --bundle models --out pi1      # on the workstation
+#   scp -r pi1 pi@pi1:                                                # copy it over
+#   sudo bash pi1/install-agent.sh [--torch SPEC] [--no-start]        # on the board
 #
-# It creates the system user "edgeforge", a virtual environment in /opt/edgeforge/venv with
-# torch (the runtime matrix's pick for this board, agent/runtime.py: torch==2.9.1 on
-# aarch64; or --torch SPEC) and edgeforge, copies the config to
-# /etc/edgeforge/config.yaml (kept if one exists) and the bundle to /var/lib/edgeforge/models,
-# checks the bundle on this board (edge-agent check), then installs and starts the unit.
+# The folder holds the agent's source alone (src.tar.gz: agent/ and its pyproject.toml, none
+# of the optimizer or the operator tools), this board's config.yaml, the fleet's signing.pub,
+# edge-agent.service and the signed bundle. The script creates the system user "edgeforge", a
+# virtual environment in /opt/edgeforge/venv with torch (the runtime matrix's pick for this
+# board, agent/runtime.py: torch==2.9.1 on aarch64; or --torch SPEC) and the agent, copies
+# the config to /etc/edgeforge/config.yaml (kept if one exists), activates the bundle into
+# the versioned store /var/lib/edgeforge/models (signature, sha256 and the on-board check
+# before `current` switches: `edge-agent activate`), then installs and starts the unit. It is
+# what `edge-deploy flash` does over SSH.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+here=$(cd "$(dirname "$0")" && pwd)
 
-bundle="" config="deploy/config.yaml" torch_spec="" start=1
+torch_spec="" start=1
 while [ $# -gt 0 ]; do
     case "$1" in
-        --bundle) bundle=$2; shift 2 ;;
-        --config) config=$2; shift 2 ;;
         --torch) torch_spec=$2; shift 2 ;;
         --no-start) start=0; shift ;;
         *) echo "install-agent: unknown argument $1 (see the usage at the top of this file)" >&2
@@ -25,51 +28,52 @@ while [ $# -gt 0 ]; do
     esac
 done
 die() { echo "install-agent: $*" >&2; exit 2; }
-[ "$(id -u)" = 0 ] || die "run as root (sudo bash deploy/install-agent.sh ...)"
-[ -n "$bundle" ] || die "--bundle DIR is required: the folder edge-optimize wrote (models/)"
-[ -f "$bundle/manifest.json" ] || die "$bundle has no manifest.json: copy the whole bundle"
-[ -f "$config" ] || die "$config: no such config file"
+[ "$(id -u)" = 0 ] || die "run as root (sudo bash $0 ...)"
+for f in src.tar.gz config.yaml signing.pub edge-agent.service bundle/manifest.json; do
+    [ -e "$here/$f" ] || die "$here/$f is missing: run this from the folder edge-deploy render \
+wrote (edge-deploy render --device-id ID --out DIR), copied whole"
+done
 
 echo "== packages"
-command -v python3 >/dev/null && python3 -c "import ensurepip, venv" 2>/dev/null \
-    || { apt-get update -qq && apt-get install -y -qq python3-venv python3-pip; }
+if ! { command -v python3 >/dev/null && python3 -c "import ensurepip, venv" 2>/dev/null; }; then
+    apt-get update -qq && apt-get install -y -qq python3-venv python3-pip
+fi
 
 echo "== user edgeforge"
 id -u edgeforge >/dev/null 2>&1 \
     || useradd --system --home-dir /var/lib/edgeforge --shell /usr/sbin/nologin edgeforge
 
 echo "== /opt/edgeforge/venv"
+install -d -m 0755 /opt/edgeforge
+rm -rf /opt/edgeforge/src.new && mkdir /opt/edgeforge/src.new
+tar xzf "$here/src.tar.gz" -C /opt/edgeforge/src.new
+rm -rf /opt/edgeforge/src && mv /opt/edgeforge/src.new /opt/edgeforge/src
+cd /opt/edgeforge/src
 # PyPI's newest aarch64 torch is a CUDA build (GBs) and 2.10.0 crashes on a Pi 4: take the
 # matrix's pick. agent.runtime is stdlib-only, so it runs before anything is installed.
 [ -n "$torch_spec" ] || torch_spec=$(python3 -m agent.runtime recommend) \
     || die "no known-good torch for $(uname -m): pass --torch SPEC"
 [ -x /opt/edgeforge/venv/bin/python ] || python3 -m venv /opt/edgeforge/venv
-# numpy: torch warns on every import without it.
 /opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check "$torch_spec" numpy
-constraints=$(mktemp)
-echo "$torch_spec" >"$constraints"  # keep that torch while pip resolves edgeforge's needs
-/opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check -c "$constraints" .
-rm -f "$constraints"
+echo "$torch_spec" >/opt/edgeforge/torch-constraint.txt  # keep that torch while pip resolves
+/opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check \
+    -c /opt/edgeforge/torch-constraint.txt .
 /opt/edgeforge/venv/bin/python -m agent.runtime status
 
-echo "== config and bundle"
+echo "== config and signing key"
 install -d -m 0755 /etc/edgeforge
-[ -f /etc/edgeforge/config.yaml ] || install -m 0644 "$config" /etc/edgeforge/config.yaml
-install -d -m 0750 -o edgeforge -g edgeforge /var/lib/edgeforge
-rm -rf /var/lib/edgeforge/models.new
-cp -r "$bundle" /var/lib/edgeforge/models.new
-chown -R edgeforge:edgeforge /var/lib/edgeforge/models.new
-rm -rf /var/lib/edgeforge/models.old
-[ ! -d /var/lib/edgeforge/models ] || mv /var/lib/edgeforge/models /var/lib/edgeforge/models.old
-mv /var/lib/edgeforge/models.new /var/lib/edgeforge/models
+[ -f /etc/edgeforge/config.yaml ] || install -m 0640 -g edgeforge "$here/config.yaml" \
+    /etc/edgeforge/config.yaml
+install -m 0644 "$here/signing.pub" /etc/edgeforge/signing.pub
 
-echo "== edge-agent check"
-runuser -u edgeforge -- /opt/edgeforge/venv/bin/edge-agent check \
-    --config /etc/edgeforge/config.yaml
+echo "== edge-agent activate (signature, sha256, on-board check, then switch)"
+install -d -m 0750 -o edgeforge -g edgeforge /var/lib/edgeforge
+/opt/edgeforge/venv/bin/edge-agent activate "$here/bundle" --config /etc/edgeforge/config.yaml
+chown -R edgeforge:edgeforge /var/lib/edgeforge
 
 echo "== systemd unit"
 install -d /etc/systemd/system
-install -m 0644 deploy/edge-agent.service /etc/systemd/system/edge-agent.service
+install -m 0644 "$here/edge-agent.service" /etc/systemd/system/edge-agent.service
 if [ ! -d /run/systemd/system ]; then
     # An image build or a chroot: enable it for the next boot without a running systemd.
     mkdir -p /etc/systemd/system/multi-user.target.wants

@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.config import default_config_path, load_config
+from agent.config import AgentConfig, default_config_path, load_config
 from agent.errors import ConfigError, EdgeforgeError
 from optimizer import pipeline
-from optimizer.config import ALL_SECTIONS
+from optimizer.config import OptimizerConfig
 
 STEPS: dict[str, tuple[Callable[[pipeline.Context], Any], str]] = {
     "run": (pipeline.step_run, "the whole pipeline (trains only when no baseline exists)"),
@@ -71,7 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.append(f"data.source={args.data}")
     try:
         config_path = args.config or default_config_path(["config.yaml"])
-        cfg = load_config(config_path, overrides, ALL_SECTIONS)
+        cfg = load_config(config_path, overrides, OptimizerConfig)
+        # The board sections are checked here too, so a config.yaml is found wrong on the
+        # workstation before it is copied to a board.
+        load_config(config_path, overrides, AgentConfig)
         check_out(args.out)
         STEPS[args.command][0](pipeline.Context(cfg=cfg, out=args.out))
     except EdgeforgeError as exc:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agent.config import BOARD_SECTIONS, in_range, require
-from optimizer.monitor.config import MonitorConfig
+from agent.config import in_range, require
 
 ENGINES = ("qnnpack", "x86", "fbgemm")
 
@@ -115,17 +114,13 @@ class ReportConfig:
         in_range(self.throughput_batches, "throughput_batches", 1, 1_000_000)
 
 
-HOST_SECTIONS: dict[str, type] = {
-    "data": DataConfig,
-    "train": TrainConfig,
-    "prune": PruneConfig,
-    "quantize": QuantizeConfig,
-    "export": ExportConfig,
-    "report": ReportConfig,
-}
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """What edge-optimize reads: one section per step."""
 
-MONITOR_SECTIONS: dict[str, type] = {"monitor": MonitorConfig}
-
-# The optimizer checks the board and monitor sections too, so one config.yaml is validated
-# in full on the host before it is ever copied to a board.
-ALL_SECTIONS: dict[str, type] = {**HOST_SECTIONS, **MONITOR_SECTIONS, **BOARD_SECTIONS}
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)

@@ -7,7 +7,6 @@
     +-- QuantizationError               calibration saw no data, or no mode could be built
     +-- ExportError                     the model cannot be scripted or traced
     +-- VerificationError               the exported file disagrees with the in-memory model
-    +-- FleetError                      edge-deploy: a board unreachable, failing or silent (exit 1)
 """
 
 from __future__ import annotations
@@ -33,11 +32,5 @@ class ExportError(EdgeforgeError):
 
 class VerificationError(EdgeforgeError):
     """A reloaded export does not reproduce the in-memory model: the export failed."""
-
-    exit_code = 1
-
-
-class FleetError(EdgeforgeError):
-    """A board cannot be reached, refused a step, or did not report back (edge-deploy)."""
 
     exit_code = 1

@@ -25,6 +25,7 @@ from agent.torchwarnings import known_torch_deprecations
 from optimizer import data as datasets
 from optimizer import export as exporting
 from optimizer import latency, quantize, report
+from optimizer.config import OptimizerConfig
 from optimizer.data import ImageData
 from optimizer.model import (
     accuracy_pct,
@@ -44,34 +45,34 @@ BASELINE, PRUNED, QUANTIZED = "baseline_cnn.pth", "pruned_cnn.pth", "quantized_c
 class Context:
     """What every step needs: the built config sections, the output folder, the data."""
 
-    cfg: dict[str, Any]
+    cfg: OptimizerConfig
     out: Path
     _data: ImageData | None = field(default=None, repr=False)
 
     @property
     def data(self) -> ImageData:
         if self._data is None:
-            print(f"loading data: {self.cfg['data'].source}", file=sys.stderr)
-            self._data = datasets.load(self.cfg["data"])
+            print(f"loading data: {self.cfg.data.source}", file=sys.stderr)
+            self._data = datasets.load(self.cfg.data)
             self._check_shape(self._data)
         return self._data
 
     def _check_shape(self, d: ImageData) -> None:
-        want = self.cfg["train"].input_shape
+        want = self.cfg.train.input_shape
         if d.input_shape != want:
             raise ConfigError(f"train.input_shape: {want} does not match the {d.source} images "
                               f"{d.input_shape} (set train.input_shape={d.input_shape})")
-        classes = self.cfg["train"].classes
+        classes = self.cfg.train.classes
         if classes is not None and len(classes) != len(d.classes):
             raise ConfigError(f"train.classes: {len(classes)} names for a dataset with "
                               f"{len(d.classes)} classes (list {len(d.classes)} names or null)")
 
     @property
     def classes(self) -> list[str]:
-        return list(self.cfg["train"].classes or self.data.classes)
+        return list(self.cfg.train.classes or self.data.classes)
 
     def fresh_model(self) -> nn.Module:
-        return build(self.cfg["train"].factory, len(self.classes))
+        return build(self.cfg.train.factory, len(self.classes))
 
     def load_fp32(self, name: str, produced_by: str) -> nn.Module:
         return load_state_dict_into(self.fresh_model(), self.out / name,
@@ -81,7 +82,7 @@ class Context:
 
 def step_train(ctx: Context) -> nn.Module:
     """Train the baseline (or adopt train.checkpoint) and save baseline_cnn.pth."""
-    t = ctx.cfg["train"]
+    t = ctx.cfg.train
     ctx.out.mkdir(parents=True, exist_ok=True)
     model = ctx.fresh_model()
     if t.checkpoint:
@@ -90,7 +91,7 @@ def step_train(ctx: Context) -> nn.Module:
         print(f"adopted {t.checkpoint}: test accuracy {evaluate(model, ctx.data):.2f}%",
               file=sys.stderr)
     else:
-        d = ctx.cfg["data"]
+        d = ctx.cfg.data
         fit_(model, ctx.data, epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay,
              batch_size=d.batch_size, augment=d.augment, seed=t.seed, label="train")
     save_state_dict(model, ctx.out / BASELINE)
@@ -102,7 +103,7 @@ def step_prune(ctx: Context) -> nn.Module:
     """Prune the baseline, fine-tune with masks, save pruned_cnn.pth."""
     model = ctx.load_fp32(BASELINE, "train")
     before = evaluate(model, ctx.data)
-    prune_(model, ctx.cfg["prune"], ctx.data, ctx.cfg["train"], ctx.cfg["data"])
+    prune_(model, ctx.cfg.prune, ctx.data, ctx.cfg.train, ctx.cfg.data)
     save_state_dict(model, ctx.out / PRUNED)
     s = sparsity(model)
     print(f"pruned to {100 * s['overall']:.1f}% zeros: accuracy {before:.2f}% -> "
@@ -111,16 +112,16 @@ def step_prune(ctx: Context) -> nn.Module:
 
 
 def _calibration(ctx: Context) -> torch.Tensor:
-    n = min(ctx.cfg["quantize"].calibration_images, ctx.data.train_images.shape[0])
+    n = min(ctx.cfg.quantize.calibration_images, ctx.data.train_images.shape[0])
     idx = torch.randperm(ctx.data.train_images.shape[0],
-                         generator=torch.Generator().manual_seed(ctx.cfg["train"].seed))[:n]
+                         generator=torch.Generator().manual_seed(ctx.cfg.train.seed))[:n]
     return next(datasets.batches(ctx.data.train_images[idx], ctx.data.train_labels[idx], n,
                                  ctx.data.mean, ctx.data.std))[0]
 
 
 def step_quantize(ctx: Context) -> quantize.GateResult:
     """Quantize for the configured engine behind the accuracy gate; save quantized_cnn.pt."""
-    q = ctx.cfg["quantize"]
+    q = ctx.cfg.quantize
     baseline = ctx.load_fp32(BASELINE, "train")
     source = baseline if q.source == "baseline" else ctx.load_fp32(PRUNED, "prune")
     test_inputs = normalized_test(ctx.data)
@@ -131,7 +132,7 @@ def step_quantize(ctx: Context) -> quantize.GateResult:
               "max_accuracy_drop": q.max_accuracy_drop, "attempts": result.attempts,
               "calibration_images": q.calibration_images, "data": ctx.data.describe()}
     quantize.save_quantized(ctx.out / QUANTIZED, result.model, mode=result.mode,
-                            engine=q.engine, factory=ctx.cfg["train"].factory,
+                            engine=q.engine, factory=ctx.cfg.train.factory,
                             num_classes=len(ctx.classes), input_shape=ctx.data.input_shape,
                             record=record)
     for a in result.attempts:
@@ -144,7 +145,7 @@ def step_quantize(ctx: Context) -> quantize.GateResult:
 
 def step_export(ctx: Context) -> Manifest:
     """Export the board file, verify it in a fresh process, write sample.pt and the manifest."""
-    e = ctx.cfg["export"]
+    e = ctx.cfg.export
     module, payload = quantize.load_quantized(ctx.out / QUANTIZED)
     engine, record = payload["engine"], payload["record"]
     d = ctx.data
@@ -209,7 +210,7 @@ def _row(variant: str, file: str | None, payload: bytes, make: Callable[[], Any]
          ctx: Context, test_inputs: torch.Tensor, runtime: str,
          verification: str) -> dict[str, Any]:
     """Measure one variant; `make` gives a fresh instance per measurement (see latency)."""
-    r = ctx.cfg["report"]
+    r = ctx.cfg.report
     timing = latency.measure(make, ctx.data.input_shape, threads=r.threads, warmup=r.warmup,
                              iters=r.latency_iters, throughput_batches=r.throughput_batches)
     acc = accuracy_pct(predict(make(), test_inputs), ctx.data.test_labels)
@@ -266,9 +267,9 @@ def step_report(ctx: Context) -> dict[str, Any]:
         "schema": "edgeforge.report/1", "created_utc": manifest.created_utc,
         "data": ctx.data.describe(),
         "environment": {"engine": engine, "torch_version": torch.__version__,
-                        "threads": ctx.cfg["report"].threads,
-                        "warmup": ctx.cfg["report"].warmup,
-                        "latency_iters": ctx.cfg["report"].latency_iters,
+                        "threads": ctx.cfg.report.threads,
+                        "warmup": ctx.cfg.report.warmup,
+                        "latency_iters": ctx.cfg.report.latency_iters,
                         "cpu": platform.processor() or platform.machine(),
                         "machine": platform.machine()},
         "quantization": manifest.quantization, "sparsity": sparsity(pruned), "rows": rows,

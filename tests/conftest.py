@@ -104,7 +104,7 @@ def slow_bundle(tmp_path_factory: pytest.TempPathFactory, small_config: Path) ->
 def fleet_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fleet's signing key, made by `edge-deploy keygen` (public half at <key>.pub)."""
     key = tmp_path_factory.mktemp("keys") / "signing.key"
-    proc = run_cli("optimizer.fleet.cli", "keygen", "--key", key)
+    proc = run_cli("deploy.cli", "keygen", "--key", key)
     assert proc.returncode == 0, proc.stderr
     return key
 
@@ -112,7 +112,7 @@ def fleet_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def signed_copy(bundle: Path, dest: Path, key: Path, version: int) -> Path:
     """A copy of `bundle` at `dest`, signed by `edge-deploy sign` as `version`."""
     shutil.copytree(bundle, dest)
-    proc = run_cli("optimizer.fleet.cli", "sign", dest, "--key", key, "--version", str(version))
+    proc = run_cli("deploy.cli", "sign", dest, "--key", key, "--version", str(version))
     assert proc.returncode == 0, proc.stderr
     return dest
 
@@ -129,7 +129,7 @@ def resampled_copy(bundle: Path, dest: Path, key: Path, version: int,
     m["files"]["sample.pt"] = {"bytes": (dest / "sample.pt").stat().st_size,
                                "sha256": sha256_of(dest / "sample.pt")}
     (dest / "manifest.json").write_text(json.dumps(m))
-    proc = run_cli("optimizer.fleet.cli", "sign", dest, "--key", key, "--version", str(version))
+    proc = run_cli("deploy.cli", "sign", dest, "--key", key, "--version", str(version))
     assert proc.returncode == 0, proc.stderr
     return dest
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.config import BOARD_SECTIONS, load_config
+from agent.config import AgentConfig, load_config
 from agent.spool import spool_path
 from tests.conftest import ROOT, Agent
 
@@ -94,9 +94,9 @@ def test_agent_runs_with_write_execute_memory_refused(bundle: Path, tmp_path: Pa
 
 
 def test_the_board_config_the_installer_ships_is_valid() -> None:
-    cfg = load_config(ROOT / "deploy" / "config.yaml", [], BOARD_SECTIONS)
-    assert cfg["model"].dir == "/var/lib/edgeforge/models"
-    assert spool_path(cfg["spool"].path, {"STATE_DIRECTORY": "/var/lib/edgeforge"}, False) \
+    cfg = load_config(ROOT / "deploy" / "config.yaml", [], AgentConfig)
+    assert cfg.model.dir == "/var/lib/edgeforge/models/current"
+    assert spool_path(cfg.spool.path, {"STATE_DIRECTORY": "/var/lib/edgeforge"}, False) \
         == Path("/var/lib/edgeforge/spool.sqlite3")
     assert spool_path("/abs/s.db", {"STATE_DIRECTORY": "/x"}, False) == Path("/abs/s.db")
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from agent.manifest import sha256_of
-from optimizer.fleet.remote import update_args
+from deploy.remote import update_args
 from tests.broker import Broker, Subscriber, free_port
 from tests.conftest import ROOT, copy_bundle, edit_manifest, make_store, resampled_copy
 from tests.test_fleet_update import request, results, send, start_agent
@@ -91,7 +91,7 @@ def test_bad_config_files_and_overrides_get_one_line_and_exit_2(tmp_path: Path) 
     for name, (text, expected) in files.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(text)
-        command = ["optimizer.monitor.cli", "check"] if name.startswith("monitor") \
+        command = ["deploy.monitor.cli", "check"] if name.startswith("monitor") \
             else ["agent", "check"]
         cases[f"config {name}"] = ([*command, "--config", path], expected)
     cases["config missing"] = (["agent", "check", "--config", tmp_path / "nope.yaml"],
@@ -120,26 +120,26 @@ def test_bad_cli_arguments_get_one_line_and_a_non_zero_exit(tmp_path: Path) -> N
                                 "is a file"),
         "optimize --out unwritable": (["optimizer", "train", "--data", "synthetic", "--out",
                                        "/proc/edgeforge"], "cannot write"),
-        "cmd set Infinity": (["optimizer.fleet.cli", "cmd", "b", "set", "window_s=Infinity",
+        "cmd set Infinity": (["deploy.cli", "cmd", "b", "set", "window_s=Infinity",
                               *dev], "not a finite number"),
-        "cmd set 1e12": (["optimizer.fleet.cli", "cmd", "b", "set", "window_s=1e12", *dev],
+        "cmd set 1e12": (["deploy.cli", "cmd", "b", "set", "window_s=1e12", *dev],
                          "0.5-3,600"),
-        "cmd set text": (["optimizer.fleet.cli", "cmd", "b", "set", "window_s=fast", *dev],
+        "cmd set text": (["deploy.cli", "cmd", "b", "set", "window_s=fast", *dev],
                          "must be a number"),
-        "cmd set unknown key": (["optimizer.fleet.cli", "cmd", "b", "set", "foo=1", *dev],
+        "cmd set unknown key": (["deploy.cli", "cmd", "b", "set", "foo=1", *dev],
                                 "set takes"),
-        "cmd unknown name": (["optimizer.fleet.cli", "cmd", "b", "reboot", *dev],
+        "cmd unknown name": (["deploy.cli", "cmd", "b", "reboot", *dev],
                              "unknown command 'reboot'"),
-        "cmd no =": (["optimizer.fleet.cli", "cmd", "b", "set", "window_s", *dev],
+        "cmd no =": (["deploy.cli", "cmd", "b", "set", "window_s", *dev],
                      "KEY=VALUE"),
-        "cmd twice": (["optimizer.fleet.cli", "cmd", "b", "set", "rate_hz=1", "rate_hz=2",
+        "cmd twice": (["deploy.cli", "cmd", "b", "set", "rate_hz=1", "rate_hz=2",
                        *dev], "given twice"),
-        "update missing bundle": (["optimizer.fleet.cli", "update", "--device", "b",
+        "update missing bundle": (["deploy.cli", "update", "--device", "b",
                                    tmp_path / "nope", "--key", tmp_path / "k", *dev],
                                   "signing key"),
-        "monitor bad listen": (["optimizer.monitor.cli", "serve", "--prometheus", "abc"],
+        "monitor bad listen": (["deploy.monitor.cli", "serve", "--prometheus", "abc"],
                                "HOST]:PORT"),
-        "monitor broker down": (["optimizer.monitor.cli", "--once", "--listen", "0.5", *dev],
+        "monitor broker down": (["deploy.monitor.cli", "--once", "--listen", "0.5", *dev],
                                 "cannot reach the broker"),
     })
 

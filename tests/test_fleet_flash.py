@@ -53,7 +53,7 @@ def test_flash_installs_through_ssh_then_changes_nothing_and_ansible_rolls_out_a
     v1 = signed_copy(bundle, tmp_path / "v1", fleet_key, 1)
     mqtt = ["--set", f"mqtt.port={broker.port}", "--set", "mqtt.host=127.0.0.1",
             "--set", "loop.window_s=1"]
-    flash = ["optimizer.fleet.cli", "flash", sshd.target, "--bundle", v1, "--key", fleet_key,
+    flash = ["deploy.cli", "flash", sshd.target, "--bundle", v1, "--key", fleet_key,
              "--prefix", prefix, "--torch", f"torch=={torch.__version__.split('+')[0]}",
              "--identity", sshd.identity, *[a for o in sshd.options for a in ("--ssh-option", o)],
              "--device-id", "board1", "--restart-command", fake_systemctl_restart(prefix),
@@ -129,7 +129,7 @@ def test_flash_says_in_one_line_when_a_board_cannot_be_reached(fleet_key: Path, 
                                                                tmp_path: Path) -> None:
     v1 = signed_copy(bundle, tmp_path / "v1", fleet_key, 1)
     port = free_port()  # nothing listens there
-    proc = run_cli("optimizer.fleet.cli", "flash", f"pi@127.0.0.1:{port}", "--bundle", v1,
+    proc = run_cli("deploy.cli", "flash", f"pi@127.0.0.1:{port}", "--bundle", v1,
                    "--key", fleet_key, "--prefix", tmp_path / "board", "--torch", "torch")
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if not line.startswith("flash: ")]
@@ -142,7 +142,7 @@ def test_flash_says_in_one_line_when_a_board_cannot_be_reached(fleet_key: Path, 
     ("pi@board1:70000", "port must be 1-65535")])
 def test_flash_rejects_a_bad_target_with_exit_2(target: str, message: str, fleet_key: Path,
                                                 bundle: Path) -> None:
-    proc = run_cli("optimizer.fleet.cli", "flash", target, "--bundle", bundle, "--key",
+    proc = run_cli("deploy.cli", "flash", target, "--bundle", bundle, "--key",
                    fleet_key)
     assert proc.returncode == 2 and message in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -12,7 +12,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from optimizer.fleet.remote import update_args
+from deploy.remote import update_args
 from tests.broker import Broker, Subscriber
 from tests.conftest import (
     Agent,
@@ -41,7 +41,7 @@ def start_agent(current: Path, broker: Broker, tmp_path: Path, key: Path,
 
 
 def deploy(*args: str | Path, port: int) -> Any:
-    return run_cli("optimizer.fleet.cli", *args, "--set", f"mqtt.port={port}",
+    return run_cli("deploy.cli", *args, "--set", f"mqtt.port={port}",
                    "--set", "mqtt.host=127.0.0.1", timeout=180)
 
 
@@ -100,7 +100,7 @@ def test_refuses_every_bad_update_and_leaves_model_and_files_as_they_were(
     agent, sub = start_agent(current, broker, tmp_path, fleet_key, "update.max_payload_mb=1")
     before, sha = tree(current.parent), model_sha(bundle)
     other_key = tmp_path / "other.key"
-    assert run_cli("optimizer.fleet.cli", "keygen", "--key", other_key).returncode == 0
+    assert run_cli("deploy.cli", "keygen", "--key", other_key).returncode == 0
     try:
         good = update_args(signed_copy(bundle, tmp_path / "v6", fleet_key, 6), False)
         files = good["files"]
@@ -112,7 +112,7 @@ def test_refuses_every_bad_update_and_leaves_model_and_files_as_they_were(
         def resigned(name: str, **manifest: Any) -> dict[str, str]:
             b = signed_copy(bundle, tmp_path / name, fleet_key, 7)
             edit_manifest(b, **manifest)
-            assert run_cli("optimizer.fleet.cli", "sign", b, "--key", fleet_key, "--version",
+            assert run_cli("deploy.cli", "sign", b, "--key", fleet_key, "--version",
                            "7").returncode == 0
             return dict(update_args(b, False)["files"])
 

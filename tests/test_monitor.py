@@ -42,13 +42,13 @@ def fleet(bundle: Path, broker: Broker, tmp_path: Path) -> Iterator[dict[str, Ag
 
 
 def monitor(port: int, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return run_cli("optimizer.monitor.cli", "--set", f"mqtt.port={port}",
+    return run_cli("deploy.monitor.cli", "--set", f"mqtt.port={port}",
                    "--set", "mqtt.host=127.0.0.1", *args, timeout=timeout)
 
 
 def background(port: int, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     with (tmp_path / f"monitor-{time.monotonic_ns()}.log").open("w") as log:
-        return subprocess.Popen([sys.executable, "-m", "optimizer.monitor.cli", "--set",
+        return subprocess.Popen([sys.executable, "-m", "deploy.monitor.cli", "--set",
                                  f"mqtt.port={port}", "--set", "mqtt.host=127.0.0.1", *args],
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
 

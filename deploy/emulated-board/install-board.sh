@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Run the README's Pi install (deploy/install-agent.sh) as written, on an emulated board: a
-# full Debian bookworm arm64 root entered with chroot, qemu-aarch64 registered with
-# binfmt_misc, QEMU_CPU set to the board's core.
+# Run the README's Pi install (edge-deploy render, then its install-agent.sh) as written, on
+# an emulated board: a full Debian bookworm arm64 root entered with chroot, qemu-aarch64
+# registered with binfmt_misc, QEMU_CPU set to the board's core.
 #
 #   bash deploy/emulated-board/install-board.sh BUNDLE [CPU] [ROOT]
 #        (CPU: cortex-a72 (default) or cortex-a76; ROOT: default build/arm64-board)
 #
-# The Debian root is kept between runs; the project and the bundle are copied in afresh and
-# the installer runs every time (it is idempotent). Two things are this workplace's, not a
+# The Debian root is kept between runs; the rendered folder and the bundle are copied in
+# afresh and the installer runs every time (it is idempotent). Two things are this workplace's, not a
 # Pi's: the host's CA bundle is copied in (PyPI is reached through a TLS proxy here), and
 # /proc/cpuinfo and /sys/devices/system/cpu are faked for the core (tests/prove_arm.py).
 set -euo pipefail
@@ -49,17 +49,17 @@ cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
 from tests.prove_arm import fake_cpu_files; fake_cpu_files(Path('$root'), '$cpu')"
 
 rm -rf "$root/root/edgeforge" "$root/root/bundle"
-mkdir -p "$root/root/edgeforge"
-tar --exclude=./.venv --exclude=./build --exclude=./.git --exclude=./models --exclude=./data \
-    -cf - . | tar -xf - -C "$root/root/edgeforge"
+key="$root.signing.key"  # the emulated fleet's key, beside the root
+[ -f "$key" ] || "$python" -m deploy.cli keygen --key "$key" >/dev/null
+"$python" -m deploy.cli render --device-id "emulated-$cpu" --bundle "$bundle" --key "$key" \
+    --out "$root/root/edgeforge" >/dev/null
 cp -r "$bundle" "$root/root/bundle"
 
-echo "install-board: sudo bash deploy/install-agent.sh --bundle models ... on $cpu, as written"
+echo "install-board: sudo bash install-agent.sh (from edge-deploy render) on $cpu, as written"
 chroot "$root" /usr/bin/env -i QEMU_CPU="$cpu" PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
     LANG=C.UTF-8 PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
-    bash -c "cd /root/edgeforge && bash deploy/install-agent.sh --bundle /root/bundle \
-             --config deploy/config.yaml --no-start"
-for f in /etc/edgeforge/config.yaml /var/lib/edgeforge/models/manifest.json \
+    bash /root/edgeforge/install-agent.sh --no-start
+for f in /etc/edgeforge/config.yaml /var/lib/edgeforge/models/current/manifest.json \
          /etc/systemd/system/multi-user.target.wants/edge-agent.service \
          /opt/edgeforge/venv/bin/edge-agent; do
     [ -e "$root$f" ] || { echo "install-board: FAIL: $f missing after the install" >&2; exit 1; }

@@ -7,6 +7,7 @@
     edge-deploy cmd DEVICE NAME [KEY=VALUE ...] [--timeout S]
     edge-deploy wait DEVICE SHA256 [--since EPOCH] [--timeout S]
     edge-deploy render --device-id ID --out DIR [--bundle DIR] [--prefix /]   (for Ansible)
+    edge-deploy files [NAME]     where the installed unit, board config, installer and playbook are
 
 The MQTT commands read the `mqtt` section of the config (--config, --set mqtt.host=...).
 Exit 0 when every board did what was asked, 1 when one failed or did not answer, 2 for bad
@@ -19,12 +20,11 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from agent.config import (
-    BOARD_SECTIONS,
     Invalid,
     LoopConfig,
     MqttConfig,
@@ -34,8 +34,9 @@ from agent.config import (
 )
 from agent.errors import ConfigError, EdgeforgeError
 from agent.telemetry import COMMANDS
-from optimizer.errors import FleetError
-from optimizer.fleet.keys import (
+from deploy import files
+from deploy.errors import FleetError, UsageError
+from deploy.keys import (
     DEFAULT_KEY,
     ensure_signed,
     keygen,
@@ -43,7 +44,7 @@ from optimizer.fleet.keys import (
     public_path,
     sign_bundle,
 )
-from optimizer.fleet.remote import FINAL_UPDATE_RESULTS, Fleet, update_args
+from deploy.remote import FINAL_UPDATE_RESULTS, Fleet, update_args
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,6 +99,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--torch", default=None, metavar="SPEC",
                    help="torch for the board (default: the runtime matrix's pick)")
 
+    s = sub.add_parser("files", help="print where the installed playbook, unit, board config "
+                                     "and installer are")
+    s.add_argument("name", nargs="?", default=None,
+                   help=f"one of {', '.join(files.PACKAGED)} (default: list them all)")
+
     s = sub.add_parser("update", help="send a signed model update over MQTT")
     common(s, key=True, mqtt=True)
     s.add_argument("bundle", type=Path)
@@ -125,10 +131,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass(frozen=True)
+class DeployConfig:
+    """What edge-deploy's MQTT commands read: the broker, as the boards see it."""
+
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+
+
 def mqtt_config(args: argparse.Namespace) -> MqttConfig:
-    cfg = load_config(args.config or default_config_path(["config.yaml"]), args.overrides,
-                      {"mqtt": BOARD_SECTIONS["mqtt"]})
-    return cfg["mqtt"]  # type: ignore[no-any-return]
+    return load_config(args.config or default_config_path(["config.yaml"]), args.overrides,
+                       DeployConfig).mqtt
 
 
 def parse_args_kv(items: list[str]) -> dict[str, Any]:
@@ -284,6 +296,19 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_files(name: str | None) -> int:
+    """Print the installed path of one packaged file, or of each."""
+    if name is None:
+        for each in files.PACKAGED:
+            print(f"{each:<30} {files.path(each)}")
+        return 0
+    if name not in files.PACKAGED:
+        raise UsageError(f"files {name!r}: not a packaged file (one of "
+                         f"{', '.join(files.PACKAGED)})")
+    print(files.path(name))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -298,13 +323,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"sha256 {sig.manifest_sha256[:12]}...")
             return 0
         if args.command == "flash":
-            from optimizer.fleet.flash import flash
+            from deploy.flash import flash
 
             return flash(args)
         if args.command == "render":
-            from optimizer.fleet.flash import render
+            from deploy.flash import render
 
             return render(args)
+        if args.command == "files":
+            return cmd_files(args.name)
         if args.command == "update":
             return cmd_update(args)
         if args.command == "wait":

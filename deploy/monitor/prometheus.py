@@ -31,7 +31,7 @@ STATES = ("online", "stale", "offline", "unknown")
 
 
 def serve(monitor: Any, host: str, port: int) -> None:
-    """Start the /metrics endpoint for `monitor` (an optimizer.monitor.cli.Monitor)."""
+    """Start the /metrics endpoint for `monitor` (an deploy.monitor.cli.Monitor)."""
     try:
         from prometheus_client import start_http_server
         from prometheus_client.core import REGISTRY, GaugeMetricFamily

@@ -27,14 +27,14 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent.config import BOARD_SECTIONS, MqttConfig, default_config_path, load_config
+from agent.config import MqttConfig, default_config_path, load_config
 from agent.errors import ConfigError, EdgeforgeError
 from agent.publisher import apply_credentials
 from agent.telemetry import encode
-from optimizer.monitor.alerts import Alerts
-from optimizer.monitor.config import SORT_KEYS, MonitorConfig
-from optimizer.monitor.fleet import Fleet
-from optimizer.monitor.history import History, parse_since, plot
+from deploy.monitor.alerts import Alerts
+from deploy.monitor.config import SORT_KEYS, MonitorCommandConfig, MonitorConfig
+from deploy.monitor.fleet import Fleet
+from deploy.monitor.history import History, parse_since, plot
 
 log = logging.getLogger("edge-monitor")
 
@@ -225,12 +225,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def load(args: argparse.Namespace) -> tuple[MqttConfig, MonitorConfig]:
-    from optimizer.config import MONITOR_SECTIONS
-
     overrides = [*args.overrides, *getattr(args, "overrides_after", [])]
     cfg = load_config(args.config or default_config_path(["config.yaml"]), overrides,
-                      {"mqtt": BOARD_SECTIONS["mqtt"], **MONITOR_SECTIONS})
-    return cfg["mqtt"], cfg["monitor"]
+                      MonitorCommandConfig)
+    return cfg.mqtt, cfg.monitor
 
 
 def listen_addr(text: str) -> tuple[str, int]:
@@ -254,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         monitor = Monitor(mqtt_cfg, cfg, history, quiet=quiet)
         if args.command == "serve":
             host, port = listen_addr(args.prometheus)
-            from optimizer.monitor.prometheus import serve
+            from deploy.monitor.prometheus import serve
 
             serve(monitor, host, port)
         monitor.start()

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from optimizer.monitor.config import MonitorConfig
-from optimizer.monitor.fleet import Device
+from deploy.monitor.config import MonitorConfig
+from deploy.monitor.fleet import Device
 
 ALERTS_SCHEMA = "edgeforge.alerts/1"
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from agent.config import in_range, require
+from agent.config import MqttConfig, in_range, require
 
 SORT_KEYS = ("device", "status", "model", "p50", "p99", "throughput", "cpu", "temp", "rss",
              "spool", "age")
@@ -41,3 +41,11 @@ class MonitorConfig:
         in_range(self.history_max_age_s, "history_max_age_s", 60, 10 * 365 * 86_400,
                  " seconds")
         in_range(self.max_payload_kb, "max_payload_kb", 1, 16_384, " KB")
+
+
+@dataclass(frozen=True)
+class MonitorCommandConfig:
+    """What edge-monitor reads: the broker and the monitor section."""
+
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)

@@ -24,7 +24,7 @@ from agent.config import MqttConfig
 from agent.manifest import Manifest
 from agent.publisher import apply_credentials
 from agent.telemetry import CMD_SCHEMA, OFFLINE, ONLINE, Topics
-from optimizer.errors import FleetError
+from deploy.errors import FleetError
 
 FINAL_UPDATE_RESULTS = ("confirmed", "rolled_back", "refused", "failed", "unchanged")
 

@@ -33,22 +33,17 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from agent.config import BOARD_SECTIONS, default_config_path, load_config
+from agent.config import AgentConfig, load_config
 from agent.manifest import MANIFEST, Manifest
 from agent.signing import Signature
 from agent.store import version_id
-from optimizer.errors import FleetError
-from optimizer.fleet.keys import ensure_signed, load_private_key, public_path
-from optimizer.fleet.remote import Fleet
-
-ROOT = Path(__file__).resolve().parents[2]
-SOURCE = ("pyproject.toml", "README.md", "agent", "optimizer")
-UNIT = ROOT / "deploy" / "edge-agent.service"
-BOARD_CONFIG = ROOT / "deploy" / "config.yaml"
+from deploy import files
+from deploy.errors import FleetError, UsageError
+from deploy.keys import ensure_signed, load_private_key, public_path
+from deploy.remote import Fleet
 
 
 @dataclass(frozen=True)
@@ -65,22 +60,16 @@ def parse_target(text: str) -> Target:
     """USER@HOST[:PORT].
 
     Raises:
-        FleetError: (exit 2) not of that form.
+        UsageError: not of that form.
     """
     user, at, rest = text.partition("@")
     host, colon, port = rest.partition(":")
     if not at or not user or not host or (colon and not port.isdigit()):
-        raise _usage(f"target {text!r}: expected USER@HOST or USER@HOST:PORT, e.g. pi@board1")
+        raise UsageError(f"target {text!r}: expected USER@HOST or USER@HOST:PORT, e.g. pi@board1")
     number = int(port) if colon else 22
     if not 1 <= number <= 65535:
-        raise _usage(f"target {text!r}: port must be 1-65535")
+        raise UsageError(f"target {text!r}: port must be 1-65535")
     return Target(user, host, number)
-
-
-def _usage(message: str) -> FleetError:
-    exc = FleetError(message)
-    exc.exit_code = 2
-    return exc
 
 
 class Ssh:
@@ -124,25 +113,6 @@ class Ssh:
         return proc.stdout.decode(errors="replace")
 
 
-def source_tar() -> tuple[bytes, str]:
-    """The agent's source as a tar.gz, and a digest of its content (the install stamp)."""
-    files: list[Path] = []
-    for name in SOURCE:
-        path = ROOT / name
-        files += sorted(p for p in path.rglob("*.py")) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for path in files:
-            rel = path.relative_to(ROOT).as_posix()
-            data = path.read_bytes()
-            digest.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
-            info = tarfile.TarInfo(rel)
-            info.size, info.mode, info.mtime = len(data), 0o644, 0
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue(), digest.hexdigest()
-
-
 def install_stamp(source_digest: str, torch: str | None) -> str:
     """What the board's .stamp says when its install matches: source and torch choice."""
     return sha(f"{source_digest} {torch or 'matrix'}".encode())
@@ -158,25 +128,25 @@ def bundle_tar(bundle: Path) -> bytes:
     return buf.getvalue()
 
 
-def board_config(args: argparse.Namespace, prefix: str, device: str) -> tuple[dict[str, Any],
+def board_config(args: argparse.Namespace, prefix: str, device: str) -> tuple[AgentConfig,
                                                                               bytes]:
     """The board's config.yaml: the board config, --set overrides, then the per-board
     values flash owns (device id, store, public key, spool)."""
-    path = args.config or default_config_path([str(BOARD_CONFIG)])
+    path = args.config or files.path(files.BOARD_CONFIG)
     cfg = load_config(path, [
         *args.overrides, f"device.id={device}",
         f"model.dir={prefix}/var/lib/edgeforge/models/current",
         f"update.public_key={prefix}/etc/edgeforge/signing.pub",
         f"spool.path={prefix}/var/lib/edgeforge/spool.sqlite3",
-    ], BOARD_SECTIONS)
-    plain = {name: asdict(section) for name, section in cfg.items()}
+    ], AgentConfig)
+    plain = asdict(cfg)
     text = (f"# Written by edge-deploy flash for {device}; flash again rather than editing.\n"
             + yaml.safe_dump(plain, sort_keys=False))
     return cfg, text.encode()
 
 
 def unit_file(prefix: str) -> bytes:
-    text = UNIT.read_text()
+    text = files.read(files.UNIT).decode()
     if prefix:
         for path in ("/opt/edgeforge", "/etc/edgeforge/config.yaml", "/var/lib/edgeforge"):
             text = text.replace(path, prefix + path)
@@ -268,7 +238,7 @@ def release_of(args: argparse.Namespace) -> tuple[Manifest, Signature, str, str]
     """The --bundle, signed with --key if it is not yet: (manifest, signature, model sha256,
     version id)."""
     if not (args.bundle / MANIFEST).is_file():
-        raise _usage(f"--bundle {args.bundle}: no manifest.json (build one with edge-optimize "
+        raise UsageError(f"--bundle {args.bundle}: no manifest.json (build one with edge-optimize "
                      f"run, or point --bundle at it)")
     signature = ensure_signed(args.bundle, load_private_key(args.key))
     manifest = Manifest.read(args.bundle)
@@ -285,9 +255,9 @@ def flash(args: argparse.Namespace) -> int:
     target = parse_target(args.target)
     prefix = str(args.prefix).rstrip("/")
     if prefix and not prefix.startswith("/"):
-        raise _usage(f"--prefix {args.prefix!r}: must be an absolute path on the board")
+        raise UsageError(f"--prefix {args.prefix!r}: must be an absolute path on the board")
     manifest, signature, model_sha, vid = release_of(args)
-    src, stamp = source_tar()
+    src, stamp = files.agent_source()
     stamp = install_stamp(stamp, args.torch)
     ssh = Ssh(target, args.identity, args.ssh_option)
     q = shlex.quote
@@ -338,7 +308,7 @@ def flash(args: argparse.Namespace) -> int:
         ssh.run(restart, what="restarting the agent")
         print(f"{device} ({target}): installed {vid} ({', '.join(changed)}) and restarted")
         return 0
-    with Fleet(cfg["mqtt"]) as fleet:
+    with Fleet(cfg.mqtt) as fleet:
         fleet.subscribe([fleet.topics(device).info])
         say(f"restarting the agent; waiting up to {args.timeout:g} s for {device}'s birth "
             f"message with {model_sha[:12]}...")
@@ -362,20 +332,22 @@ def flash(args: argparse.Namespace) -> int:
 
 def render(args: argparse.Namespace) -> int:
     """`edge-deploy render`: what flash would put on one board, as files in --out, for the
-    Ansible playbook (deploy/ansible/flash.yml) to copy: config.yaml, edge-agent.service,
-    signing.pub, src.tar.gz, bundle/ (the signed board files) and release.json."""
+    Ansible playbook (deploy/ansible/flash.yml) to copy, or for install-agent.sh to install
+    on the board by hand: config.yaml, edge-agent.service, signing.pub, src.tar.gz (the
+    agent alone), install-agent.sh, bundle/ (the signed board files) and release.json."""
     prefix = str(args.prefix).rstrip("/")
     manifest, signature, model_sha, vid = release_of(args)
-    src, stamp = source_tar()
+    src, stamp = files.agent_source()
     stamp = install_stamp(stamp, args.torch)
     out: Path = args.out
     (out / "bundle").mkdir(parents=True, exist_ok=True)
     _, config_bytes = board_config(args, prefix, args.device_id)
-    files = {"config.yaml": config_bytes, "edge-agent.service": unit_file(prefix),
-             "signing.pub": public_path(args.key.expanduser()).read_bytes(), "src.tar.gz": src}
+    written = {"config.yaml": config_bytes, "edge-agent.service": unit_file(prefix),
+             "signing.pub": public_path(args.key.expanduser()).read_bytes(), "src.tar.gz": src,
+             "install-agent.sh": files.read(files.INSTALLER)}
     for name in manifest.release_files():
-        files[f"bundle/{name}"] = (args.bundle / name).read_bytes()
-    for name, data in files.items():
+        written[f"bundle/{name}"] = (args.bundle / name).read_bytes()
+    for name, data in written.items():
         path = out / name
         if not path.is_file() or path.read_bytes() != data:  # unchanged files keep their mtime
             path.write_bytes(data)
