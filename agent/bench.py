@@ -6,16 +6,13 @@ runs), `warmup` untimed passes, then `iters` timed forward passes on random inpu
 
 from __future__ import annotations
 
-import time
-from array import array
 from typing import Any
 
 import torch
 
 from agent.bundle import Bundle
 from agent.loop import Inputs
-from agent.percentile import percentile
-from agent.torchwarnings import known_torch_deprecations
+from agent.timing import Latency, time_passes
 
 
 def bench(bundle: Bundle, batch_sizes: list[int], iters: int, warmup: int,
@@ -26,21 +23,11 @@ def bench(bundle: Bundle, batch_sizes: list[int], iters: int, warmup: int,
     for batch in batch_sizes:
         module = bundle.load()
         inputs = Inputs.random(batch, bundle.manifest.input_shape).batches
-        lat = array("d")
-        with torch.inference_mode(), known_torch_deprecations():
-            for i in range(warmup):
-                module(inputs[i % len(inputs)])
-            for i in range(iters):
-                t0 = time.perf_counter()
-                module(inputs[i % len(inputs)])
-                lat.append(time.perf_counter() - t0)
-        ordered = sorted(lat)
-        total = sum(ordered)
+        s = Latency.of(time_passes(module, inputs, iters, warmup))
         rows.append({"batch_size": batch, "iters": iters,
-                     "p50_ms": percentile(ordered, 50) * 1000,
-                     "p90_ms": percentile(ordered, 90) * 1000,
-                     "p99_ms": percentile(ordered, 99) * 1000, "max_ms": ordered[-1] * 1000,
-                     "mean_ms": total / iters * 1000, "throughput_ips": batch * iters / total})
+                     "p50_ms": s.p50_s * 1000, "p90_ms": s.p90_s * 1000,
+                     "p99_ms": s.p99_s * 1000, "max_ms": s.max_s * 1000,
+                     "mean_ms": s.mean_s * 1000, "throughput_ips": batch * iters / s.total_s})
     return {"bundle": str(bundle.dir), "model_sha256": bundle.sha256,
             "engine": bundle.manifest.engine, "threads": threads, "warmup": warmup,
             "torch_version": torch.__version__, "rows": rows}

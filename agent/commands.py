@@ -44,13 +44,13 @@ import agent
 from agent.bench import bench, table
 from agent.bundle import Bundle
 from agent.config import AgentConfig, Invalid, LoopConfig, UpdateConfig, loop_changes
-from agent.errors import EdgeforgeError
+from agent.errors import EdgeforgeError, Refused
 from agent.loop import InferenceLoop, Inputs, Model, warm_up
-from agent.publisher import CommandResult, ModelChange, Publisher, Window
+from agent.publisher import CommandResult, ModelChange, Publisher
 from agent.regression import Verdict, compare
 from agent.store import Store
-from agent.telemetry import CMD_SCHEMA, COMMANDS
-from agent.update import Refused, decode_files, smoke_test, verify_release
+from agent.telemetry import CMD_SCHEMA, COMMANDS, Window
+from agent.update import decode_files, smoke_test, verify_release
 
 log = logging.getLogger(__name__)
 
@@ -82,32 +82,27 @@ def parse_request(payload: bytes, max_bytes: int) -> tuple[str, dict[str, Any]]:
     head = _REQUEST_ID.search(payload[:512])
     rid = head.group(1).decode() if head else None
     if len(payload) > max_bytes:
-        raise _with_id(Refused("too_large", f"payload of {len(payload):,} bytes is over "
-                                            f"update.max_payload_mb ({max_bytes:,} bytes)"), rid)
+        raise Refused("too_large", f"payload of {len(payload):,} bytes is over "
+                      f"update.max_payload_mb ({max_bytes:,} bytes)", request_id=rid)
     try:
         msg = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _with_id(Refused("malformed", f"payload is not JSON ({exc}; truncated?)"),
-                       rid) from None
+        raise Refused("malformed", f"payload is not JSON ({exc}; truncated?)",
+                      request_id=rid) from None
     if not isinstance(msg, dict):
-        raise _with_id(Refused("malformed", "payload is not a JSON object"), rid)
+        raise Refused("malformed", "payload is not a JSON object", request_id=rid)
     rid = msg.get("request_id")
     if not isinstance(rid, str) or not _REQUEST_ID.fullmatch(
             f'"request_id":"{rid}"'.encode()):
-        raise _with_id(Refused("malformed", "request_id must be a string of 1-64 letters, "
-                                            "digits or ._:-"), None)
+        raise Refused("malformed", "request_id must be a string of 1-64 letters, digits or "
+                      "._:-")
     if msg.get("schema", CMD_SCHEMA) != CMD_SCHEMA:
-        raise _with_id(Refused("malformed", f"schema {msg.get('schema')!r}, expected "
-                                            f"{CMD_SCHEMA}"), rid)
+        raise Refused("malformed", f"schema {msg.get('schema')!r}, expected {CMD_SCHEMA}",
+                      request_id=rid)
     args = msg.get("args", {})
     if not isinstance(args, dict):
-        raise _with_id(Refused("malformed", "args must be a JSON object"), rid)
+        raise Refused("malformed", "args must be a JSON object", request_id=rid)
     return rid, args
-
-
-def _with_id(exc: Refused, rid: str | None) -> Refused:
-    exc.request_id = rid  # type: ignore[attr-defined]
-    return exc
 
 
 def recover_trial(store: Store) -> str | None:
@@ -237,9 +232,9 @@ class Commands(threading.Thread):
 
     def _command(self, name: str, payload: bytes) -> None:
         try:
-            rid, args = parse_request(payload, int(self.cfg.max_payload_mb * 2**20))
+            rid, args = parse_request(payload, int(self.cfg.max_payload_mb * 1e6))
         except Refused as exc:
-            self._reply(getattr(exc, "request_id", None), name, False, "refused", str(exc),
+            self._reply(exc.request_id, name, False, "refused", str(exc),
                         exc.code)
             return
         handlers: dict[str, Callable[[str, dict[str, Any]], None]] = {
@@ -254,7 +249,7 @@ class Commands(threading.Thread):
             handler(rid, args)
         except Refused as exc:
             data = {"from": self.store.current()} if self.store is not None else None
-            self._refused(rid, name, exc.code, str(exc), getattr(exc, "vid", None))
+            self._refused(rid, name, exc.code, str(exc), exc.vid)
             self._reply(rid, name, False, "refused", str(exc), exc.code, data)
         except (EdgeforgeError, Invalid) as exc:
             self._refused(rid, name, "error", str(exc), None)
@@ -262,7 +257,7 @@ class Commands(threading.Thread):
         except Exception as exc:  # a bug; the sender still gets its one answer
             log.exception("commands: %s %s failed", name, rid)
             reason = f"internal error: {type(exc).__name__}: {exc}"[:500]
-            self._refused(rid, name, "internal", reason, getattr(exc, "vid", None))
+            self._refused(rid, name, "internal", reason, None)
             self._reply(rid, name, False, "failed", reason, "internal")
 
     def _refused(self, rid: str, command: str, code: str, reason: str, vid: str | None) -> None:
@@ -298,10 +293,13 @@ class Commands(threading.Thread):
                                                   self.loop_cfg.batch_size,
                                                   self.cfg.smoke_iters, self.cfg.smoke_max_p99_ms)
                 model = self._model(bundle)
-            except Exception as exc:  # Refused, or anything nobody foresaw: nothing stays
+            except Refused as exc:  # the smoke test failed: nothing stays
                 if not existed:
                     store.discard(release.vid)
-                exc.vid = release.vid  # type: ignore[attr-defined]
+                raise Refused(exc.code, str(exc), rid, release.vid) from None
+            except BaseException:  # anything nobody foresaw: nothing stays either
+                if not existed:
+                    store.discard(release.vid)
                 raise
             assert self.loop is not None
             previous, previous_bundle = self.loop.model, self.bundle

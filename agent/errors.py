@@ -1,10 +1,15 @@
-"""Exceptions shared by every edgeforge command.
+"""Exceptions of the board agent, and the base every edgeforge package builds on.
 
     EdgeforgeError            base: a CLI prints "<ClassName>: <message>" and exits `exit_code`
     +-- ConfigError           a config file, key or --set override is wrong
     +-- BundleError           a model bundle is missing, tampered with or unusable here
+    |   +-- Refused           a remote command the agent will not carry out: `code` is a
+    |                         stable short name for scripts; `request_id` and `vid` say which
+    |                         command and which version, when they are known
+    +-- RuntimeMismatch       the installed torch is known to crash on this board's CPU
 
-The optimizer adds its own subclasses of EdgeforgeError in `optimizer/errors.py`.
+The optimizer adds its own subclasses in `optimizer/errors.py`, the operator tools theirs in
+`deploy/errors.py`. Context goes into the constructor, never onto an instance afterwards.
 """
 
 from __future__ import annotations
@@ -22,3 +27,18 @@ class ConfigError(EdgeforgeError):
 
 class BundleError(EdgeforgeError):
     """A bundle (manifest, model file, sample) is missing, mismatched or unusable."""
+
+
+class Refused(BundleError):
+    """A command or update the board will not take, with a stable `code`."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None,
+                 vid: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+        self.vid = vid
+
+
+class RuntimeMismatch(EdgeforgeError):
+    """The installed torch is known to crash on this board's CPU."""

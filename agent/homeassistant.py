@@ -30,13 +30,17 @@ def discovery_messages(discovery_prefix: str, device: str, topics: Topics
                        ) -> list[tuple[str, bytes]]:
     """(topic, retained payload) of every sensor's discovery config."""
     node = "".join(c if c.isalnum() or c in "_-" else "_" for c in device)
+    slug = "".join(c if c.isascii() and c.isalnum() else "_" for c in device.lower())
     dev = {"identifiers": [f"edgeforge_{node}"], "name": f"edgeforge {device}",
            "manufacturer": "edgeforge", "model": "edge-agent", "sw_version": agent.__version__}
     out = []
     for key, name, unit, device_class in SENSORS:
         config: dict[str, Any] = {
             "name": name, "unique_id": f"edgeforge_{node}_{key}",
-            "object_id": f"edgeforge_{node}_{key}", "state_topic": topics.telemetry,
+            # Home Assistant 2025.10 replaced object_id with default_entity_id (an entity id:
+            # domain.lowercase_slug) and drops object_id in 2026.4; older releases ignore it.
+            "default_entity_id": f"sensor.edgeforge_{slug}_{key}",
+            "state_topic": topics.telemetry,
             "value_template": f"{{{{ value_json.{key} }}}}", "unit_of_measurement": unit,
             "state_class": "measurement", "availability_topic": topics.status,
             "payload_available": ONLINE, "payload_not_available": OFFLINE, "device": dev,

@@ -29,8 +29,9 @@ import torch
 from agent.bundle import Bundle
 from agent.config import LoopConfig
 from agent.model import normalize
-from agent.publisher import Window
 from agent.sdnotify import Notifier
+from agent.telemetry import Window
+from agent.timing import time_passes
 from agent.torchwarnings import known_torch_deprecations
 
 CHECK_S = 1.0  # how often the loop asks whether the other threads are healthy
@@ -85,15 +86,7 @@ class Model:
 def warm_up(model: Model, count: int) -> float:
     """Run `count` (at least one) forward passes outside any stats; return the first's
     seconds. A fresh TorchScript module profiles and optimises itself on its first runs."""
-    first = 0.0
-    batches = model.inputs.batches
-    with torch.inference_mode(), known_torch_deprecations():
-        for i in range(max(1, count)):
-            t0 = time.perf_counter()
-            model.module(batches[i % len(batches)])
-            if i == 0:
-                first = time.perf_counter() - t0
-    return first
+    return time_passes(model.module, model.inputs.batches, max(1, count))[0]
 
 
 class InferenceLoop:

@@ -25,10 +25,8 @@ import logging
 import queue
 import random
 import sqlite3
-import ssl
 import threading
 import time
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,8 +34,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent.config import MqttConfig
-from agent.errors import ConfigError
-from agent.percentile import percentile
+from agent.mqtt import make_client
 from agent.spool import Spool
 from agent.stats import ResourceStats
 from agent.telemetry import (
@@ -47,7 +44,9 @@ from agent.telemetry import (
     ONLINE,
     TELEMETRY_SCHEMA,
     Topics,
+    Window,
     encode,
+    telemetry_fields,
 )
 
 log = logging.getLogger(__name__)
@@ -58,21 +57,6 @@ STALL_S = 20.0  # no pass through the publisher's loop for this long: it is stuc
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 60.0
 CONNECT_TIMEOUT_S = 3.0
-
-
-@dataclass
-class Window:
-    """What the loop measured in one window; the publisher turns it into telemetry."""
-
-    index: int
-    end_ts: float  # wall clock, seconds since the epoch
-    duration_s: float
-    batch_size: int
-    latencies_s: array  # one per forward pass
-    correct: int | None = None  # top-1 hits when the input is the labelled sample
-    labelled: int = 0
-    model_sha256: str = ""  # the model that ran this window (updates switch it mid-run)
-    shadow_latencies_s: array | None = None  # the old model's passes beside it, on trial
 
 
 @dataclass(frozen=True)
@@ -88,29 +72,6 @@ class ModelChange:
 
     sha256: str
     info: dict[str, Any]
-
-
-def telemetry_fields(window: Window) -> dict[str, Any]:
-    """The loop-derived part of a telemetry message (latencies in ms)."""
-    lat = sorted(window.latencies_s)
-    n = len(lat)
-    images = n * window.batch_size
-    ms = 1000.0
-    fields: dict[str, Any] = {
-        "window_s": round(window.duration_s, 3),
-        "batch_size": window.batch_size,
-        "inferences": images,
-        "throughput_ips": round(images / window.duration_s, 2) if window.duration_s > 0 else None,
-        "latency_p50_ms": round(percentile(lat, 50) * ms, 4) if n else None,
-        "latency_p90_ms": round(percentile(lat, 90) * ms, 4) if n else None,
-        "latency_p99_ms": round(percentile(lat, 99) * ms, 4) if n else None,
-        "latency_max_ms": round(lat[-1] * ms, 4) if n else None,
-        "latency_mean_ms": round(sum(lat) / n * ms, 4) if n else None,
-    }
-    if window.correct is not None:
-        fields["accuracy_pct"] = (round(100.0 * window.correct / window.labelled, 2)
-                                  if window.labelled else None)
-    return fields
 
 
 class Publisher(threading.Thread):
@@ -304,12 +265,9 @@ class Publisher(threading.Thread):
 
     def _make_client(self, client_id: str) -> mqtt.Client:
         cfg = self.cfg
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                             clean_session=True)
+        client = make_client(cfg, client_id, will_topic=self.topics.status, will_payload=OFFLINE)
         client.connect_timeout = CONNECT_TIMEOUT_S
         client.max_inflight_messages_set(INFLIGHT)
-        client.will_set(self.topics.status, OFFLINE, qos=1, retain=True)
-        apply_credentials(client, cfg)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -427,24 +385,6 @@ class Publisher(threading.Thread):
         left = self.spool.depth
         if left:
             log.info("mqtt: %d message(s) stay spooled for the next start", left)
-
-
-def apply_credentials(client: mqtt.Client, cfg: MqttConfig) -> None:
-    """Username/password and TLS from the mqtt section (the agent's and edge-deploy's).
-
-    Raises:
-        ConfigError: TLS files missing, unreadable or not matching.
-    """
-    if cfg.username is not None:
-        client.username_pw_set(cfg.username, cfg.password)
-    if cfg.tls:
-        try:
-            client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file,
-                           keyfile=cfg.key_file, cert_reqs=ssl.CERT_REQUIRED)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise ConfigError(f"mqtt.tls: cannot use ca_file={cfg.ca_file!r}, cert_file="
-                              f"{cfg.cert_file!r}, key_file={cfg.key_file!r} ({exc}): check "
-                              f"those paths and that the key matches the certificate") from None
 
 
 def console_line(index: int, seq: int, f: dict[str, Any], connected: bool, spool: Spool) -> str:

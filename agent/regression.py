@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from agent.percentile import percentile
+from agent.telemetry import percentile
 
 ALPHA = 0.01  # the test's significance level
 MAX_SAMPLES = 5000  # per side: a Pi ranks this many in well under a second

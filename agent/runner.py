@@ -84,7 +84,7 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
 
     spool_cfg = cfg.spool
     spool = Spool(spool_path(spool_cfg.path, os.environ, os.geteuid() == 0),
-                  int(spool_cfg.max_mb * 2**20), spool_cfg.max_age_s)
+                  int(spool_cfg.max_mb * 1e6), spool_cfg.max_age_s)
     log.info("spool %s: %d message(s) waiting, next telemetry seq %s", spool.path, spool.depth,
              spool.get("seq.telemetry", 1))
     try:

@@ -19,11 +19,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from agent.errors import EdgeforgeError
-
-
-class RuntimeMismatch(EdgeforgeError):
-    """The installed torch is known to crash on this board's CPU."""
+from agent.errors import RuntimeMismatch
 
 
 @dataclass(frozen=True)

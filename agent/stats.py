@@ -52,7 +52,7 @@ class ResourceStats:
         return {
             "proc_cpu_percent": round(self._proc.cpu_percent(None), 1),
             "sys_cpu_percent": round(psutil.cpu_percent(None), 1),
-            "rss_mb": round(mem.rss / 2**20, 2),
+            "rss_mb": round(mem.rss / 1e6, 2),  # MB as the key says (10**6 bytes), not MiB
             "mem_percent": round(psutil.virtual_memory().percent, 1),
             "load_1m": round(os.getloadavg()[0], 2),
             "soc_temp_c": self.soc_temp_c(),

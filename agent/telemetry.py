@@ -18,6 +18,9 @@ subscriber can tell a gap from a pause.
 from __future__ import annotations
 
 import json
+import math
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +38,7 @@ OFFLINE = "offline"
 
 # Every telemetry message has exactly these keys, plus `accuracy_pct` when loop.input=sample.
 TELEMETRY_KEYS = (
-    "schema", "device", "seq", "ts", "window_s", "inferences", "throughput_ips",
+    "schema", "device", "seq", "ts", "window_s", "batch_size", "inferences", "throughput_ips",
     "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_max_ms", "latency_mean_ms",
     "proc_cpu_percent", "sys_cpu_percent", "rss_mb", "mem_percent", "load_1m", "soc_temp_c",
     "cpu_freq_mhz", "throttled", "under_voltage", "freq_capped", "throttling",
@@ -96,3 +99,48 @@ def decode_telemetry(payload: bytes) -> dict[str, Any]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"telemetry {key} must be a number or null, got {value!r}")
     return msg
+
+
+def percentile(ordered: array | Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile of an ascending sequence: the one percentile of every edgeforge
+    figure (telemetry, the optimizer's report, benchmarks, smoke tests, trials)."""
+    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass
+class Window:
+    """What the loop measured in one window; the publisher turns it into telemetry."""
+
+    index: int
+    end_ts: float  # wall clock, seconds since the epoch
+    duration_s: float
+    batch_size: int
+    latencies_s: array  # one per forward pass
+    correct: int | None = None  # top-1 hits when the input is the labelled sample
+    labelled: int = 0
+    model_sha256: str = ""  # the model that ran this window (updates switch it mid-run)
+    shadow_latencies_s: array | None = None  # the old model's passes beside it, on trial
+
+
+def telemetry_fields(window: Window) -> dict[str, Any]:
+    """The loop-derived part of a telemetry message (latencies in ms)."""
+    lat = sorted(window.latencies_s)
+    n = len(lat)
+    images = n * window.batch_size
+    ms = 1000.0
+    fields: dict[str, Any] = {
+        "window_s": round(window.duration_s, 3),
+        "batch_size": window.batch_size,
+        "inferences": images,
+        "throughput_ips": round(images / window.duration_s, 2) if window.duration_s > 0 else None,
+        "latency_p50_ms": round(percentile(lat, 50) * ms, 4) if n else None,
+        "latency_p90_ms": round(percentile(lat, 90) * ms, 4) if n else None,
+        "latency_p99_ms": round(percentile(lat, 99) * ms, 4) if n else None,
+        "latency_max_ms": round(lat[-1] * ms, 4) if n else None,
+        "latency_mean_ms": round(sum(lat) / n * ms, 4) if n else None,
+    }
+    if window.correct is not None:
+        fields["accuracy_pct"] = (round(100.0 * window.correct / window.labelled, 2)
+                                  if window.labelled else None)
+    return fields

@@ -17,31 +17,19 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import time
-from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.bundle import Bundle
-from agent.errors import BundleError
+from agent.errors import BundleError, Refused
 from agent.loop import Inputs
 from agent.manifest import MANIFEST, Manifest
-from agent.percentile import percentile
 from agent.signing import SIGNATURE_FILE, Signature, verify
 from agent.store import Store, version_id
-from agent.torchwarnings import known_torch_deprecations
-
-
-class Refused(BundleError):
-    """An update the board will not take; `code` is a stable short name for scripts."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+from agent.timing import Latency, time_passes
 
 
 @dataclass(frozen=True)
@@ -149,18 +137,13 @@ def smoke_test(directory: Path, public_key: Ed25519PublicKey | None, batch_size:
     except BundleError as exc:
         raise Refused("smoke_failed", f"smoke test: {exc}") from None
     inputs = Inputs.random(batch_size, bundle.manifest.input_shape).batches
-    lat = array("d")
-    with torch.inference_mode(), known_torch_deprecations():
-        try:
-            for i in range(iters + 5):
-                t0 = time.perf_counter()
-                module(inputs[i % len(inputs)])
-                if i >= 5:  # a fresh TorchScript module's first runs profile and optimise
-                    lat.append(time.perf_counter() - t0)
-        except RuntimeError as exc:
-            raise Refused("smoke_failed", f"smoke test: inference failed "
-                                          f"({str(exc).strip().splitlines()[0]})") from None
-    p99 = percentile(sorted(lat), 99) * 1000
+    try:
+        # A fresh TorchScript module's first runs profile and optimise: 5 untimed passes.
+        lat = time_passes(module, inputs, iters, warmup=5)
+    except RuntimeError as exc:
+        raise Refused("smoke_failed", f"smoke test: inference failed "
+                                      f"({str(exc).strip().splitlines()[0]})") from None
+    p99 = Latency.of(lat).p99_s * 1000
     if p99 > max_p99_ms:
         raise Refused("smoke_failed", f"smoke test: p99 latency {p99:.2f} ms is over the "
                                       f"budget update.smoke_max_p99_ms={max_p99_ms:g}")

@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 
 from agent.config import MqttConfig
 from agent.manifest import Manifest
-from agent.publisher import apply_credentials
+from agent.mqtt import make_client
 from agent.telemetry import CMD_SCHEMA, OFFLINE, ONLINE, Topics
 from deploy.errors import FleetError
 
@@ -55,9 +55,7 @@ class Fleet:
         self._messages: queue.SimpleQueue[tuple[str, bytes, bool]] = queue.SimpleQueue()
         self._connected = threading.Event()
         self._refused: str | None = None
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                             client_id=f"edge-deploy-{secrets.token_hex(4)}")
-        apply_credentials(client, cfg)
+        client = make_client(cfg, f"edge-deploy-{secrets.token_hex(4)}")
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         self.client = client

@@ -1,23 +1,18 @@
-"""Host latency and throughput of a model variant, warm-up excluded, threads recorded."""
+"""Host latency and throughput of a model variant, warm-up excluded, threads recorded.
+
+Timed with the board's own loop and percentile (agent/timing.py), so the report's p99 and a
+board's p99 are the same statistic.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from agent.timing import Latency, time_passes
 from agent.torchwarnings import known_torch_deprecations
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (q in 0..100)."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
-    return sorted_values[rank]
-
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,26 +32,17 @@ def measure(make: Callable[[], Model], input_shape: list[int], *,
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.inference_mode(), known_torch_deprecations():
-            model = make()
-            for _ in range(warmup):
-                model(x1)
-            samples = []
-            for _ in range(iters):
-                t0 = time.perf_counter_ns()
-                model(x1)
-                samples.append((time.perf_counter_ns() - t0) / 1000.0)
-            model = make()
-            for _ in range(max(1, warmup // 10)):
-                model(xb)
-            start = time.perf_counter()
-            for _ in range(throughput_batches):
-                model(xb)
-            elapsed = time.perf_counter() - start
+        with known_torch_deprecations():  # make() may load or script a module
+            single, batched = make(), make()
+        lat = time_passes(single, [x1], iters, warmup)
+        # A fresh module for batch 64: TorchScript specialises on the first shape it runs.
+        throughput = Latency.of(time_passes(batched, [xb], throughput_batches,
+                                            max(1, warmup // 10)))
     finally:
         torch.set_num_threads(previous)
-    ordered = sorted(samples)
-    return {"p50_us": percentile(ordered, 50), "p90_us": percentile(ordered, 90),
-            "p99_us": percentile(ordered, 99), "mean_us": sum(samples) / len(samples),
-            "throughput_ips": throughput_batches * throughput_batch / elapsed,
-            "threads": threads, "iters": iters, "warmup": warmup, "samples_us": samples}
+    s = Latency.of(lat)
+    return {"p50_us": s.p50_s * 1e6, "p90_us": s.p90_s * 1e6, "p99_us": s.p99_s * 1e6,
+            "mean_us": s.mean_s * 1e6,
+            "throughput_ips": throughput_batches * throughput_batch / throughput.total_s,
+            "threads": threads, "iters": iters, "warmup": warmup,
+            "samples_us": [v * 1e6 for v in lat]}

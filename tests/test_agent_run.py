@@ -44,7 +44,8 @@ def test_publishes_schema_checked_telemetry_and_retained_status_and_info(
     assert len(messages) >= 5
     assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1))
     for m in messages:
-        assert set(TELEMETRY_KEYS) <= set(m) and m["device"] == "testboard"
+        # Exactly the keys the contract lists (loop.input=sample adds accuracy_pct).
+        assert set(m) == {*TELEMETRY_KEYS, "accuracy_pct"} and m["device"] == "testboard"
         assert m["inferences"] > 0 and 0 < m["latency_p50_ms"] <= m["latency_p99_ms"] \
             <= m["latency_max_ms"]
         assert m["rss_mb"] > 50 and m["proc_cpu_percent"] is not None

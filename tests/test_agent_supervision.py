@@ -16,10 +16,11 @@ from types import SimpleNamespace
 from typing import Any
 
 from agent.config import MqttConfig
-from agent.publisher import INBOX, Publisher, Window
+from agent.publisher import INBOX, Publisher
 from agent.runner import supervise
 from agent.spool import SYSTEM_STATE_DIR, Spool
 from agent.stats import ResourceStats
+from agent.telemetry import Window
 from tests.broker import Broker, Subscriber
 from tests.conftest import ROOT, Agent
 

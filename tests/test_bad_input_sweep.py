@@ -278,7 +278,7 @@ def test_bad_telemetry_is_counted_and_never_reaches_history_or_prometheus(
     record = background(broker.port, tmp_path, *hist, "record")
     now = time.time()
     good = {"schema": "edgeforge.telemetry/1", "device": "good", "seq": 1, "ts": now,
-            "window_s": 10.0, "inferences": 100, "throughput_ips": 10.0,
+            "window_s": 10.0, "batch_size": 1, "inferences": 100, "throughput_ips": 10.0,
             "latency_p50_ms": 1.0, "latency_p90_ms": 1.5, "latency_p99_ms": 2.0,
             "latency_max_ms": 3.0, "latency_mean_ms": 1.1, "proc_cpu_percent": 50.0,
             "sys_cpu_percent": 60.0, "rss_mb": 200.0, "mem_percent": 10.0, "load_1m": 1.0,
@@ -316,13 +316,15 @@ def test_bad_telemetry_is_counted_and_never_reaches_history_or_prometheus(
         for name, (kind, payload) in bad.items():
             sub.client.publish(f"edgeforge/bad-{name}/{kind}", payload, qos=1).wait_for_publish(10)
         sub.client.publish("edgeforge/good/telemetry", variant(), qos=1).wait_for_publish(10)
-        wait(lambda: all(metric(metrics(port), "edgeforge_bad_messages", f"bad-{n}") == 1.0
-                         for n in bad) and metric(metrics(port), "edgeforge_latency_p99_ms",
-                                                  "good") == 2.0, 30, "every bad message counted")
+        wait(lambda: all(metric(metrics(port), "edgeforge_bad_messages_total", f"bad-{n}")
+                         == 1.0 for n in bad)
+             and metric(metrics(port), "edgeforge_latency_p99_seconds", "good") == 0.002, 30,
+             "every bad message counted")
         text = metrics(port)
         for name in bad:
-            assert metric(text, "edgeforge_latency_p99_ms", f"bad-{name}") is None, name
-            assert metric(text, "edgeforge_soc_temp_celsius", f"bad-{name}") is None, name
+            assert metric(text, "edgeforge_latency_p99_seconds", f"bad-{name}") is None, name
+            assert metric(text, "edgeforge_soc_temperature_celsius", f"bad-{name}") is None, \
+                name
     finally:
         sub.close()
         stop(serve)

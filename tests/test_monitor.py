@@ -113,7 +113,7 @@ def test_a_killed_board_is_offline_a_silent_one_stale_and_alerts_fire_and_clear(
                        "serve", "--prometheus", f"127.0.0.1:{port}")
     alerts = Subscriber(broker.port, topic="edgeforge/alerts/#", client_id="alerts")
     try:
-        wait(lambda: metric(metrics(port), "edgeforge_latency_p99_ms", "b2") is not None, 20,
+        wait(lambda: metric(metrics(port), "edgeforge_latency_p99_seconds", "b2") is not None, 20,
              "metrics of b2")
         fleet["b1"].proc.send_signal(signal.SIGKILL)  # the broker sends its last will
         fleet["b2"].proc.send_signal(signal.SIGSTOP)  # connected, but silent
@@ -128,8 +128,8 @@ def test_a_killed_board_is_offline_a_silent_one_stale_and_alerts_fire_and_clear(
                                                                    "b2") == 0.0
         assert text.count('edgeforge_up{device="b1"') == 1
         for device in ("b1", "b2"):
-            assert metric(text, "edgeforge_latency_p99_ms", device) is None
-            assert metric(text, "edgeforge_throughput_ips", device) is None
+            assert metric(text, "edgeforge_latency_p99_seconds", device) is None
+            assert metric(text, "edgeforge_throughput_images_per_second", device) is None
         # Its age stays, for PromQL (b2's telemetry was seen before it went silent).
         assert (metric(text, "edgeforge_seconds_since_telemetry", "b2") or 0) > 1.0
         alerts.wait_for(lambda: len(alerts.on("alerts/b2")) >= 1, 20, "b2's alert")
@@ -158,16 +158,22 @@ def test_prometheus_serves_the_latest_values_per_device(fleet: dict[str, Agent],
     sub = Subscriber(broker.port, client_id="prom")
     serve = background(broker.port, tmp_path, "serve", "--prometheus", f"127.0.0.1:{port}")
     try:
-        wait(lambda: metric(metrics(port), "edgeforge_throughput_ips", "b1") is not None, 20,
-             "metrics of b1")
+        wait(lambda: metric(metrics(port), "edgeforge_throughput_images_per_second", "b1")
+             is not None, 20, "metrics of b1")
         text = metrics(port)
         for device in ("b1", "b2"):
             sent = [m for m in sub.telemetry() if m["device"] == device]
-            p99 = metric(text, "edgeforge_latency_p99_ms", device)
-            rss = metric(text, "edgeforge_rss_mb", device)
-            assert p99 in [m["latency_p99_ms"] for m in sent]
-            assert rss in [m["rss_mb"] for m in sent]
+            p99 = metric(text, "edgeforge_latency_p99_seconds", device)
+            rss = metric(text, "edgeforge_resident_memory_bytes", device)
+            dropped = metric(text, "edgeforge_dropped_total", device)
+            assert p99 in [pytest.approx(m["latency_p99_ms"] / 1000) for m in sent]
+            assert rss in [pytest.approx(m["rss_mb"] * 1e6) for m in sent]
+            assert dropped in [m["dropped_total"] for m in sent]
             assert metric(text, "edgeforge_up", device) == 1.0
+        # Prometheus's own linter: base units, _total on counters, no abbreviated units.
+        lint = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
+                              capture_output=True, timeout=60)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
     finally:
         stop(serve)
         sub.close()
@@ -214,7 +220,8 @@ def test_bad_telemetry_is_counted_per_device_never_crashes_or_reaches_history(
                                 "latency_p90_ms", "latency_p99_ms", "latency_max_ms",
                                 "latency_mean_ms", "proc_cpu_percent", "sys_cpu_percent",
                                 "rss_mb", "mem_percent", "load_1m")},
-            "inferences": 10, "soc_temp_c": None, "cpu_freq_mhz": None, "throttled": None,
+            "batch_size": 1, "inferences": 10, "soc_temp_c": None, "cpu_freq_mhz": None,
+            "throttled": None,
             "under_voltage": None, "freq_capped": None, "throttling": None, "spool_depth": 0,
             "dropped_total": 0, "model_sha256": "ab" * 32}
     cases = {
@@ -278,6 +285,9 @@ def test_home_assistant_discovery_is_announced_and_sent_again_after_ha_restarts(
             assert cfg["availability_topic"] == "edgeforge/pi-1/status"
             assert cfg["state_topic"] == "edgeforge/pi-1/telemetry"
             assert key in cfg["value_template"]
+            # object_id is gone from Home Assistant 2026.4; default_entity_id is domain.id.
+            assert "object_id" not in cfg
+            assert cfg["default_entity_id"] == f"sensor.edgeforge_pi_1_{key}"
         assert configs["soc_temp_c"]["device_class"] == "temperature"
         late = Subscriber(broker.port, topic="homeassistant/#", client_id="ha-late")
         late.wait_for(lambda: len(late.on("/config")) >= 6, 10, "retained configs")

@@ -29,7 +29,7 @@ import paho.mqtt.client as mqtt
 
 from agent.config import MqttConfig, default_config_path, load_config
 from agent.errors import ConfigError, EdgeforgeError
-from agent.publisher import apply_credentials
+from agent.mqtt import make_client
 from agent.telemetry import encode
 from deploy.monitor.alerts import Alerts
 from deploy.monitor.config import SORT_KEYS, MonitorCommandConfig, MonitorConfig
@@ -57,7 +57,7 @@ class Monitor:
                  quiet: bool = False) -> None:
         self.mqtt_cfg = mqtt_cfg
         self.cfg = cfg
-        self.fleet = Fleet(mqtt_cfg.topic_prefix, int(cfg.max_payload_kb * 1024),
+        self.fleet = Fleet(mqtt_cfg.topic_prefix, int(cfg.max_payload_kb * 1000),
                            cfg.history_max_age_s)
         self.alerts = Alerts(cfg)
         self.history = history
@@ -70,10 +70,8 @@ class Monitor:
         self.publish_alerts = not quiet  # one-shot runs only look; long runs own the topic
         self._retained: dict[str, bool] = {}  # device -> a retained alerts message exists
         self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                             client_id=f"edge-monitor-{secrets.token_hex(4)}")
+        client = make_client(mqtt_cfg, f"edge-monitor-{secrets.token_hex(4)}")
         client.reconnect_delay_set(1, 30)
-        apply_credentials(client, mqtt_cfg)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = lambda c, u: self._down("no answer (connection refused or "

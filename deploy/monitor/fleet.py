@@ -122,7 +122,8 @@ class Device:
             "latency_p99_ms": t.get("latency_p99_ms"), "throughput_ips": t.get("throughput_ips"),
             "proc_cpu_percent": t.get("proc_cpu_percent"), "soc_temp_c": t.get("soc_temp_c"),
             "throttling": t.get("throttling"), "rss_mb": t.get("rss_mb"),
-            "spool_depth": t.get("spool_depth"), "seq": t.get("seq"),
+            "spool_depth": t.get("spool_depth"), "dropped_total": t.get("dropped_total"),
+            "seq": t.get("seq"),
             "seconds_since_telemetry": None if age is None else round(age, 1),
             "bad_messages": self.bad_messages, "last_problem": self.last_problem,
         }
@@ -131,7 +132,7 @@ class Device:
 class Fleet:
     """Every device seen under one topic prefix."""
 
-    def __init__(self, prefix: str, max_payload_bytes: int = 64 * 1024,
+    def __init__(self, prefix: str, max_payload_bytes: int = 64_000,
                  horizon_s: float | None = None) -> None:
         self.prefix = prefix.rstrip("/")
         self.max_payload_bytes = max_payload_bytes

@@ -1,4 +1,4 @@
-"""`edge-monitor serve --prometheus :PORT`: the latest values per device as Prometheus gauges.
+"""`edge-monitor serve --prometheus :PORT`: the latest values per device as Prometheus metrics.
 
 prometheus_client (the maintained client library) serves /metrics from its own thread; a
 custom collector reads the monitor's state under its lock at each scrape, so a device that
@@ -17,15 +17,28 @@ from typing import Any
 
 from agent.errors import ConfigError
 
-METRICS = (  # (metric name, row field, help)
-    ("edgeforge_latency_p50_ms", "latency_p50_ms", "Latency p50 of the last window (ms)"),
-    ("edgeforge_latency_p90_ms", "latency_p90_ms", "Latency p90 of the last window (ms)"),
-    ("edgeforge_latency_p99_ms", "latency_p99_ms", "Latency p99 of the last window (ms)"),
-    ("edgeforge_throughput_ips", "throughput_ips", "Images per second in the last window"),
-    ("edgeforge_cpu_percent", "proc_cpu_percent", "Agent CPU use in the last window (%)"),
-    ("edgeforge_soc_temp_celsius", "soc_temp_c", "SoC temperature (C)"),
-    ("edgeforge_rss_mb", "rss_mb", "Agent resident memory (MB)"),
-    ("edgeforge_spool_depth", "spool_depth", "Telemetry messages waiting on the board"),
+# (metric name, row field, scale to the base unit, help). Prometheus wants base units
+# (seconds, bytes, ratios) and `_total` for counters; `promtool check metrics` is run on
+# this endpoint by the tests.
+METRICS = (
+    ("edgeforge_latency_p50_seconds", "latency_p50_ms", 1e-3,
+     "Latency p50 of the last window"),
+    ("edgeforge_latency_p90_seconds", "latency_p90_ms", 1e-3,
+     "Latency p90 of the last window"),
+    ("edgeforge_latency_p99_seconds", "latency_p99_ms", 1e-3,
+     "Latency p99 of the last window"),
+    ("edgeforge_throughput_images_per_second", "throughput_ips", 1.0,
+     "Images classified per second in the last window"),
+    ("edgeforge_process_cpu_ratio", "proc_cpu_percent", 1e-2,
+     "Agent CPU use in the last window, 1 = one core busy"),
+    ("edgeforge_soc_temperature_celsius", "soc_temp_c", 1.0, "SoC temperature"),
+    ("edgeforge_resident_memory_bytes", "rss_mb", 1e6, "Agent resident memory"),
+    ("edgeforge_spool_messages", "spool_depth", 1.0,
+     "Telemetry messages waiting in the board's spool"),
+)
+COUNTERS = (  # (metric name without _total, row field, help): counts since the agent started
+    ("edgeforge_dropped", "dropped_total",
+     "Messages the board's spool or inbox dropped (full or too old)"),
 )
 STATES = ("online", "stale", "offline", "unknown")
 
@@ -34,22 +47,28 @@ def serve(monitor: Any, host: str, port: int) -> None:
     """Start the /metrics endpoint for `monitor` (an deploy.monitor.cli.Monitor)."""
     try:
         from prometheus_client import start_http_server
-        from prometheus_client.core import REGISTRY, GaugeMetricFamily
+        from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
         from prometheus_client.registry import Collector
     except ImportError:
         raise ConfigError("prometheus_client is not installed: pip install 'edgeforge[host]' "
                           "(or pip install prometheus_client)") from None
 
     class FleetCollector(Collector):
-        def collect(self) -> Iterator[GaugeMetricFamily]:
+        def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
             rows = monitor.rows()
             live = [r for r in rows if r["state"] == "online"]
-            for name, field, help_text in METRICS:
+            for name, field, scale, help_text in METRICS:
                 g = GaugeMetricFamily(name, help_text, labels=["device"])
                 for r in live:
                     if r.get(field) is not None:
-                        g.add_metric([r["device"]], float(r[field]))
+                        g.add_metric([r["device"]], float(r[field]) * scale)
                 yield g
+            for name, field, help_text in COUNTERS:
+                c = CounterMetricFamily(name, help_text, labels=["device"])
+                for r in live:
+                    if r.get(field) is not None:
+                        c.add_metric([r["device"]], float(r[field]))
+                yield c
             age = GaugeMetricFamily("edgeforge_seconds_since_telemetry",
                                     "Seconds since the monitor last received telemetry",
                                     labels=["device"])
@@ -63,8 +82,8 @@ def serve(monitor: Any, host: str, port: int) -> None:
                                           labels=["device"])
             alerts = GaugeMetricFamily("edgeforge_alerts_active", "Active alerts",
                                        labels=["device"])
-            bad = GaugeMetricFamily("edgeforge_bad_messages", "Messages refused since start",
-                                    labels=["device"])
+            bad = CounterMetricFamily("edgeforge_bad_messages", "Messages from the device "
+                                      "the monitor refused since it started", labels=["device"])
             for r in rows:
                 up.add_metric([r["device"]], 1.0 if r["state"] == "online" else 0.0)
                 for name in STATES:
