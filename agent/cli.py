@@ -28,11 +28,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-# Nothing here imports torch at module level: agent.runtime must vet it first (a torch that
+# Nothing here imports torch at module level: agent.torch_matrix must vet it first (a torch that
 # does not fit the CPU dies with SIGILL at import).
 from agent.config import AgentConfig, default_config_path, load_config
 from agent.errors import ConfigError, EdgeforgeError
-from agent.runtime import check_runtime
+from agent.torch_matrix import check_runtime
 
 log = logging.getLogger("agent")
 

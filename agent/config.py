@@ -168,7 +168,7 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    """Signed model updates over MQTT and remote commands (see agent/commands.py)."""
+    """Signed model updates over MQTT and remote commands (see agent/remote_commands.py)."""
 
     public_key: str | None = None  # Ed25519 PEM; null = updates refused, signatures unchecked
     keep: int = 3  # versions kept in the store

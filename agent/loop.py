@@ -13,7 +13,13 @@ runner exits non-zero so systemd restarts the agent: no thread dies while the pr
 
 During an update's trial the model carries a `shadow` (the old module): the loop runs both on
 every input, alternating which goes first, so the two latency samples are taken under the
-same conditions however busy the board is (agent/regression.py compares them).
+same conditions however busy the board is (agent/regression.py compares them). It also
+carries a `fallback` (the old model): a forward pass of the new one that raises makes the
+loop go back to it at once, by itself, and tell the commands thread (`fell_back`), which
+rolls the store back and answers. The loop never waits on another thread's lock.
+
+Other threads talk to the loop only through its `LoopControl`: a model, a config or a stop
+handed over there is taken before the next forward pass.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import math
 import time
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -81,6 +87,7 @@ class Model:
     inputs: Inputs
     sha256: str
     shadow: torch.jit.ScriptModule | None = None  # the old model, timed beside it on trial
+    fallback: Model | None = None  # on trial: what to run if this one's forward pass fails
 
 
 def warm_up(model: Model, count: int) -> float:
@@ -89,35 +96,60 @@ def warm_up(model: Model, count: int) -> float:
     return time_passes(model.module, model.inputs.batches, max(1, count))[0]
 
 
+class LoopControl:
+    """The inference loop's mailbox: what other threads and signal handlers hand it.
+
+    Plain attributes, not Events or locks: a signal handler may set them at any point, and
+    each hand-over is one reference assignment. `wake` is the one flag the hot loop reads.
+    """
+
+    def __init__(self) -> None:
+        self.wake = False
+        self.stopping = False
+        self.next_model: Model | None = None
+        self.next_cfg: LoopConfig | None = None
+
+    def swap(self, model: Model) -> None:
+        """Run `model` from the next forward pass on (any thread)."""
+        self.next_model = model
+        self.wake = True
+
+    def configure(self, cfg: LoopConfig) -> None:
+        """Run with `cfg` (a checked LoopConfig) from the next forward pass on (any thread)."""
+        self.next_cfg = cfg
+        self.wake = True
+
+    def stop(self) -> None:
+        """Finish the current forward pass, close the window and return (signal-safe)."""
+        self.stopping = True
+        self.wake = True
+
+
 class InferenceLoop:
     """Runs `model` until stopped, handing a Window to `emit` every window_s.
 
-    Another thread may hand it a new model (`swap`) or new rate and window (`reconfigure`):
-    the loop closes the current window and takes them before its next forward pass. A
-    forward pass that raises goes to `on_error`, which may return a model to go on with
-    (an automatic rollback); otherwise the error ends the run. `healthy` returns None, or
-    what is wrong with the agent's other threads (then the run ends with `failure` set).
+    Another thread may hand `control` a new model or config: the loop closes the current
+    window and takes them before its next forward pass. A forward pass that raises ends the
+    run, unless the model has a `fallback`: then the loop runs that and calls `fell_back`
+    (the failed model's sha256, why). `healthy` returns None, or what is wrong with the
+    agent's other threads (then the run ends with `failure` set).
     """
 
-    def __init__(self, model: Model, cfg: LoopConfig, emit: Callable[[Window], object],
-                 notifier: Notifier, healthy: Callable[[], str | None] = lambda: None,
-                 on_error: Callable[[RuntimeError], Model | None] = lambda exc: None) -> None:
+    def __init__(self, model: Model, cfg: LoopConfig, control: LoopControl,
+                 emit: Callable[[Window], object], notifier: Notifier,
+                 healthy: Callable[[], str | None] = lambda: None,
+                 fell_back: Callable[[str, str], None] = lambda sha, reason: None) -> None:
         self.model = model
         self.cfg = cfg
+        self.control = control
         self.emit = emit
         self.notifier = notifier
         self.healthy = healthy
-        self.on_error = on_error
+        self.fell_back = fell_back
         self.windows = 0
         self.failure: str | None = None  # why healthy() ended the run
-        # Plain flags, not Events: a signal handler may set them at any point of the loop.
-        # `_break` is the one flag the hot loop reads: stop(), swap() and reconfigure() set it.
-        self._stopping = False
-        self._break = False
+        self.failed: set[str] = set()  # models whose forward pass failed in this run
         self._next_ping = math.inf
-        # Set by other threads, taken by the loop (a single reference assignment each).
-        self._next_model: Model | None = None
-        self._next_cfg: LoopConfig | None = None
 
     @property
     def module(self) -> torch.jit.ScriptModule:
@@ -127,29 +159,9 @@ class InferenceLoop:
     def inputs(self) -> Inputs:
         return self.model.inputs
 
-    def swap(self, model: Model) -> None:
-        """Run `model` from the next forward pass on (any thread)."""
-        self._next_model = model
-        self._break = True
-
-    def reconfigure(self, rate_hz: float | None = None, window_s: float | None = None) -> \
-            LoopConfig:
-        """Change the rate and window from the next forward pass on (any thread).
-
-        Raises:
-            agent.config.Invalid: a value out of range.
-        """
-        cfg = self._next_cfg or self.cfg
-        cfg = replace(cfg, rate_hz=cfg.rate_hz if rate_hz is None else rate_hz,
-                      window_s=cfg.window_s if window_s is None else window_s)
-        self._next_cfg = cfg
-        self._break = True
-        return cfg
-
     def stop(self) -> None:
         """Finish the current forward pass, close the window and return (signal-safe)."""
-        self._stopping = True
-        self._break = True
+        self.control.stop()
 
     def warm_up(self) -> float:
         """Run cfg.warmup forward passes outside the stats; return the first one's seconds."""
@@ -168,12 +180,15 @@ class InferenceLoop:
             window_start = self._run_until_change(window_start, end, ping_every)
 
     def _take_changes(self) -> None:
+        control = self.control
         # Cleared before reading: a change handed over from here on sets it again.
-        self._break = self._stopping
-        if self._next_model is not None:
-            self.model, self._next_model = self._next_model, None
-        if self._next_cfg is not None:
-            self.cfg, self._next_cfg = self._next_cfg, None
+        control.wake = control.stopping
+        model, control.next_model = control.next_model, None
+        if model is not None and model.sha256 not in self.failed:
+            self.model = model  # a model that failed in this run is not taken back
+        cfg, control.next_cfg = control.next_cfg, None
+        if cfg is not None:
+            self.cfg = cfg
 
     def _run_until_change(self, window_start: float, end: float,
                           ping_every: float) -> float | None:
@@ -193,8 +208,9 @@ class InferenceLoop:
         lat = array("d")
         old = array("d") if shadow is not None else None
         correct, i = 0, 0
+        control = self.control
         with torch.inference_mode(), known_torch_deprecations():
-            while not self._break:
+            while not control.wake:
                 k = i % n
                 if shadow is not None and i & 1:  # odd passes: the old model goes first
                     shadow = self._shadow(shadow, batches[k], old)
@@ -202,11 +218,10 @@ class InferenceLoop:
                 try:
                     out = module(batches[k])
                 except RuntimeError as exc:
-                    fallback = self.on_error(exc)
-                    if fallback is None:
+                    if model.fallback is None:
                         raise
-                    self.swap(fallback)
-                    continue
+                    self._fall_back(model, exc)
+                    break
                 t1 = perf()
                 lat.append(t1 - t0)
                 if shadow is not None and not i & 1:
@@ -239,7 +254,19 @@ class InferenceLoop:
             now = perf()
             self._close(lat, window_start, now, correct if labels is not None else None, old)
             # Stopped or failed, else a change was handed over: go on from now.
-            return None if self._stopping or self.failure is not None else now
+            return None if control.stopping or self.failure is not None else now
+
+    def _fall_back(self, model: Model, exc: RuntimeError) -> None:
+        """The model on trial failed: the window closes as it is, the previous model runs
+        from the next pass on, and the commands thread hears why."""
+        assert model.fallback is not None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self.failed.add(model.sha256)
+        if self.control.next_model is None or self.control.next_model.sha256 == model.sha256:
+            self.control.swap(model.fallback)
+        else:
+            self.control.wake = True
+        self.fell_back(model.sha256, f"inference failed on the new model: {first}")
 
     @staticmethod
     def _shadow(shadow: torch.jit.ScriptModule, batch: torch.Tensor,
@@ -259,7 +286,7 @@ class InferenceLoop:
         """Sleep until `tick` for a fixed rate, waking for windows, pings and stop()."""
         while True:
             now = time.perf_counter()
-            if now >= tick or self._break:
+            if now >= tick or self.control.wake:
                 return
             # Wake at the next event too, so windows close and the watchdog is fed on time,
             # and at least every 50 ms to notice stop().

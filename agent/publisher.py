@@ -27,12 +27,13 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from agent.command_inbox import CommandInbox
 from agent.config import MqttConfig
 from agent.mqtt import make_client
 from agent.spool import Spool
@@ -61,9 +62,14 @@ CONNECT_TIMEOUT_S = 3.0
 
 @dataclass(frozen=True)
 class CommandResult:
-    """An answer to a command, published on cmd_result through the spool (QoS 1)."""
+    """An answer to a command, published on cmd_result through the spool (QoS 1).
+
+    With `publisher_state`, this thread adds what only it knows to `fields["data"]`: the
+    spool's depth and dropped count and whether MQTT is connected (diagnostics).
+    """
 
     fields: dict[str, Any]
+    publisher_state: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,13 @@ class Publisher(threading.Thread):
     """Spools every window's telemetry and publishes it over MQTT; see the module docstring."""
 
     def __init__(self, cfg: MqttConfig, device: str, spool: Spool, stats: ResourceStats,
-                 info: dict[str, Any], model_sha256: str) -> None:
+                 info: dict[str, Any], model_sha256: str, commands: CommandInbox | None = None,
+                 startup_events: Sequence[tuple[str, str]] = (),
+                 discovery: tuple[str, list[tuple[str, bytes]]] | None = None) -> None:
+        """`commands` gets each message on <prefix>/<id>/cmd/<name> and each closed window
+        (None: commands are not subscribed to); `startup_events` are (kind, detail) events
+        sent once on start; `discovery` is Home Assistant's status topic and the retained
+        config messages to send on every connect and whenever Home Assistant restarts."""
         super().__init__(name="publisher", daemon=True)
         self.cfg = cfg
         self.device = device
@@ -92,13 +104,9 @@ class Publisher(threading.Thread):
         self._lost_lock = threading.Lock()
         self._unqueued: dict[str, int] = {}  # seq counter -> messages the full inbox refused
         self.beat = time.monotonic()
-        # Called on this thread for each message on <prefix>/<id>/cmd/<name>: must not block.
-        self.on_command: Callable[[str, bytes], None] | None = None
-        self.startup_events: list[tuple[str, str]] = []  # (kind, detail) sent on start
-        # Called on this thread with each window and its telemetry fields: must not block.
-        self.on_window: Callable[[Window, dict[str, Any]], None] | None = None
-        # Home Assistant discovery: (the HA status topic, the config messages), or None.
-        self.discovery: tuple[str, list[tuple[str, bytes]]] | None = None
+        self.commands = commands
+        self.startup_events = tuple(startup_events)
+        self.discovery = discovery
         self._deadline: float | None = None  # monotonic time by which to be gone
         self.connected = False
         self._handed: dict[int, int] = {}  # paho mid -> spool row id
@@ -189,7 +197,13 @@ class Publisher(threading.Thread):
             if isinstance(item, Window):
                 self._record(item)
             elif isinstance(item, CommandResult):
-                self._result(item.fields)
+                fields = item.fields
+                if item.publisher_state:
+                    fields = {**fields, "data": {
+                        **fields.get("data", {}), "spool_depth": self.spool.depth,
+                        "dropped_total": self.spool.dropped_total,
+                        "mqtt_connected": self.connected}}
+                self._result(fields)
             else:
                 self._model_change(item)
             try:
@@ -213,8 +227,8 @@ class Publisher(threading.Thread):
         if not fields["inferences"]:
             return  # a window cut short before its first inference says nothing
         fields.update(self.stats.sample())
-        if self.on_window is not None:
-            self.on_window(window, fields)
+        if self.commands is not None:
+            self.commands.window(window, fields)
         depth, dropped = self.spool.depth, self.spool.dropped_total
 
         def payload(seq: int) -> bytes:
@@ -306,7 +320,7 @@ class Publisher(threading.Thread):
         client.publish(self.topics.status, ONLINE, qos=1, retain=True)
         client.publish(self.topics.info, encode({**self.info, "ts": round(time.time(), 3)}),
                        qos=1, retain=True)
-        if self.on_command is not None:
+        if self.commands is not None:
             client.subscribe(self.topics.cmd("+"), qos=1)
         if self.discovery is not None:
             client.subscribe(self.discovery[0], qos=1)
@@ -325,13 +339,15 @@ class Publisher(threading.Thread):
             if message.payload == b"online":  # Home Assistant (re)started: announce again
                 self._announce()
             return
-        if self.on_command is None or not message.topic.startswith(self.topics.cmd_prefix):
+        if self.commands is None or not message.topic.startswith(self.topics.cmd_prefix):
             return
         if message.retain:  # would run again on every reconnect: commands are one-shot
             log.warning("mqtt: ignoring retained command on %s (publish commands without "
                         "retain; clear it with an empty retained message)", message.topic)
             return
-        self.on_command(message.topic[len(self.topics.cmd_prefix):], message.payload)
+        name = message.topic[len(self.topics.cmd_prefix):]
+        if not self.commands.command(name, message.payload):
+            self.submit(CommandResult(self.commands.busy_result(name, message.payload)))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason_code: Any, properties: Any) -> None:

@@ -30,19 +30,20 @@ import torch
 
 import agent
 from agent.bundle import Bundle
-from agent.commands import STALL_S as COMMANDS_STALL_S
-from agent.commands import Commands, RecentErrors, config_sha256, recover_trial
+from agent.command_inbox import CommandInbox
 from agent.config import AgentConfig
 from agent.homeassistant import discovery_messages
-from agent.loop import InferenceLoop, Inputs, Model
+from agent.loop import InferenceLoop, Inputs, LoopControl, Model, warm_up
 from agent.publisher import STALL_S as PUBLISHER_STALL_S
-from agent.publisher import Publisher
+from agent.publisher import ModelChange, Publisher
+from agent.remote_commands import STALL_S as COMMANDS_STALL_S
+from agent.remote_commands import Commands, RecentErrors, config_sha256, recover_trial
 from agent.sdnotify import Notifier
 from agent.signing import configured_key
 from agent.spool import Spool, spool_path
 from agent.stats import ResourceStats
 from agent.store import Store
-from agent.telemetry import INFO_SCHEMA
+from agent.telemetry import INFO_SCHEMA, Topics
 
 log = logging.getLogger(__name__)
 
@@ -87,30 +88,38 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
                   int(spool_cfg.max_mb * 1e6), spool_cfg.max_age_s)
     log.info("spool %s: %d message(s) waiting, next telemetry seq %s", spool.path, spool.depth,
              spool.get("seq.telemetry", 1))
+    starts = int(spool.get("starts", 0) or 0) + 1
+    last_exit = str(spool.get("last_exit") or "first start")
+    events = [("rollback", rolled_back)] if rolled_back else []
+    if last_exit.startswith("error"):
+        events.append(("restarted", f"the last run ended with {last_exit}"))
+    if spool.get("running"):
+        last_exit = "killed (no clean shutdown: SIGKILL, watchdog, crash or power loss)"
+    ha = cfg.homeassistant
+    discovery = (f"{ha.discovery_prefix.rstrip('/')}/status",
+                 discovery_messages(ha.discovery_prefix, device,
+                                    Topics.for_device(cfg.mqtt.topic_prefix, device))) \
+        if ha.enabled else None
+    load_ms = first_ms = 0.0  # measured once the publisher exists; info is sent again then
+
+    def make_info(b: Bundle, c: dict[str, Any]) -> dict[str, Any]:
+        return birth_info(cfg, device, b, c, starts, last_exit, load_ms, first_ms)
+
+    inbox = CommandInbox()
     try:
         # Built before anything is recorded: it checks the TLS files (ConfigError).
-        publisher = Publisher(cfg.mqtt, device, spool, ResourceStats(), {}, bundle.sha256)
+        publisher = Publisher(cfg.mqtt, device, spool, ResourceStats(), make_info(bundle, checked),
+                              bundle.sha256, commands=inbox, startup_events=events,
+                              discovery=discovery)
     except BaseException:
         spool.close()
         raise
-    if rolled_back:
-        publisher.startup_events.append(("rollback", rolled_back))
-    if str(spool.get("last_exit") or "").startswith("error"):
-        publisher.startup_events.append(("restarted", f"the last run ended with "
-                                                      f"{spool.get('last_exit')}"))
-    ha = cfg.homeassistant
-    if ha.enabled:
-        publisher.discovery = (f"{ha.discovery_prefix.rstrip('/')}/status",
-                               discovery_messages(ha.discovery_prefix, device, publisher.topics))
-    starts = int(spool.get("starts", 0) or 0) + 1
-    last_exit = str(spool.get("last_exit") or "first start")
-    if spool.get("running"):
-        last_exit = "killed (no clean shutdown: SIGKILL, watchdog, crash or power loss)"
     spool.set("starts", starts)
     spool.set("running", 1)
 
     reason = ["duration" if duration_s is not None else "stopped"]
     code = 0
+    control = LoopControl()
     loop: InferenceLoop | None = None
     previous: dict[int, Any] = {}
     recent = RecentErrors()
@@ -119,8 +128,7 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         reason[0] = signal.Signals(signum).name
-        if loop is not None:
-            loop.stop()
+        control.stop()
 
     try:
         t0 = time.perf_counter()
@@ -128,21 +136,14 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
         load_ms = (time.perf_counter() - t0) * 1000
         model = Model(module, Inputs.for_bundle(bundle, loop_cfg.input, loop_cfg.batch_size),
                       bundle.sha256)
-
-        def make_info(b: Bundle, c: dict[str, Any]) -> dict[str, Any]:
-            return birth_info(cfg, device, b, c, starts, last_exit, load_ms, first_ms)
-
-        commands = Commands(cfg.update, loop_cfg, store, public_key, publisher, bundle,
-                            make_info, config_sha256(cfg), recent)
-
-        loop = InferenceLoop(model, loop_cfg, publisher.submit, notifier,
+        first_ms = warm_up(model, loop_cfg.warmup) * 1000
+        # The birth message names the load and first-inference times just measured.
+        publisher.submit(ModelChange(bundle.sha256, make_info(bundle, checked)))
+        commands = Commands(cfg.update, loop_cfg, store, public_key, publisher.submit, bundle,
+                            model, inbox, control, make_info, config_sha256(cfg), recent)
+        loop = InferenceLoop(model, loop_cfg, control, publisher.submit, notifier,
                              healthy=functools.partial(supervise, publisher, commands),
-                             on_error=commands.on_error)
-        commands.loop = loop
-        first_ms = loop.warm_up() * 1000
-        publisher.info = make_info(bundle, checked)
-        publisher.on_command = commands.receive
-        publisher.on_window = commands.observe
+                             fell_back=inbox.fell_back)
         commands.start()
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         publisher.start()

@@ -6,7 +6,7 @@ Under `<topic_prefix>/<device_id>/`:
     info       retained JSON birth message (schema edgeforge.info/1)
     telemetry  one JSON message per closed window, QoS from config (schema edgeforge.telemetry/1)
     event      JSON notices a person should see (schema edgeforge.event/1): spool reset, ...
-    cmd/<name>  commands to the agent (schema edgeforge.cmd/1, agent/commands.py)
+    cmd/<name>  commands to the agent (schema edgeforge.cmd/1, agent/remote_commands.py)
     cmd_result  one JSON answer per command, with its request_id (edgeforge.cmd_result/1)
 
 Payloads are flat JSON objects whose numbers carry their unit in the key. A value the board
@@ -30,7 +30,7 @@ EVENT_SCHEMA = "edgeforge.event/1"
 CMD_SCHEMA = "edgeforge.cmd/1"
 CMD_RESULT_SCHEMA = "edgeforge.cmd_result/1"
 
-# The commands an agent answers on cmd/<name> (agent/commands.py).
+# The commands an agent answers on cmd/<name> (agent/remote_commands.py).
 COMMANDS = ("update_model", "rollback", "set", "benchmark", "diagnostics")
 
 ONLINE = "online"

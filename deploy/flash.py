@@ -183,7 +183,7 @@ python3 -c "import ensurepip, venv" 2>/dev/null || {{
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
 }}
 TORCH={torch}
-[ -n "$TORCH" ] || TORCH=$(python3 -m agent.runtime recommend) || {{
+[ -n "$TORCH" ] || TORCH=$(python3 -m agent.torch_matrix recommend) || {{
     echo "no known-good torch for $(uname -m): pass --torch SPEC" >&2; exit 3; }}
 V="$P/opt/edgeforge/venv"
 [ -x "$V/bin/python" ] || python3 -m venv "$V"
@@ -191,7 +191,7 @@ V="$P/opt/edgeforge/venv"
 echo "$TORCH" > "$P/opt/edgeforge/torch-constraint.txt"
 "$V/bin/pip" install --quiet --disable-pip-version-check \
     -c "$P/opt/edgeforge/torch-constraint.txt" .
-"$V/bin/python" -m agent.runtime status
+"$V/bin/python" -m agent.torch_matrix status
 echo {stamp} > "$P/opt/edgeforge/.stamp"
 """
 

@@ -10,7 +10,7 @@
 # of the optimizer or the operator tools), this board's config.yaml, the fleet's signing.pub,
 # edge-agent.service and the signed bundle. The script creates the system user "edgeforge", a
 # virtual environment in /opt/edgeforge/venv with torch (the runtime matrix's pick for this
-# board, agent/runtime.py: torch==2.9.1 on aarch64; or --torch SPEC) and the agent, copies
+# board, agent/torch_matrix.py: torch==2.9.1 on aarch64; or --torch SPEC) and the agent, copies
 # the config to /etc/edgeforge/config.yaml (kept if one exists), activates the bundle into
 # the versioned store /var/lib/edgeforge/models (signature, sha256 and the on-board check
 # before `current` switches: `edge-agent activate`), then installs and starts the unit. It is
@@ -50,15 +50,15 @@ tar xzf "$here/src.tar.gz" -C /opt/edgeforge/src.new
 rm -rf /opt/edgeforge/src && mv /opt/edgeforge/src.new /opt/edgeforge/src
 cd /opt/edgeforge/src
 # PyPI's newest aarch64 torch is a CUDA build (GBs) and 2.10.0 crashes on a Pi 4: take the
-# matrix's pick. agent.runtime is stdlib-only, so it runs before anything is installed.
-[ -n "$torch_spec" ] || torch_spec=$(python3 -m agent.runtime recommend) \
+# matrix's pick. agent.torch_matrix is stdlib-only, so it runs before anything is installed.
+[ -n "$torch_spec" ] || torch_spec=$(python3 -m agent.torch_matrix recommend) \
     || die "no known-good torch for $(uname -m): pass --torch SPEC"
 [ -x /opt/edgeforge/venv/bin/python ] || python3 -m venv /opt/edgeforge/venv
 /opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check "$torch_spec" numpy
 echo "$torch_spec" >/opt/edgeforge/torch-constraint.txt  # keep that torch while pip resolves
 /opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check \
     -c /opt/edgeforge/torch-constraint.txt .
-/opt/edgeforge/venv/bin/python -m agent.runtime status
+/opt/edgeforge/venv/bin/python -m agent.torch_matrix status
 
 echo "== config and signing key"
 install -d -m 0755 /etc/edgeforge

@@ -1,6 +1,6 @@
 """The host's MQTT side of the fleet: find boards, send commands, wait for their answers.
 
-The request/answer protocol is the agent's (agent/commands.py, agent/telemetry.py): a
+The request/answer protocol is the agent's (agent/remote_commands.py, agent/telemetry.py): a
 command goes to `<prefix>/<id>/cmd/<name>` as JSON with `request_id` first, at QoS 1 and
 never retained; the answer comes back on `<prefix>/<id>/cmd_result` with the same id.
 Answer topics are subscribed before any command is sent, so no answer can be missed.

@@ -9,24 +9,43 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 from agent.config import AgentConfig, default_config_path, load_config
 from agent.errors import ConfigError, EdgeforgeError
-from optimizer import pipeline
 from optimizer.config import OptimizerConfig
 
-STEPS: dict[str, tuple[Callable[[pipeline.Context], Any], str]] = {
-    "run": (pipeline.step_run, "the whole pipeline (trains only when no baseline exists)"),
-    "train": (pipeline.step_train, "train the fp32 baseline -> baseline_cnn.pth"),
-    "prune": (pipeline.step_prune, "prune + masked fine-tune -> pruned_cnn.pth"),
-    "quantize": (pipeline.step_quantize, "int8 behind the accuracy gate -> quantized_cnn.pt"),
-    "export": (pipeline.step_export,
+STEPS = {  # command -> (the pipeline's function, what it does)
+    "run": ("step_run", "the whole pipeline (trains only when no baseline exists)"),
+    "train": ("step_train", "train the fp32 baseline -> baseline_cnn.pth"),
+    "prune": ("step_prune", "prune + masked fine-tune -> pruned_cnn.pth"),
+    "quantize": ("step_quantize", "int8 behind the accuracy gate -> quantized_cnn.pt"),
+    "export": ("step_export",
                "TorchScript + fresh-process check -> quantized_cnn_scripted.pt, manifest.json"),
-    "report": (pipeline.step_report, "measure every variant -> report.md/.json/.png"),
+    "report": ("step_report", "measure every variant -> report.md/.json/.png"),
 }
+
+
+class MissingExtra(ConfigError):
+    """A host-only library is not installed (a board install, or edgeforge without [host])."""
+
+
+def load_pipeline() -> ModuleType:
+    """optimizer.pipeline, whose progress bars and plots need the host extra.
+
+    Raises:
+        MissingExtra: tqdm or matplotlib is not installed; the message says what to install.
+    """
+    try:
+        from optimizer import pipeline
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("tqdm", "matplotlib"):
+            raise
+        raise MissingExtra(f"edge-optimize needs {exc.name}, part of the host extra: "
+                           f"pip install 'edgeforge[host]'") from None
+    return pipeline
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # workstation before it is copied to a board.
         load_config(config_path, overrides, AgentConfig)
         check_out(args.out)
-        STEPS[args.command][0](pipeline.Context(cfg=cfg, out=args.out))
+        pipeline = load_pipeline()
+        getattr(pipeline, STEPS[args.command][0])(pipeline.Context(cfg=cfg, out=args.out))
     except EdgeforgeError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return exc.exit_code

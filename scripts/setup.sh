@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything edgeforge needs on a fresh Debian/Ubuntu machine, idempotently:
 # Debian's mosquitto (the tests' real broker), systemd-analyze (unit file checks),
-# openssl (test certificates) and OpenSSH (edge-deploy flash and its test sshd), and
+# openssl (test certificates), OpenSSH (edge-deploy flash and its test sshd), promtool and
+# shellcheck (the Prometheus and shell linters), and
 # a virtual environment in .venv with edgeforge, its host extras and the test tools.
 # torch is pinned through .ci/constraints.txt (the CPU wheel); a board picks its own build.
 set -euo pipefail
@@ -16,6 +17,10 @@ command -v openssl >/dev/null || missing+=(openssl)  # the TLS test's certificat
 # edge-deploy flash uses the system's ssh; its tests start a real sshd on loopback.
 command -v ssh >/dev/null || missing+=(openssh-client)
 command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+# The ecosystems' own linters, run by the tests and CI: promtool (Prometheus) on edge-monitor's
+# metrics, shellcheck on the installers.
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v shellcheck >/dev/null || missing+=(shellcheck)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then sudo=(); elif sudo -n true 2>/dev/null; then sudo=(sudo -n)
     else

@@ -11,7 +11,7 @@
 3. for each CPU, with QEMU_CPU set (the default `max` CPU, with 512-bit SVE, gave wrong fp32
    results) and a fake /proc/cpuinfo and /sys cpu list for 4 cores of that model, runs the
    installed agent (/opt/edgeforge/venv) in the chroot:
-   - `python -m agent.runtime status` judges the board's torch "ok" against the matrix;
+   - `python -m agent.torch_matrix status` judges the board's torch "ok" against the matrix;
    - on the first CPU, a bundle for the x86 engine and a manifest from a newer schema are
      each refused by `edge-agent check` in one line;
    - with torch 2.10.0's metadata faked in front of the real torch, `edge-agent check`
@@ -149,7 +149,7 @@ def refuses_bad_bundles(board: Board, bundle: str) -> str | None:
 
 def prove(board: Board, bundle: str, bad_inputs: bool) -> dict[str, object]:
     row: dict[str, object] = {"cpu": board.cpu, "ok": False}
-    status = board.run("-m", "agent.runtime", "status")
+    status = board.run("-m", "agent.torch_matrix", "status")
     row["runtime"] = status.stdout.strip() or status.stderr.strip()
     if status.returncode != 0 or not status.stdout.startswith("ok:"):
         row["failure"] = f"runtime status: {row['runtime']}"

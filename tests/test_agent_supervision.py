@@ -8,16 +8,23 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from array import array
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from agent.config import MqttConfig
+import torch
+
+from agent.command_inbox import CommandInbox
+from agent.config import LoopConfig, MqttConfig
+from agent.loop import InferenceLoop, Inputs, LoopControl, Model
 from agent.publisher import INBOX, Publisher
 from agent.runner import supervise
+from agent.sdnotify import Notifier
 from agent.spool import SYSTEM_STATE_DIR, Spool
 from agent.stats import ResourceStats
 from agent.telemetry import Window
@@ -152,3 +159,61 @@ def test_the_default_spool_is_the_same_from_any_working_directory(
         for leftover in state.glob(f"{name}*"):
             leftover.unlink()
     assert seqs[1][0] == seqs[0][-1] + 1, seqs
+
+
+class FailingModule:
+    """A named fault injection: a module whose forward pass raises from its `after`-th call
+    on, the way a model that passed its smoke test and then hit a bad kernel would."""
+
+    def __init__(self, after: int) -> None:
+        self.calls, self.after = 0, after
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError("injected failure\nsecond line")
+        return x.flatten(1)[:, :10]
+
+
+def test_the_loop_falls_back_by_itself_and_never_takes_the_failed_model_back() -> None:
+    """A model on trial that fails a forward pass: the loop runs its fallback from the next
+    pass on without waiting for another thread, says which model failed, and refuses a later
+    hand-over of the failed model (a confirmation racing the failure)."""
+    inputs = Inputs.random(1, [3, 8, 8], count=2)
+    good = Model(FailingModule(after=10**9), inputs, "old")  # type: ignore[arg-type]
+    bad = Model(FailingModule(after=30), inputs, "new", fallback=good)  # type: ignore[arg-type]
+    control = LoopControl()
+    windows: list[Window] = []
+    notices: list[tuple[str, str]] = []
+    loop = InferenceLoop(bad, LoopConfig(window_s=0.5, warmup=0), control, windows.append,
+                         Notifier({}), fell_back=lambda sha, why: notices.append((sha, why)))
+
+    def confirm_late() -> None:  # what a confirmation racing the failure would hand over
+        while not notices:
+            time.sleep(0.01)
+        control.swap(replace(bad, fallback=None))
+        time.sleep(0.6)
+        control.stop()
+
+    racer = threading.Thread(target=confirm_late)
+    racer.start()
+    loop.run(duration_s=20)
+    racer.join()
+    assert notices == [("new", "inference failed on the new model: injected failure")]
+    assert loop.model.sha256 == "old" and loop.failed == {"new"}
+    assert sum(len(w.latencies_s) for w in windows if w.model_sha256 == "new") == 30
+    assert sum(len(w.latencies_s) for w in windows if w.model_sha256 == "old") > 0
+
+
+def test_the_command_inbox_refuses_when_full_counts_windows_and_never_drops_a_fallback(
+) -> None:
+    inbox = CommandInbox(size=2)
+    assert inbox.command("set", b'{"request_id": "a1"}') and inbox.command("set", b"{}")
+    assert not inbox.command("diagnostics", b'{"request_id": "r-9", "args": {}}')
+    busy = inbox.busy_result("diagnostics", b'{"request_id": "r-9", "args": {}}')
+    assert busy["request_id"] == "r-9" and busy["code"] == "busy" and not busy["ok"]
+    inbox.window(Window(1, time.time(), 1.0, 1, array("d")), {})
+    assert inbox.unobserved == 1
+    inbox.fell_back("new", "why")  # taken first, although the queue is full
+    assert inbox.get(0.1) == ("fallback", ("new", "why"))
+    assert inbox.get(0.1) == ("cmd", ("set", b'{"request_id": "a1"}'))

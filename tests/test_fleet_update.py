@@ -97,7 +97,7 @@ def test_a_signed_update_is_applied_watched_confirmed_and_reported(
 def test_refuses_every_bad_update_and_leaves_model_and_files_as_they_were(
         bundle: Path, fleet_key: Path, broker: Broker, tmp_path: Path) -> None:
     current = make_store(bundle, tmp_path, fleet_key, version=5)
-    agent, sub = start_agent(current, broker, tmp_path, fleet_key, "update.max_payload_mb=1")
+    agent, sub = start_agent(current, broker, tmp_path, fleet_key, "update.max_payload_mb=1.5")
     before, sha = tree(current.parent), model_sha(bundle)
     other_key = tmp_path / "other.key"
     assert run_cli("deploy.cli", "keygen", "--key", other_key).returncode == 0
@@ -140,7 +140,7 @@ def test_refuses_every_bad_update_and_leaves_model_and_files_as_they_were(
         for rid, (args, _) in cases.items():
             send(broker.port, "update_model", request(rid, args))
         whole = request("big", good)
-        send(broker.port, "update_model", whole + b" " * (2**20))  # over max_payload_mb=1
+        send(broker.port, "update_model", whole + b" " * 10**6)  # over max_payload_mb=1.5
         send(broker.port, "update_model", whole[: len(whole) // 2])  # truncated
         send(broker.port, "update_model", json.dumps({"args": good}).encode())  # no request id
         expected = {rid: code for rid, (_, code) in cases.items()}

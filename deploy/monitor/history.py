@@ -75,8 +75,16 @@ class History:
 
 
 def plot(rows: list[dict[str, Any]], device: str, out: Path) -> None:
-    """Latency p50/p90/p99, throughput, CPU and temperature over time, as a PNG."""
-    import matplotlib
+    """Latency p50/p90/p99, throughput, CPU and temperature over time, as a PNG.
+
+    Raises:
+        ConfigError: matplotlib (the host extra) is not installed.
+    """
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise ConfigError("edge-monitor plot needs matplotlib, part of the host extra: pip "
+                          "install 'edgeforge[host]'") from None
 
     matplotlib.use("Agg")
     from datetime import datetime

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.runtime import Cpu, assess, entry_for, read_cpu
+from agent.torch_matrix import Cpu, assess, entry_for, read_cpu
 from tests.conftest import run_cli
 
 A72 = Cpu("aarch64", "0xd08", frozenset({"fp", "asimd", "crc32", "cpuid"}))
@@ -52,7 +52,7 @@ def test_other_machines_are_not_judged() -> None:
 
 
 def test_recommend_prints_a_pip_spec() -> None:
-    proc = run_cli("agent.runtime", "recommend", "--machine", "aarch64")
+    proc = run_cli("agent.torch_matrix", "recommend", "--machine", "aarch64")
     assert proc.returncode == 0 and proc.stdout.strip() == "torch==2.9.1"
-    proc = run_cli("agent.runtime", "recommend", "--machine", "riscv64")
+    proc = run_cli("agent.torch_matrix", "recommend", "--machine", "riscv64")
     assert proc.returncode == 2 and "no board torch known for riscv64" in proc.stderr

@@ -7,8 +7,11 @@ payload can be answered). Names: `update_model`, `rollback`, `set`, `benchmark`,
 "code", "reason", "data"}; an update that goes live gets a second one when its trial ends
 ("confirmed" or "rolled_back").
 
-One worker thread does the work: paho's callback only queues the payload, and the inference
-loop only swaps in a module that is already loaded, checked and warmed up. After a switch
+One worker thread does the work and owns its state (the store, the running bundle, the
+trial): paho's callback only queues the payload in the worker's `CommandInbox`, and the
+inference loop only takes, through its `LoopControl`, a module that is already loaded,
+checked and warmed up. Nothing here takes a lock the loop needs: verifying, staging and the
+smoke test run while the loop goes on. After a switch
 the loop runs the old module beside the new one on every input (the shadow), and the worker
 watches the next `update.watch_windows` windows: a forward-pass error, a latency regression
 (agent/regression.py: the paired latencies, Mann-Whitney, median first and p99 second), or a
@@ -19,7 +22,7 @@ If the agent dies during a trial, the next start rolls back before loading anyth
 Every update ends in exactly one final answer, whatever breaks: an exception nobody foresaw
 is answered as `failed` with code `internal`, the staged folder is removed, and the refusal
 is listed under `rejected` in `diagnostics`. The inbox is bounded: a command that finds it
-full is refused at once (`busy`).
+full is refused at once (`busy`, agent/command_inbox.py).
 """
 
 from __future__ import annotations
@@ -27,8 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import queue
-import re
 import threading
 import time
 from array import array
@@ -43,10 +44,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 import agent
 from agent.bench import bench, table
 from agent.bundle import Bundle
+from agent.command_inbox import REQUEST_ID, CommandInbox
 from agent.config import AgentConfig, Invalid, LoopConfig, UpdateConfig, loop_changes
 from agent.errors import EdgeforgeError, Refused
-from agent.loop import InferenceLoop, Inputs, Model, warm_up
-from agent.publisher import CommandResult, ModelChange, Publisher
+from agent.loop import Inputs, LoopControl, Model, warm_up
+from agent.publisher import CommandResult, ModelChange
 from agent.regression import Verdict, compare
 from agent.store import Store
 from agent.telemetry import CMD_SCHEMA, COMMANDS, Window
@@ -55,10 +57,8 @@ from agent.update import decode_files, smoke_test, verify_release
 log = logging.getLogger(__name__)
 
 MIN_PASSES = 10  # a window with fewer forward passes says nothing about latency
-INBOX = 64  # commands and windows waiting for the worker
 STALL_S = 600.0  # one command busy for longer than this: the worker is stuck
 MAX_BENCH_IMAGES = 100_000  # a benchmark's iters x sum(batch_sizes)
-_REQUEST_ID = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9._:-]{1,64})"')
 
 
 class RecentErrors(logging.Handler):
@@ -79,7 +79,7 @@ def parse_request(payload: bytes, max_bytes: int) -> tuple[str, dict[str, Any]]:
     Raises:
         Refused: too_large or malformed; `request_id` of the exception is what could be read.
     """
-    head = _REQUEST_ID.search(payload[:512])
+    head = REQUEST_ID.search(payload[:512])
     rid = head.group(1).decode() if head else None
     if len(payload) > max_bytes:
         raise Refused("too_large", f"payload of {len(payload):,} bytes is over "
@@ -92,7 +92,7 @@ def parse_request(payload: bytes, max_bytes: int) -> tuple[str, dict[str, Any]]:
     if not isinstance(msg, dict):
         raise Refused("malformed", "payload is not a JSON object", request_id=rid)
     rid = msg.get("request_id")
-    if not isinstance(rid, str) or not _REQUEST_ID.fullmatch(
+    if not isinstance(rid, str) or not REQUEST_ID.fullmatch(
             f'"request_id":"{rid}"'.encode()):
         raise Refused("malformed", "request_id must be a string of 1-64 letters, digits or "
                       "._:-")
@@ -139,48 +139,33 @@ class Commands(threading.Thread):
     """The worker that runs commands and watches trials; see the module docstring."""
 
     def __init__(self, cfg: UpdateConfig, loop_cfg: LoopConfig, store: Store | None,
-                 public_key: Ed25519PublicKey | None, publisher: Publisher, bundle: Bundle,
+                 public_key: Ed25519PublicKey | None, submit: Callable[[Any], bool],
+                 bundle: Bundle, model: Model, inbox: CommandInbox, control: LoopControl,
                  make_info: Callable[[Bundle, dict[str, Any]], dict[str, Any]],
                  config_sha256: str, recent: RecentErrors) -> None:
+        """`submit` hands results and model changes to the publisher; `model` is what the
+        loop runs at start; `inbox` is this thread's queue; `control` the loop's."""
         super().__init__(name="commands", daemon=True)
         self.cfg = cfg
-        self.loop_cfg = loop_cfg
+        self.loop_cfg = loop_cfg  # as the loop runs it: `set` changes it here and there
         self.store = store
         self.public_key = public_key
-        self.publisher = publisher
+        self.submit = submit
         self.bundle = bundle
+        self.model = model  # the model last handed to the loop
+        self.inbox = inbox
+        self.control = control
         self.make_info = make_info
         self.config_sha256 = config_sha256
         self.recent = recent
-        self.loop: InferenceLoop | None = None
         self.trial: Trial | None = None
         self.started = time.time()
-        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue(INBOX)
         self._closing = threading.Event()
-        self._lock = threading.Lock()  # the store, self.bundle and self.trial
         self.refused: deque[dict[str, Any]] = deque(maxlen=10)  # updates refused since start
-        self.unobserved = 0  # windows the full inbox did not take (not watched)
         self.beat = time.monotonic()
         self.busy_since: float | None = None
 
     # --- called from other threads; none of these block -----------------------------------
-
-    def receive(self, name: str, payload: bytes) -> None:
-        """A command from the publisher thread (paho's on_message)."""
-        try:
-            self._inbox.put_nowait(("cmd", (name, payload)))
-        except queue.Full:
-            head = _REQUEST_ID.search(payload[:512])
-            self._reply(head.group(1).decode() if head else None, name, False, "refused",
-                        f"{INBOX} commands are already waiting on this board; retry later",
-                        "busy")
-
-    def observe(self, window: Window, fields: dict[str, Any]) -> None:
-        """A closed window and its telemetry fields, from the publisher thread."""
-        try:
-            self._inbox.put_nowait(("window", (window, fields)))
-        except queue.Full:
-            self.unobserved += 1  # only this thread writes it; diagnostics shows it
 
     def stalled_s(self) -> float:
         """Seconds the worker has been busy with one item, or since it last looked."""
@@ -191,29 +176,21 @@ class Commands(threading.Thread):
         self._closing.set()
         self.join(5.0)
 
-    def on_error(self, exc: RuntimeError) -> Model | None:
-        """The loop's forward pass failed: during a trial, roll back at once (loop thread)."""
-        with self._lock:
-            trial = self.trial
-            if trial is None or self.loop is None or self.loop.model.sha256 != trial.sha256:
-                return None
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self._roll_back_trial(f"inference failed on the new model: {first}")
-            return trial.previous
-
     # --- the worker -----------------------------------------------------------------------
 
     def run(self) -> None:
         while not self._closing.is_set():
             self.beat = time.monotonic()
-            try:
-                kind, value = self._inbox.get(timeout=0.5)
-            except queue.Empty:
+            item = self.inbox.get(timeout=0.5)
+            if item is None:
                 continue
+            kind, value = item
             self.busy_since = time.monotonic()
             try:
                 if kind == "window":
                     self._window(*value)
+                elif kind == "fallback":
+                    self._fell_back(*value)
                 else:
                     self._command(*value)
             except Exception:  # a bug: say so, keep the agent and the worker running
@@ -223,12 +200,12 @@ class Commands(threading.Thread):
 
     def _reply(self, rid: str | None, command: str, ok: bool, result: str,
                reason: str | None = None, code: str | None = None,
-               data: dict[str, Any] | None = None) -> None:
+               data: dict[str, Any] | None = None, publisher_state: bool = False) -> None:
         fields = {"request_id": rid, "command": command, "ok": ok, "result": result,
                   "code": code, "reason": reason, "data": data or {}}
         (log.info if ok else log.warning)("command %s %s: %s%s", command, rid, result,
                                           f" ({reason})" if reason else "")
-        self.publisher.submit(CommandResult(fields))
+        self.submit(CommandResult(fields, publisher_state))
 
     def _command(self, name: str, payload: bytes) -> None:
         try:
@@ -273,43 +250,41 @@ class Commands(threading.Thread):
         if not isinstance(force, bool):
             raise Refused("malformed", "args.force must be true or false")
         files = decode_files(args)
-        with self._lock:
-            store = self._need_store()
-            if self.trial is not None:
-                raise Refused("busy", f"version {self.trial.vid} is still on trial; retry "
-                                      f"after its result")
-            release = verify_release(files, self.public_key, self.bundle.manifest,
-                                     int(store.state().get("max_version", 0)), force)
-            from_vid = store.current()
-            if release.vid == from_vid:
-                self._reply(rid, "update_model", True, "unchanged", f"{release.vid} is already "
-                            f"running", data={"from": from_vid, "to": release.vid})
-                return
-            existed = store.path(release.vid).is_dir()
-            try:
-                path = store.stage(release.vid, {n: release.files[n]
-                                                 for n in release.manifest.release_files()})
-                bundle, checked, p99 = smoke_test(path, self.public_key,
-                                                  self.loop_cfg.batch_size,
-                                                  self.cfg.smoke_iters, self.cfg.smoke_max_p99_ms)
-                model = self._model(bundle)
-            except Refused as exc:  # the smoke test failed: nothing stays
-                if not existed:
-                    store.discard(release.vid)
-                raise Refused(exc.code, str(exc), rid, release.vid) from None
-            except BaseException:  # anything nobody foresaw: nothing stays either
-                if not existed:
-                    store.discard(release.vid)
-                raise
-            assert self.loop is not None
-            previous, previous_bundle = self.loop.model, self.bundle
-            store.switch(release.vid, release.version, release.sha256, "update", pending=True,
-                         running=True)
-            self._go_live(bundle, checked, replace(model, shadow=previous.module))
-            expected = float(bundle.manifest.sample["accuracy_pct"]) \
-                if self.loop_cfg.input == "sample" else None
-            self.trial = Trial(rid, release.vid, release.sha256, from_vid, previous,
-                               previous_bundle, expected)
+        store = self._need_store()
+        if self.trial is not None:
+            raise Refused("busy", f"version {self.trial.vid} is still on trial; retry after "
+                                  f"its result")
+        release = verify_release(files, self.public_key, self.bundle.manifest,
+                                 int(store.state().get("max_version", 0)), force)
+        from_vid = store.current()
+        if release.vid == from_vid:
+            self._reply(rid, "update_model", True, "unchanged", f"{release.vid} is already "
+                        f"running", data={"from": from_vid, "to": release.vid})
+            return
+        existed = store.path(release.vid).is_dir()
+        try:
+            path = store.stage(release.vid, {n: release.files[n]
+                                             for n in release.manifest.release_files()})
+            bundle, checked, p99 = smoke_test(path, self.public_key, self.loop_cfg.batch_size,
+                                              self.cfg.smoke_iters, self.cfg.smoke_max_p99_ms)
+            model = self._model(bundle)
+        except Refused as exc:  # the smoke test failed: nothing stays
+            if not existed:
+                store.discard(release.vid)
+            raise Refused(exc.code, str(exc), rid, release.vid) from None
+        except BaseException:  # anything nobody foresaw: nothing stays either
+            if not existed:
+                store.discard(release.vid)
+            raise
+        previous, previous_bundle = self.model, self.bundle
+        store.switch(release.vid, release.version, release.sha256, "update", pending=True,
+                     running=True)
+        self._go_live(bundle, checked, replace(model, shadow=previous.module,
+                                               fallback=previous))
+        expected = float(bundle.manifest.sample["accuracy_pct"]) \
+            if self.loop_cfg.input == "sample" else None
+        self.trial = Trial(rid, release.vid, release.sha256, from_vid, previous,
+                           previous_bundle, expected)
         self._reply(rid, "update_model", True, "applied", f"smoke test passed (p99 "
                     f"{p99:.2f} ms); watching {self.cfg.watch_windows} window(s)",
                     data={"from": from_vid, "to": release.vid, "smoke_p99_ms": round(p99, 3),
@@ -321,41 +296,54 @@ class Commands(threading.Thread):
         warm_up(model, self.loop_cfg.warmup)
         return model
 
-    def _go_live(self, bundle: Bundle, checked: dict[str, Any], model: Model | None) -> None:
+    def _go_live(self, bundle: Bundle, checked: dict[str, Any], model: Model) -> None:
         self.bundle = bundle
-        self.publisher.submit(ModelChange(bundle.sha256, self.make_info(bundle, checked)))
-        if model is not None and self.loop is not None:
-            self.loop.swap(model)
+        self.submit(ModelChange(bundle.sha256, self.make_info(bundle, checked)))
+        self.model = model
+        self.control.swap(model)
 
     def _roll_back_trial(self, reason: str, verdict: Verdict | None = None) -> None:
-        """Undo the trial's switch (lock held): old module back, store back, reported."""
+        """Undo the trial's switch: old module back, store back, reported."""
         trial = self.trial
         assert trial is not None and self.store is not None
         self.trial = None
         left, target = self.store.rollback(reason)
         self._go_live(trial.previous_bundle, {"sample_accuracy_pct": None,
-                                              "max_abs_logit_diff": None}, None)
-        if self.loop is not None:
-            self.loop.swap(trial.previous)
+                                              "max_abs_logit_diff": None}, trial.previous)
         # In the update's terms: from the version before it, to the update (now undone).
         self._reply(trial.request_id, "update_model", False, "rolled_back", reason,
                     "health", {"from": trial.from_vid, "to": left, "running": target["id"],
                                **(latency_data(verdict) if verdict else {})})
 
     def _rollback_cmd(self, rid: str, args: dict[str, Any]) -> None:
-        with self._lock:
-            store = self._need_store()
-            reason = str(args.get("reason") or "rollback requested")
-            if self.trial is not None:
-                self._roll_back_trial(reason)
-                self._reply(rid, "rollback", True, "rolled_back", reason)
-                return
-            left, target = store.rollback(reason)
-            bundle = Bundle.open(store.current_link.resolve(), self.public_key)
-            checked = bundle.check()
-            self._go_live(bundle, checked, self._model(bundle))
-        self._reply(rid, "rollback", True, "rolled_back", reason,
-                    data={"from": left, "to": target["id"]})
+        self._need_store()
+        reason = str(args.get("reason") or "rollback requested")
+        if self.trial is not None:
+            self._roll_back_trial(reason)
+            self._reply(rid, "rollback", True, "rolled_back", reason)
+            return
+        left, to = self._roll_back_store(reason)
+        self._reply(rid, "rollback", True, "rolled_back", reason, data={"from": left, "to": to})
+
+    def _roll_back_store(self, reason: str) -> tuple[str | None, str]:
+        """Switch the store to the version before, load it and hand it to the loop."""
+        assert self.store is not None
+        left, target = self.store.rollback(reason)
+        bundle = Bundle.open(self.store.current_link.resolve(), self.public_key)
+        checked = bundle.check()
+        self._go_live(bundle, checked, self._model(bundle))
+        return left, str(target["id"])
+
+    def _fell_back(self, failed_sha256: str, reason: str) -> None:
+        """The loop went back to the previous model by itself: the store follows."""
+        trial = self.trial
+        if trial is not None and trial.sha256 == failed_sha256:
+            self._roll_back_trial(reason)
+        elif self.store is not None and self.bundle.sha256 == failed_sha256:
+            # Confirmed in the same instant it failed: roll back as a rollback command would.
+            left, to = self._roll_back_store(reason)
+            log.error("update: %s after its trial ended: rolled back from %s to %s", reason,
+                      left, to)
 
     def _need_store(self) -> Store:
         if self.store is None:
@@ -368,41 +356,41 @@ class Commands(threading.Thread):
     def _window(self, window: Window, fields: dict[str, Any]) -> None:
         if len(window.latencies_s) < MIN_PASSES:
             return
-        with self._lock:
-            trial = self.trial
-            # Only the trial's own windows carry the old model's passes beside the new one's.
-            if (trial is None or window.model_sha256 != trial.sha256
-                    or window.shadow_latencies_s is None):
-                return
-            trial.windows += 1
-            trial.new_s.extend(window.latencies_s)
-            trial.old_s.extend(window.shadow_latencies_s)
-            if window.correct is not None:
-                trial.correct += window.correct
-                trial.labelled += window.labelled
-            if trial.windows < self.cfg.watch_windows:
-                return
-            # The old model failing beside the new one leaves nothing to compare latency with.
-            verdict = compare(trial.new_s, trial.old_s, self.cfg.max_p50_regression_pct,
-                              self.cfg.max_p99_regression_pct) \
-                if min(len(trial.new_s), len(trial.old_s)) >= MIN_PASSES else None
-            problems = list(verdict.problems) if verdict else []
-            if trial.expected_accuracy_pct is not None and trial.labelled:
-                acc = 100.0 * trial.correct / trial.labelled
-                if acc < trial.expected_accuracy_pct - self.cfg.max_accuracy_drop_pct:
-                    problems.append(f"sample accuracy {acc:.1f}% is below the manifest's "
-                                    f"{trial.expected_accuracy_pct:.1f}% by more than "
-                                    f"{self.cfg.max_accuracy_drop_pct:g} points")
-            summary = verdict.summary() if verdict else "latency not compared (the old model " \
-                "failed beside the new one)"
-            if problems:
-                self._roll_back_trial("; ".join(problems) + f" [{summary}]", verdict)
-                return
-            assert self.store is not None
-            self.trial = None
-            if self.loop is not None:  # stop timing the old model beside the new one
-                self.loop.swap(replace(self.loop.model, shadow=None))
-            removed = self.store.confirm(trial.vid, self.cfg.keep)
+        trial = self.trial
+        # Only the trial's own windows carry the old model's passes beside the new one's.
+        if (trial is None or window.model_sha256 != trial.sha256
+                or window.shadow_latencies_s is None):
+            return
+        trial.windows += 1
+        trial.new_s.extend(window.latencies_s)
+        trial.old_s.extend(window.shadow_latencies_s)
+        if window.correct is not None:
+            trial.correct += window.correct
+            trial.labelled += window.labelled
+        if trial.windows < self.cfg.watch_windows:
+            return
+        # The old model failing beside the new one leaves nothing to compare latency with.
+        verdict = compare(trial.new_s, trial.old_s, self.cfg.max_p50_regression_pct,
+                          self.cfg.max_p99_regression_pct) \
+            if min(len(trial.new_s), len(trial.old_s)) >= MIN_PASSES else None
+        problems = list(verdict.problems) if verdict else []
+        if trial.expected_accuracy_pct is not None and trial.labelled:
+            acc = 100.0 * trial.correct / trial.labelled
+            if acc < trial.expected_accuracy_pct - self.cfg.max_accuracy_drop_pct:
+                problems.append(f"sample accuracy {acc:.1f}% is below the manifest's "
+                                f"{trial.expected_accuracy_pct:.1f}% by more than "
+                                f"{self.cfg.max_accuracy_drop_pct:g} points")
+        summary = verdict.summary() if verdict else "latency not compared (the old model " \
+            "failed beside the new one)"
+        if problems:
+            self._roll_back_trial("; ".join(problems) + f" [{summary}]", verdict)
+            return
+        assert self.store is not None
+        self.trial = None
+        # Stop timing the old model beside the new one; the trial's fallback ends with it.
+        self.model = replace(self.model, shadow=None, fallback=None)
+        self.control.swap(self.model)
+        removed = self.store.confirm(trial.vid, self.cfg.keep)
         self._reply(trial.request_id, "update_model", True, "confirmed",
                     f"healthy for {trial.windows} window(s): {summary}",
                     data={"from": trial.from_vid, "to": trial.vid, "pruned": removed,
@@ -415,11 +403,15 @@ class Commands(threading.Thread):
             changes = loop_changes(args)
         except ValueError as exc:
             raise Refused("malformed", str(exc)) from None
-        assert self.loop is not None
         try:
-            cfg = self.loop.reconfigure(**changes)
+            # LoopConfig's __post_init__ checks the ranges, as for the config file.
+            cfg = replace(self.loop_cfg,
+                          rate_hz=changes.get("rate_hz", self.loop_cfg.rate_hz),
+                          window_s=changes.get("window_s", self.loop_cfg.window_s))
         except Invalid as exc:
             raise Refused("invalid", f"loop.{exc}") from None
+        self.loop_cfg = cfg
+        self.control.configure(cfg)
         self._reply(rid, "set", True, "done", "applies until the agent restarts (edit "
                     "/etc/edgeforge/config.yaml to keep it)",
                     data={"rate_hz": cfg.rate_hz, "window_s": cfg.window_s})
@@ -437,30 +429,25 @@ class Commands(threading.Thread):
             raise Refused("malformed", f"benchmark of iters x sum(batch_sizes) = "
                                        f"{iters * sum(sizes):,} images is over "
                                        f"{MAX_BENCH_IMAGES:,}: ask for fewer iters")
-        with self._lock:
-            bundle = self.bundle
-        result = bench(bundle, sizes, iters, self.loop_cfg.warmup, self.loop_cfg.threads)
+        result = bench(self.bundle, sizes, iters, self.loop_cfg.warmup, self.loop_cfg.threads)
         result["note"] = "measured while the inference loop kept running"
         self._reply(rid, "benchmark", True, "done", data={**result, "table": table(result)})
 
     def _diagnostics(self, rid: str, args: dict[str, Any]) -> None:
-        with self._lock:
-            versions = self.store.summary() if self.store is not None else None
-            trial = self.trial
-            sha = self.bundle.sha256
-        spool = self.publisher.spool
-        self._reply(rid, "diagnostics", True, "done", data={
+        versions = self.store.summary() if self.store is not None else None
+        trial, sha = self.trial, self.bundle.sha256
+        # spool_depth, dropped_total and mqtt_connected are added by the publisher thread,
+        # which owns the spool and the connection (publisher_state).
+        self._reply(rid, "diagnostics", True, "done", publisher_state=True, data={
             "agent_version": agent.__version__, "torch_version": torch.__version__,
             "uptime_s": round(time.time() - self.started, 1), "model_sha256": sha,
             "versions": versions, "config_sha256": self.config_sha256,
-            "loop": asdict(self.loop.cfg) if self.loop is not None else None,
-            "spool_depth": spool.depth, "dropped_total": spool.dropped_total,
-            "mqtt_connected": self.publisher.connected,
+            "loop": asdict(self.loop_cfg),
             "trial": None if trial is None else {"version": trial.vid,
                                                  "windows_seen": trial.windows},
             "rejected": [*({"how": "rolled_back", **r} for r in (versions or {}).get(
                 "rejected", [])), *({"how": "refused", **r} for r in self.refused)],
-            "windows_unobserved": self.unobserved,
+            "windows_unobserved": self.inbox.unobserved,
             "recent_errors": list(self.recent.lines)})
 
 

@@ -6,8 +6,8 @@ known-bad torch with one line saying what to install instead. deploy/install-age
 the emulated board (deploy/emulated-board/) install `recommend(machine)`. Every "works"
 entry is proven by the emulated-board run in CI (tests/prove_arm.py), on the CPUs listed.
 
-    python -m agent.runtime recommend [--machine aarch64]   # the pip spec for this board
-    python -m agent.runtime status                          # this board against the matrix
+    python -m agent.torch_matrix recommend [--machine aarch64]   # the pip spec for this board
+    python -m agent.torch_matrix status                          # this board against the matrix
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def check_runtime(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m agent.runtime", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m agent.torch_matrix",
+                                description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("recommend", help="print the pip spec of the torch to install")
     r.add_argument("--machine", default=platform.machine())
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recommend":
         spec = RECOMMENDED.get(args.machine)
         if spec is None:
-            print(f"agent.runtime: no board torch known for {args.machine}; install torch as "
+            print(f"agent.torch_matrix: no board torch known for {args.machine}; install torch as "
                   f"usual (the host pins 2.13.0)", file=sys.stderr)
             return 2
         print(spec)
