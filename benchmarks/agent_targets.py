@@ -36,7 +36,7 @@ import paho.mqtt.client as mqtt
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.broker import Broker  # noqa: E402  (the tests' real-mosquitto helper)
+from tests.support.broker import Broker  # noqa: E402  (the tests' real-mosquitto helper)
 
 # The bare loop: what an engineer would write by hand, nothing else in the process.
 BARE = """

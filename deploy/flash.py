@@ -75,8 +75,11 @@ def parse_target(text: str) -> Target:
 class Ssh:
     """Runs shell scripts on the board through the system's ssh client."""
 
-    def __init__(self, target: Target, identity: Path | None, options: list[str]) -> None:
+    def __init__(self, target: Target, identity: Path | None, options: list[str],
+                 sudo: bool = False) -> None:
+        """`sudo`: run each script with `sudo -n` (a non-root user installing into /)."""
         self.target = target
+        self.sudo = sudo
         self.base = ["ssh", "-p", str(target.port), "-o", "BatchMode=yes",
                      "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15"]
         for option in options:
@@ -84,7 +87,6 @@ class Ssh:
         if identity is not None:
             self.base += ["-i", str(identity)]
         self.base.append(f"{target.user}@{target.host}")
-        self.sudo = False  # set once the probe shows a non-root user installing into /
 
     def run(self, script: str, stdin: bytes = b"", what: str = "a step",
             timeout: float = 1800) -> str:
@@ -265,7 +267,8 @@ def flash(args: argparse.Namespace) -> int:
     say(f"probing {target}")
     facts = dict(line.partition("=")[::2] for line in
                  ssh.run(PROBE.format(p=q(prefix)), what="the probe").splitlines())
-    ssh.sudo = facts.get("uid") != "0" and not prefix
+    if facts.get("uid") != "0" and not prefix:
+        ssh = Ssh(target, args.identity, args.ssh_option, sudo=True)
     device = args.device_id or facts.get("hostname") or target.host
     cfg, config_bytes = board_config(args, prefix, device)
     pub = public_path(args.key.expanduser()).read_bytes()

@@ -126,8 +126,8 @@ def step_quantize(ctx: Context) -> quantize.GateResult:
     source = baseline if q.source == "baseline" else ctx.load_fp32(PRUNED, "prune")
     test_inputs = normalized_test(ctx.data)
     base_acc = accuracy_pct(predict(baseline, test_inputs), ctx.data.test_labels)
-    result = quantize.gate(source, q.engine, _calibration(ctx), test_inputs,
-                           ctx.data.test_labels, base_acc, q.max_accuracy_drop)
+    result = quantize.gate(source, q, _calibration(ctx), (test_inputs, ctx.data.test_labels),
+                           base_acc)
     record = {"baseline_accuracy_pct": base_acc, "source": q.source,
               "max_accuracy_drop": q.max_accuracy_drop, "attempts": result.attempts,
               "calibration_images": q.calibration_images, "data": ctx.data.describe()}

@@ -23,6 +23,7 @@ from torch import nn
 
 from agent.model import set_engine
 from agent.torchwarnings import known_torch_deprecations
+from optimizer.config import QuantizeConfig
 from optimizer.errors import CheckpointError, QuantizationError
 from optimizer.model import accuracy_pct, build, check_fits, load_payload, predict
 
@@ -117,9 +118,12 @@ class GateResult:
     attempts: list[dict[str, Any]]  # one per mode tried: mode, accuracy, drop, passed, reason
 
 
-def gate(model: nn.Module, engine: str, calibration: torch.Tensor, test_inputs: torch.Tensor,
-         test_labels: torch.Tensor, baseline_accuracy: float, max_drop: float) -> GateResult:
-    """Try each mode in order; keep the first whose accuracy drop is within `max_drop`."""
+def gate(model: nn.Module, cfg: QuantizeConfig, calibration: torch.Tensor,
+         test: tuple[torch.Tensor, torch.Tensor], baseline_accuracy: float) -> GateResult:
+    """Try each mode in order for `cfg.engine`; keep the first whose accuracy drop on `test`
+    (normalised inputs, labels) is within `cfg.max_accuracy_drop` points."""
+    engine, max_drop = cfg.engine, cfg.max_accuracy_drop
+    test_inputs, test_labels = test
     attempts: list[dict[str, Any]] = []
     for mode in MODES:
         try:

@@ -20,6 +20,7 @@ repo=$PWD
 constraints=$repo/.ci/constraints.txt
 work=$(mktemp -d /tmp/edgeforge-wheel.XXXXXX)
 pip_opts=(--quiet --disable-pip-version-check -c "$constraints")
+pip_log=$work/pip.log
 fail() { echo "check_wheel: FAIL: $*" >&2; echo "check_wheel: files kept in $work" >&2; exit 1; }
 step() { echo "== check_wheel: $*"; }
 
@@ -36,7 +37,8 @@ sdist=$(ls "$work"/dist/edgeforge-*.tar.gz)
 step "host: pip install edgeforge (no extras) into a fresh venv in $work"
 python3 -m venv "$work/venv"
 py=$work/venv/bin/python
-"$py" -m pip install "${pip_opts[@]}" "$wheel" >/dev/null
+"$py" -m pip install "${pip_opts[@]}" "$wheel" >>"$pip_log" 2>&1 \
+    || { tail -20 "$pip_log"; fail "pip install"; }
 cd "$work"  # no checkout anywhere near from here on
 for cmd in edge-optimize edge-agent edge-deploy edge-monitor; do
     "$work/venv/bin/$cmd" --help >/dev/null || fail "$cmd --help"
@@ -53,7 +55,8 @@ step "board: only the agent, as edge-deploy render ships it"
 "$py" -c "from deploy import files; open('$work/src.tar.gz', 'wb').write(files.agent_source()[0])"
 mkdir "$work/board-src" && tar xzf "$work/src.tar.gz" -C "$work/board-src"
 python3 -m venv "$work/board"
-"$work/board/bin/pip" install "${pip_opts[@]}" "$work/board-src" >/dev/null
+"$work/board/bin/pip" install "${pip_opts[@]}" "$work/board-src" >>"$pip_log" 2>&1 \
+    || { tail -20 "$pip_log"; fail "pip install"; }
 "$work/board/bin/python" -c "import agent, agent.cli, agent.runner, agent.remote_commands" \
     || fail "the board venv cannot import agent"
 "$work/board/bin/edge-agent" --help >/dev/null || fail "edge-agent --help on the board"
@@ -63,7 +66,8 @@ done
 echo "board venv: agent imports; optimizer, deploy and the host libraries are absent"
 
 step "host: pip install 'edgeforge[host]', then the README's main job from $work"
-"$py" -m pip install "${pip_opts[@]}" "${wheel}[host]" >/dev/null
+"$py" -m pip install "${pip_opts[@]}" "${wheel}[host]" >>"$pip_log" 2>&1 \
+    || { tail -20 "$pip_log"; fail "pip install"; }
 "$work/venv/bin/edge-optimize" run --data synthetic >"$work/optimize.log" 2>&1 \
     || { tail -20 "$work/optimize.log"; fail "edge-optimize run"; }
 [ -f models/quantized_cnn_scripted.pt ] || fail "no models/quantized_cnn_scripted.pt"
@@ -91,9 +95,10 @@ echo "main job, render, files and monitor ran from $work with the installed pack
 
 step "the sdist's tests, from its unpacked folder"
 tar xzf "$sdist" -C "$work"
-"$py" -m pip install "${pip_opts[@]}" pytest >/dev/null
+"$py" -m pip install "${pip_opts[@]}" pytest >>"$pip_log" 2>&1 \
+    || { tail -20 "$pip_log"; fail "pip install"; }
 (cd "$work"/edgeforge-*/ && "$py" -m pytest -q -p no:cacheprovider \
-    tests/test_config.py tests/test_torch_matrix.py) || fail "the sdist's tests"
+    tests/agent/test_config.py tests/agent/test_torch_matrix.py) || fail "the sdist's tests"
 
 rm -rf "$work"
 echo "check_wheel: PASS"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything edgeforge needs on a fresh Debian/Ubuntu machine, idempotently:
 # Debian's mosquitto (the tests' real broker), systemd-analyze (unit file checks),
-# openssl (test certificates), OpenSSH (edge-deploy flash and its test sshd), promtool and
-# shellcheck (the Prometheus and shell linters), and
+# openssl (test certificates), OpenSSH (edge-deploy flash and its test sshd), the
+# Prometheus and shell linters (promtool, shellcheck), and
 # a virtual environment in .venv with edgeforge, its host extras and the test tools.
 # torch is pinned through .ci/constraints.txt (the CPU wheel); a board picks its own build.
 set -euo pipefail

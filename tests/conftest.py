@@ -1,59 +1,18 @@
-"""Shared fixtures: a small config, and one real bundle built by the real CLI."""
+"""Shared fixtures: a small config, real bundles built by the real CLI, a signing key, a real
+mosquitto per test and a CPU hog. Their helpers live in tests/support/."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 
-from agent.manifest import sha256_of
-from tests.broker import Broker
-
-ROOT = Path(__file__).resolve().parent.parent
-
-def bundle_config(synthetic_train: int, epochs: int, lr: float, sample_size: int) -> str:
-    """A config.yaml for a quick `edge-optimize run --data synthetic`."""
-    return (f"data: {{synthetic_train: {synthetic_train}, synthetic_test: 500}}\n"
-            f"train: {{epochs: {epochs}, lr: {lr}}}\n"
-            "prune: {finetune_epochs: 1}\n"
-            "quantize: {calibration_images: 128}\n"
-            f"export: {{sample_size: {sample_size}}}\n"
-            "report: {latency_iters: 30, warmup: 3, throughput_batches: 2}\n")
-
-
-# A few seconds per step; the model barely learns (the tests check plumbing, not accuracy).
-SMALL_CONFIG = bundle_config(3000, 3, 0.003, 16)
-
-
-def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
-    """A copy of the session bundle that a test may damage."""
-    dest = tmp_path / "bundle"
-    shutil.copytree(bundle, dest)
-    return dest
-
-
-def edit_manifest(bundle: Path, **changes: object) -> None:
-    """Overwrite top-level manifest fields of a copied bundle."""
-    path = bundle / "manifest.json"
-    m = json.loads(path.read_text())
-    m.update(changes)
-    path.write_text(json.dumps(m))
-
-
-def run_cli(module: str, *args: str | Path, cwd: Path | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run `python -m <module> ARGS` as a real subprocess and capture its output."""
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+from tests.support import SMALL_CONFIG, build_bundle, run_cli
+from tests.support.broker import Broker
 
 
 @pytest.fixture(scope="session")
@@ -61,19 +20,6 @@ def small_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("config") / "small.yaml"
     path.write_text(SMALL_CONFIG)
     return path
-
-
-def build_bundle(tmp_path_factory: pytest.TempPathFactory, config: Path, *overrides: str,
-                 steps: tuple[str, ...] = ("run",)) -> Path:
-    """A bundle from `edge-optimize run --data synthetic` (or the named steps, one by one)
-    with `config` and overrides."""
-    out = tmp_path_factory.mktemp("bundle")
-    sets = [a for o in overrides for a in ("--set", o)]
-    for step in steps:
-        proc = run_cli("optimizer", step, "--data", "synthetic", "--config", config, "--out",
-                       out, *sets)
-        assert proc.returncode == 0, proc.stderr
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -90,12 +36,13 @@ def bundle_v2(tmp_path_factory: pytest.TempPathFactory, small_config: Path) -> P
 
 @pytest.fixture(scope="session")
 def slow_bundle(tmp_path_factory: pytest.TempPathFactory, small_config: Path) -> Path:
-    """A valid update that runs much slower (tests/slow_model.py): a latency regression.
+    """A valid update that runs much slower (tests/support/slow_model.py): a latency regression.
 
     Its accuracy does not matter, so it trains on little data and skips the report step
     (timing the wide fp32 model at batch 64 is most of a full run's minute and a half)."""
-    return build_bundle(tmp_path_factory, small_config, "train.factory=tests.slow_model:WideCNN",
-                        "train.epochs=1", "prune.finetune_epochs=0", "data.synthetic_train=512",
+    return build_bundle(tmp_path_factory, small_config,
+                        "train.factory=tests.support.slow_model:WideCNN", "train.epochs=1",
+                        "prune.finetune_epochs=0", "data.synthetic_train=512",
                         "data.synthetic_test=200", "quantize.calibration_images=32",
                         steps=("train", "prune", "quantize", "export"))
 
@@ -109,67 +56,6 @@ def fleet_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return key
 
 
-def signed_copy(bundle: Path, dest: Path, key: Path, version: int) -> Path:
-    """A copy of `bundle` at `dest`, signed by `edge-deploy sign` as `version`."""
-    shutil.copytree(bundle, dest)
-    proc = run_cli("deploy.cli", "sign", dest, "--key", key, "--version", str(version))
-    assert proc.returncode == 0, proc.stderr
-    return dest
-
-
-def resampled_copy(bundle: Path, dest: Path, key: Path, version: int,
-                   change: Callable[[dict[str, Any]], dict[str, Any]]) -> Path:
-    """A signed copy whose sample.pt is change(sample), with the manifest's sha256 of it
-    updated and signed again: every sha256 and the signature are right, so only the
-    on-board check (or the smoke test, or edge-deploy's own check) can refuse it."""
-    signed_copy(bundle, dest, key, version)
-    sample = torch.load(dest / "sample.pt", weights_only=True)
-    torch.save(change(sample), dest / "sample.pt")
-    m = json.loads((dest / "manifest.json").read_text())
-    m["files"]["sample.pt"] = {"bytes": (dest / "sample.pt").stat().st_size,
-                               "sha256": sha256_of(dest / "sample.pt")}
-    (dest / "manifest.json").write_text(json.dumps(m))
-    proc = run_cli("deploy.cli", "sign", dest, "--key", key, "--version", str(version))
-    assert proc.returncode == 0, proc.stderr
-    return dest
-
-
-def wrong_logits_copy(bundle: Path, dest: Path, key: Path, version: int) -> Path:
-    """A signed copy whose sample logits are not what its model computes."""
-    return resampled_copy(bundle, dest, key, version,
-                          lambda s: {**s, "logits": s["logits"] + 1.0})
-
-
-def tree(root: Path, parts: tuple[str, ...] = ("",)) -> dict[str, str]:
-    """Every file's sha256 and every link's target under root/part for each part (a file or
-    a folder): what 'unchanged' means on disk."""
-    out = {}
-    for part in parts:
-        top = root / part
-        for path in [top, *sorted(top.rglob("*"))] if top.is_dir() else [top]:
-            if path.is_symlink():
-                out[str(path.relative_to(root))] = "-> " + os.readlink(path)
-            elif path.is_file():
-                out[str(path.relative_to(root))] = sha256_of(path)
-    return out
-
-
-def model_sha(bundle: Path) -> str:
-    """The sha256 of a bundle's board model, as its manifest lists it."""
-    return str(json.loads((bundle / "manifest.json").read_text())["files"]
-               ["quantized_cnn_scripted.pt"]["sha256"])
-
-
-def make_store(bundle: Path, tmp_path: Path, key: Path, version: int = 1) -> Path:
-    """A versioned store holding `bundle` signed as `version`; returns its `current` link."""
-    current = tmp_path / "store" / "current"
-    signed = signed_copy(bundle, tmp_path / f"v{version}", key, version)
-    proc = run_cli("agent", "activate", signed, "--set", f"model.dir={current}",
-                   "--set", f"update.public_key={key}.pub")
-    assert proc.returncode == 0, proc.stderr
-    return current
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
     """A real mosquitto on a free loopback port, stopped after the test."""
@@ -177,36 +63,6 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.start()
     yield b
     b.stop()
-
-
-class Agent:
-    """`python -m agent run` as a real subprocess, its log captured to a file."""
-
-    def __init__(self, bundle: Path, port: int, workdir: Path, *overrides: str,
-                 duration: float | None = None, env: dict[str, str] | None = None) -> None:
-        self.log = workdir / f"agent-{time.monotonic_ns()}.log"
-        args = [sys.executable, "-m", "agent", "run", "--set", f"model.dir={bundle}",
-                "--set", f"mqtt.port={port}", "--set", "mqtt.host=127.0.0.1",
-                "--set", "device.id=testboard", "--set", f"spool.path={workdir / 'spool.db'}",
-                "--set", "loop.window_s=0.5", "--set", "loop.warmup=2"]
-        for item in overrides:
-            args += ["--set", item]
-        if duration is not None:
-            args += ["--duration", str(duration)]
-        with self.log.open("w") as out:
-            self.proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **(env or {})})
-
-    def wait(self, timeout: float = 60) -> int:
-        return self.proc.wait(timeout)
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture

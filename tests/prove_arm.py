@@ -41,8 +41,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.broker import Broker, Subscriber
-from tests.conftest import ROOT, bundle_config
+from tests.support import ROOT, bundle_config
+from tests.support.broker import Broker, Subscriber
 
 # Enough training (about 30 s on 2 cores; one run was at 84.8 % on the stand-in test set after
 # these 3 epochs) that "the same top-1 accuracy as the host" means something.

@@ -26,10 +26,10 @@ import torch
 
 from agent.manifest import sha256_of
 from deploy.remote import update_args
-from tests.broker import Broker, Subscriber, free_port
-from tests.conftest import ROOT, copy_bundle, edit_manifest, make_store, resampled_copy
-from tests.test_fleet_update import request, results, send, start_agent
-from tests.test_monitor import background, metric, metrics, stop, wait
+from tests.deploy.test_fleet_update import request, results, send, start_agent
+from tests.deploy.test_monitor import background, metric, metrics, stop, wait
+from tests.support import ROOT, copy_bundle, edit_manifest, make_store, resampled_copy
+from tests.support.broker import Broker, Subscriber, free_port
 
 ONE_LINE = re.compile(r"^(\w+Error: |edge-[\w -]+: )")
 

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.broker import free_port, wait_listening
+from tests.support.broker import free_port, wait_listening
 
 
 def sshd_binary() -> str:

@@ -12,10 +12,10 @@ from agent.errors import ConfigError
 from deploy.cli import DeployConfig
 from deploy.monitor.config import MonitorCommandConfig
 from optimizer.config import OptimizerConfig
+from tests.support import ROOT
 
 ROOTS = (OptimizerConfig, AgentConfig, MonitorCommandConfig, DeployConfig)
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_shipped_config_yaml_equals_the_built_in_defaults() -> None:

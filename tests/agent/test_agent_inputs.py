@@ -9,7 +9,7 @@ import pytest
 
 from agent.manifest import BOARD_MODEL, sha256_of
 from agent.stats import ResourceStats
-from tests.conftest import copy_bundle, edit_manifest, run_cli
+from tests.support import copy_bundle, edit_manifest, run_cli
 
 
 def run(bundle: Path, tmp_path: Path, *overrides: str):  # type: ignore[no-untyped-def]

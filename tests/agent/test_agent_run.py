@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from agent.telemetry import TELEMETRY_KEYS, decode_telemetry
-from tests.broker import Broker, Subscriber
-from tests.conftest import Agent
+from tests.support import Agent
+from tests.support.broker import Broker, Subscriber
 
 
 def contiguous(seqs: list[int]) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.torch_matrix import Cpu, assess, entry_for, read_cpu
-from tests.conftest import run_cli
+from tests.support import run_cli
 
 A72 = Cpu("aarch64", "0xd08", frozenset({"fp", "asimd", "crc32", "cpuid"}))
 A76 = Cpu("aarch64", "0xd0b", frozenset({"fp", "asimd", "atomics", "asimddp"}))

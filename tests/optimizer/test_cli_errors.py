@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from optimizer.model import SimpleCNN
-from tests.conftest import run_cli
+from tests.support import run_cli
 
 TINY = ["--data", "synthetic", "--set", "data.synthetic_train=20",
         "--set", "data.synthetic_test=20"]

@@ -14,12 +14,12 @@ from agent.manifest import BOARD_MODEL, Manifest, sha256_of
 from agent.model import load_scripted, normalize
 from optimizer import export as exporting
 from optimizer import quantize
-from optimizer.config import DataConfig, PruneConfig, TrainConfig
+from optimizer.config import DataConfig, PruneConfig, QuantizeConfig, TrainConfig
 from optimizer.data import synthetic
 from optimizer.errors import QuantizationError, VerificationError
 from optimizer.model import SimpleCNN, predict
 from optimizer.prune import prune_, sparsity, state_sizes
-from tests.conftest import copy_bundle, run_cli
+from tests.support import copy_bundle, run_cli
 
 FILES = ["baseline_cnn.pth", "pruned_cnn.pth", "quantized_cnn.pt", BOARD_MODEL]
 
@@ -103,13 +103,13 @@ def test_gate_falls_back_in_order_and_records_why() -> None:
     d = synthetic(200, 100)
     x = normalize(d.test_images, d.mean, d.std)
     model = SimpleCNN()
-    result = quantize.gate(model, "qnnpack", x[:32], x, d.test_labels,
-                           baseline_accuracy=1000.0, max_drop=1.0)  # nothing int8 can pass
+    cfg = QuantizeConfig(engine="qnnpack", max_accuracy_drop=1.0)
+    result = quantize.gate(model, cfg, x[:32], (x, d.test_labels),
+                           baseline_accuracy=1000.0)  # nothing int8 can pass
     assert result.mode == "fp32"
     assert [a["mode"] for a in result.attempts] == list(quantize.MODES)
     assert all("> 1.0 allowed" in a["reason"] for a in result.attempts[:3])
-    lenient = quantize.gate(model, "qnnpack", x[:32], x, d.test_labels,
-                            baseline_accuracy=0.0, max_drop=1.0)
+    lenient = quantize.gate(model, cfg, x[:32], (x, d.test_labels), baseline_accuracy=0.0)
     assert lenient.mode == "static_per_channel" and len(lenient.attempts) == 1
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.broker import Broker, Subscriber, free_port
-from tests.conftest import ROOT, model_sha, run_cli, signed_copy, tree, wrong_logits_copy
-from tests.sshd import Sshd
+from tests.support import ROOT, model_sha, run_cli, signed_copy, tree, wrong_logits_copy
+from tests.support.broker import Broker, Subscriber, free_port
+from tests.support.sshd import Sshd
 
 
 def fake_systemctl_restart(prefix: Path) -> str:

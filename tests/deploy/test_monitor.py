@@ -18,8 +18,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.broker import Broker, Subscriber, free_port
-from tests.conftest import ROOT, Agent, run_cli
+from tests.support import ROOT, Agent, run_cli
+from tests.support.broker import Broker, Subscriber, free_port
 
 
 @pytest.fixture

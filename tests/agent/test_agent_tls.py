@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import Broker
-from tests.conftest import Agent
+from tests.support import Agent
+from tests.support.broker import Broker
 
 
 def openssl(*args: str | Path) -> None:

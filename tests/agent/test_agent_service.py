@@ -11,7 +11,7 @@ from pathlib import Path
 
 from agent.config import AgentConfig, load_config
 from agent.spool import spool_path
-from tests.conftest import ROOT, Agent
+from tests.support import ROOT, Agent
 
 UNIT = ROOT / "deploy" / "edge-agent.service"
 

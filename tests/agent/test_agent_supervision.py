@@ -28,8 +28,8 @@ from agent.sdnotify import Notifier
 from agent.spool import SYSTEM_STATE_DIR, Spool
 from agent.stats import ResourceStats
 from agent.telemetry import Window
-from tests.broker import Broker, Subscriber
-from tests.conftest import ROOT, Agent
+from tests.support import ROOT, Agent
+from tests.support.broker import Broker, Subscriber
 
 # A named fault injection, not a fake of anything real: the agent runs as it does on a board,
 # except that its resource sampler (called on the publisher thread) raises from the third

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.manifest import BOARD_MODEL
-from tests.conftest import copy_bundle, edit_manifest, run_cli
+from tests.support import copy_bundle, edit_manifest, run_cli
 
 
 def check(bundle: Path):  # type: ignore[no-untyped-def]
