@@ -163,10 +163,6 @@ class InferenceLoop:
         """Finish the current forward pass, close the window and return (signal-safe)."""
         self.control.stop()
 
-    def warm_up(self) -> float:
-        """Run cfg.warmup forward passes outside the stats; return the first one's seconds."""
-        return warm_up(self.model, self.cfg.warmup)
-
     def run(self, duration_s: float | None = None) -> None:
         """Loop until stop() or `duration_s`; the last, partial window is emitted too."""
         perf = time.perf_counter

@@ -162,6 +162,7 @@ class Commands(threading.Thread):
         self.started = time.time()
         self._closing = threading.Event()
         self.refused: deque[dict[str, Any]] = deque(maxlen=10)  # updates refused since start
+        self.staging: str | None = None  # the version the current command is staging
         self.beat = time.monotonic()
         self.busy_since: float | None = None
 
@@ -208,6 +209,7 @@ class Commands(threading.Thread):
         self.submit(CommandResult(fields, publisher_state))
 
     def _command(self, name: str, payload: bytes) -> None:
+        self.staging = None
         try:
             rid, args = parse_request(payload, int(self.cfg.max_payload_mb * 1e6))
         except Refused as exc:
@@ -234,7 +236,7 @@ class Commands(threading.Thread):
         except Exception as exc:  # a bug; the sender still gets its one answer
             log.exception("commands: %s %s failed", name, rid)
             reason = f"internal error: {type(exc).__name__}: {exc}"[:500]
-            self._refused(rid, name, "internal", reason, None)
+            self._refused(rid, name, "internal", reason, self.staging)
             self._reply(rid, name, False, "failed", reason, "internal")
 
     def _refused(self, rid: str, command: str, code: str, reason: str, vid: str | None) -> None:
@@ -262,6 +264,7 @@ class Commands(threading.Thread):
                         f"running", data={"from": from_vid, "to": release.vid})
             return
         existed = store.path(release.vid).is_dir()
+        self.staging = release.vid
         try:
             path = store.stage(release.vid, {n: release.files[n]
                                              for n in release.manifest.release_files()})
