@@ -49,11 +49,13 @@ cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
 from tests.prove_arm import fake_cpu_files; fake_cpu_files(Path('$root'), '$cpu')"
 
 rm -rf "$root/root/edgeforge" "$root/root/bundle"
-key="$root.signing.key"  # the emulated fleet's key, beside the root
+# The proof's own checks get the bundle as built (unsigned, no key on the board's command
+# line); the install gets it signed by the emulated fleet's key, as render does for a Pi.
+cp -r "$bundle" "$root/root/bundle"
+key="$root.signing.key"
 [ -f "$key" ] || "$python" -m deploy.cli keygen --key "$key" >/dev/null
 "$python" -m deploy.cli render --device-id "emulated-$cpu" --bundle "$bundle" --key "$key" \
     --out "$root/root/edgeforge" >/dev/null
-cp -r "$bundle" "$root/root/bundle"
 
 echo "install-board: sudo bash install-agent.sh (from edge-deploy render) on $cpu, as written"
 chroot "$root" /usr/bin/env -i QEMU_CPU="$cpu" PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
