@@ -5,13 +5,16 @@
 1. builds a qnnpack bundle on this x86 host with `edge-optimize run --data synthetic`
    (ARM_CONFIG, about 30 s);
 2. installs the agent the way the README tells a Pi owner to, on the first CPU:
-   deploy/emulated-board/install-board.sh runs `deploy/install-agent.sh` as written inside a
-   Debian bookworm arm64 chroot (qemu-aarch64 through binfmt_misc; the root is kept between
-   runs), which installs the runtime matrix's torch from PyPI and runs `edge-agent check`;
+   deploy/emulated-board/install-board.sh runs `edge-deploy render` here and the folder's
+   `install-agent.sh` as written inside a Debian bookworm arm64 chroot (qemu-aarch64 through
+   binfmt_misc; the root is kept between runs), which installs the torch matrix's torch from
+   PyPI and the agent alone, and activates the signed bundle (the on-board check included);
 3. for each CPU, with QEMU_CPU set (the default `max` CPU, with 512-bit SVE, gave wrong fp32
    results) and a fake /proc/cpuinfo and /sys cpu list for 4 cores of that model, runs the
    installed agent (/opt/edgeforge/venv) in the chroot:
    - `python -m agent.torch_matrix status` judges the board's torch "ok" against the matrix;
+   - on the first CPU, `edge-agent check` with the installed /etc/edgeforge/config.yaml
+     passes on the store's current version, its signature checked with the fleet's key;
    - on the first CPU, a bundle for the x86 engine and a manifest from a newer schema are
      each refused by `edge-agent check` in one line;
    - with torch 2.10.0's metadata faked in front of the real torch, `edge-agent check`
@@ -110,6 +113,10 @@ class Board:
         self.root, self.cpu, self.workdir = root, cpu, workdir  # workdir: a path on the board
         shutil.rmtree(self.host(workdir), ignore_errors=True)
         self.host(workdir).mkdir(parents=True)
+        # The proof's own agent commands read the built-in defaults, not the installed
+        # /etc/edgeforge/config.yaml (whose signing key would refuse the unsigned copies).
+        self.config = f"{workdir}/defaults.yaml"
+        self.host(self.config).write_text("{}\n")
 
     def host(self, path: str) -> Path:
         """Where a path on the board is on this host."""
@@ -124,6 +131,12 @@ class Board:
             pythonpath: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv(*args, pythonpath=pythonpath), capture_output=True,
                               text=True, timeout=timeout)
+
+    def agent(self, command: str, *args: str, pythonpath: str | None = None
+              ) -> subprocess.CompletedProcess[str]:
+        """`python -m agent COMMAND --config <the defaults> ARGS` on the board."""
+        return self.run("-m", "agent", command, "--config", self.config, *args,
+                        pythonpath=pythonpath)
 
     def start(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(self.argv(*args), text=True, stdout=subprocess.PIPE,
@@ -140,7 +153,7 @@ def refuses_bad_bundles(board: Board, bundle: str) -> str | None:
         manifest = json.loads((board.host(copy) / "manifest.json").read_text())
         manifest.update(changes)
         (board.host(copy) / "manifest.json").write_text(json.dumps(manifest))
-        proc = board.run("-m", "agent", "check", "--set", f"model.dir={copy}")
+        proc = board.agent("check", "--set", f"model.dir={copy}")
         lines = proc.stderr.strip().splitlines()
         if proc.returncode != 2 or len(lines) != 1 or needle not in lines[0]:
             return f"{name}: exit {proc.returncode}, stderr {proc.stderr[-300:]!r}"
@@ -159,7 +172,7 @@ def prove(board: Board, bundle: str, bad_inputs: bool) -> dict[str, object]:
     (board.host(fake) / "torch-2.10.0.dist-info").mkdir(parents=True)
     (board.host(fake) / "torch-2.10.0.dist-info/METADATA").write_text(
         "Metadata-Version: 2.1\nName: torch\nVersion: 2.10.0\n")
-    bad = board.run("-m", "agent", "check", "--set", f"model.dir={bundle}", pythonpath=fake)
+    bad = board.agent("check", "--set", f"model.dir={bundle}", pythonpath=fake)
     lines = bad.stderr.strip().splitlines()
     if "atomics" in CPUS[board.cpu][4]:
         row["torch_2_10"] = "warned" if bad.returncode == 0 and any(
@@ -175,12 +188,20 @@ def prove(board: Board, bundle: str, bad_inputs: bool) -> dict[str, object]:
                           f"{row['torch_2_10']}")
         return row
     if bad_inputs:
+        # What the installer left, as the service will run it: the board's own config, the
+        # store's current version, its signature checked with the fleet's public key.
+        installed = board.run("-m", "agent", "check")
+        row["installed_check"] = "pass" if installed.returncode == 0 else \
+            f"exit {installed.returncode}: {installed.stderr[-300:]}"
+        if installed.returncode != 0:
+            row["failure"] = f"edge-agent check of the install: {row['installed_check']}"
+            return row
         problem = refuses_bad_bundles(board, bundle)
         row["bad_bundles"] = "refused" if problem is None else problem
         if problem is not None:
             row["failure"] = f"bad bundle not refused in one line: {problem}"
             return row
-    check = board.run("-m", "agent", "check", "--set", f"model.dir={bundle}")
+    check = board.agent("check", "--set", f"model.dir={bundle}")
     row["check"] = (check.stdout.strip() or check.stderr.strip())[-300:]
     if check.returncode != 0 or check.stderr.strip():
         row["failure"] = f"edge-agent check (exit {check.returncode}): {check.stderr.strip()}"
@@ -199,7 +220,8 @@ def prove(board: Board, bundle: str, bad_inputs: bool) -> dict[str, object]:
     broker = Broker(board.host(board.workdir) / "broker")
     broker.start()
     sub = Subscriber(broker.port, client_id=f"prove-{board.cpu}")
-    agent = board.start("-m", "agent", "run", "--set", f"model.dir={bundle}",
+    agent = board.start("-m", "agent", "run", "--config", board.config,
+                        "--set", f"model.dir={bundle}",
                         "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker.port}",
                         "--set", f"device.id=emulated-{board.cpu}", "--set", "loop.window_s=2",
                         "--set", "loop.input=sample", "--set", "loop.warmup=2",
