@@ -1,8 +1,10 @@
 """`edge-agent run`: verify and load the bundle, start the publisher, run the loop, stop cleanly.
 
 Start-up order: config -> bundle verified and checked on this board -> spool opened (restart
-count and last exit reason read) -> a fresh module loaded, timed and warmed up -> publisher
-thread started (it connects in the background) -> READY=1 -> the loop. SIGTERM or SIGINT
+count and last exit reason read) -> the publisher built (TLS files checked) -> a fresh module
+loaded, timed and warmed up -> the commands thread and the loop built, each object once, with
+what it talks to passed in (the commands inbox, the loop's LoopControl) -> threads started
+(the publisher connects in the background) -> READY=1 -> the loop. SIGTERM or SIGINT
 close the current window, flush what the broker will take within a few seconds, publish
 `offline` and exit 0; whatever was not acknowledged stays spooled for the next start.
 
