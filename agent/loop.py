@@ -151,14 +151,6 @@ class InferenceLoop:
         self.failed: set[str] = set()  # models whose forward pass failed in this run
         self._next_ping = math.inf
 
-    @property
-    def module(self) -> torch.jit.ScriptModule:
-        return self.model.module
-
-    @property
-    def inputs(self) -> Inputs:
-        return self.model.inputs
-
     def stop(self) -> None:
         """Finish the current forward pass, close the window and return (signal-safe)."""
         self.control.stop()

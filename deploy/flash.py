@@ -6,8 +6,9 @@ user other than root installing into / needs passwordless sudo (`sudo -n` runs t
 
     1. probe      one round trip: machine, uid, hostname, and the sha256 of everything
                   flash manages (install stamp, config, public key, unit, current version)
-    2. install    only when the source or torch changed: the source, a venv in
-                  <prefix>/opt/edgeforge/venv, the runtime matrix's torch, edgeforge
+    2. install    only when the agent's source or torch changed: the agent alone (the
+                  installed `agent` package and the board's pyproject.toml), a venv in
+                  <prefix>/opt/edgeforge/venv, the torch matrix's torch, the agent
     3. files      /etc/edgeforge/config.yaml (the board config plus per-board values),
                   signing.pub, edge-agent.service; each written only when it differs
     4. bundle     copied to <prefix>/var/lib/edgeforge/incoming, then `edge-agent activate
