@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.errors import BundleError
 from agent.manifest import MANIFEST, Manifest, embedded_metadata, manifest_bytes
-from agent.model import load_scripted, normalize, set_engine
+from agent.model import load_scripted, set_engine
+from agent.preprocess import normalize
 from agent.signing import SIGNATURE_FILE, Signature, verify
 from agent.torchwarnings import known_torch_deprecations
 

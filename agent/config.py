@@ -6,7 +6,8 @@ deploy/); `load_config` builds it. Unknown sections anywhere (SECTIONS is the on
 names) and unknown keys in a section it reads are errors that name them. `--set section.key=value`
 overrides are parsed as YAML scalars and checked exactly like the file.
 
-The board sections (`device`, `model`, `loop`, `mqtt`, `spool`) live here; the host steps
+The board sections (`device`, `model`, `source`, `loop`, `mqtt`, `spool`, `update`,
+`homeassistant`) live here; the host steps
 (`data`, `train`, `prune`, `quantize`, `export`, `report`) in `optimizer/config.py`.
 """
 
@@ -31,8 +32,10 @@ from agent.errors import ConfigError
 SECTIONS = (
     "data", "train", "prune", "quantize", "export", "report",  # host: edge-optimize
     "monitor",  # host: edge-monitor
-    "device", "model", "loop", "mqtt", "spool", "update", "homeassistant",  # board: edge-agent
+    "device", "model", "source", "loop", "mqtt", "spool", "update", "homeassistant",  # board
 )
+# Keys that moved: their old place gets a message naming the new one.
+MOVED = {("loop", "input"): "source.kind"}
 
 T = TypeVar("T")
 R = TypeVar("R")  # a command family's root config
@@ -92,9 +95,78 @@ class ModelConfig:
     dir: str = "models"  # the bundle directory holding manifest.json
 
 
+SOURCE_KINDS = ("random", "sample", "folder", "video", "camera", "mqtt")
+SYNTHETIC_KINDS = ("random", "sample")  # benchmark and canary: no results, only telemetry
+LIVE_KINDS = ("video", "camera")  # frames come at the source's rate; the newest one wins
+PUBLISH_POLICIES = ("every", "change", "rate")
+AFTER_ACTIONS = ("move", "delete", "keep")
+QUEUE_DEFAULTS = {"folder": 4, "video": 1, "camera": 1, "mqtt": 32}
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """What the agent runs the model on (agent/sources.py); see config.yaml for each key."""
+
+    kind: str = "random"  # random | sample | folder | video | camera | mqtt
+    path: str | None = None  # folder, video file or stream URL, camera device or "picamera2"
+    after: str = "move"  # folder: move | delete | keep each classified file
+    done_dir: str | None = None  # folder: default <path>/done
+    failed_dir: str | None = None  # folder: unreadable images go here; default <path>/failed
+    poll_s: float = 1.0  # folder: rescan period (inotify wakes it sooner where available)
+    realtime: bool = True  # video file: at its own frame rate; false = as fast as decoded
+    repeat: bool = False  # video file: start again at the end
+    reopen_max_s: float = 30.0  # streams and cameras: reopen backoff ceiling
+    width: int | None = None  # camera: capture size and rate; null = the device's default
+    height: int | None = None
+    fps: float | None = None
+    queue: int | None = None  # frames waiting for inference; null: 1 live, 4 folder, 32 mqtt
+    top_k: int = 3  # labels per result, best first
+    min_score: float = 0.0  # labels below this softmax score are left out of `top`
+    publish: str = "every"  # live sources: every | change (top label changed) | rate
+    max_per_s: float = 2.0  # publish: rate -> at most this many live results per second
+    max_image_mb: float = 8.0  # folder and mqtt: a larger file or request is refused unread
+
+    def __post_init__(self) -> None:
+        require(self.kind in SOURCE_KINDS, "kind",
+                f"must be one of {', '.join(SOURCE_KINDS)}, got {self.kind!r}")
+        needs_path = self.kind in ("folder", "video", "camera")
+        require(not needs_path or bool(self.path), "path",
+                f"source.kind {self.kind} needs source.path (the "
+                + {"folder": "folder to watch", "video": "video file or stream URL",
+                   "camera": "device, for example /dev/video0, or picamera2"}.get(self.kind, "")
+                + ")")
+        require(self.after in AFTER_ACTIONS, "after",
+                f"must be one of {', '.join(AFTER_ACTIONS)}, got {self.after!r}")
+        in_range(self.poll_s, "poll_s", 0.05, 3600, " seconds")
+        in_range(self.reopen_max_s, "reopen_max_s", 1, 3600, " seconds")
+        for key in ("width", "height"):
+            value = getattr(self, key)
+            if value is not None:
+                in_range(value, key, 1, 16384, " pixels")
+        if self.fps is not None:
+            in_range(self.fps, "fps", 0.1, 1000, " frames per second")
+        if self.queue is not None:
+            in_range(self.queue, "queue", 1, 1024, " frames")
+        in_range(self.top_k, "top_k", 1, 1000)
+        in_range(self.min_score, "min_score", 0, 1)
+        require(self.publish in PUBLISH_POLICIES, "publish",
+                f"must be one of {', '.join(PUBLISH_POLICIES)}, got {self.publish!r}")
+        in_range(self.max_per_s, "max_per_s", 0.01, 1000, " results per second")
+        in_range(self.max_image_mb, "max_image_mb", 0.001, 256, " MB")
+
+    @property
+    def queue_size(self) -> int:
+        """Frames between the source and inference (the kind's default when unset)."""
+        return self.queue or QUEUE_DEFAULTS.get(self.kind, 1)
+
+    @property
+    def serving(self) -> bool:
+        """Real inputs whose predictions are published (not a benchmark or canary)."""
+        return self.kind not in SYNTHETIC_KINDS
+
+
 @dataclass(frozen=True)
 class LoopConfig:
-    input: str = "random"  # random | sample
     rate_hz: float = 0.0  # 0 = as fast as possible; 0-10000
     batch_size: int = 1  # 1-1024
     threads: int = 1  # 1-256
@@ -102,8 +174,6 @@ class LoopConfig:
     window_s: float = 10.0  # 0.5 s - 1 h
 
     def __post_init__(self) -> None:
-        require(self.input in ("random", "sample"), "input",
-                f"must be 'random' or 'sample', got {self.input!r}")
         in_range(self.rate_hz, "rate_hz", 0, 10_000, " per second (0 = as fast as possible)")
         in_range(self.batch_size, "batch_size", 1, 1024)
         in_range(self.threads, "threads", 1, 256)
@@ -137,6 +207,7 @@ class MqttConfig:
     topic_prefix: str = "edgeforge"
     qos: int = 1
     keepalive: int = 30
+    protocol: int = 5  # the agent's MQTT version: 5, or 3 for 3.1.1 (no response topics)
     username: str | None = None
     password: str | None = None
     tls: bool = False
@@ -147,6 +218,8 @@ class MqttConfig:
     def __post_init__(self) -> None:
         require(1 <= self.port <= 65535, "port", f"must be 1-65535, got {self.port}")
         require(self.qos in (0, 1, 2), "qos", f"must be 0, 1 or 2, got {self.qos}")
+        require(self.protocol in (3, 5), "protocol",
+                f"must be 5 (MQTT 5) or 3 (MQTT 3.1.1), got {self.protocol}")
         in_range(self.keepalive, "keepalive", 5, 65535, " seconds")
         require(bool(self.topic_prefix) and not any(c in self.topic_prefix for c in "+#"),
                 "topic_prefix", f"must be non-empty without '+' or '#', "
@@ -213,6 +286,7 @@ class AgentConfig:
 
     device: DeviceConfig = field(default_factory=DeviceConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -303,6 +377,9 @@ def _build(cls: type[T], section: str, values: dict[str, Any], origin: str,
             f"{origin}: {section}.{key}"
 
     for key in values:
+        if (section, key) in MOVED:
+            raise ConfigError(f"{where(key)}: moved to {MOVED[section, key]} (set "
+                              f"{MOVED[section, key]}: {values[key]} instead)")
         if key not in names:
             raise ConfigError(f"{where(key)}: unknown key (known keys of {section}: "
                               f"{', '.join(names)})")

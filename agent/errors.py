@@ -7,6 +7,10 @@
     |                         stable short name for scripts; `request_id` and `vid` say which
     |                         command and which version, when they are known
     +-- RuntimeMismatch       the installed torch is known to crash on this board's CPU
+    +-- ImageError            an input is not a usable image (undecodable, truncated, too
+    |                         large), or the library to decode it is not installed
+    +-- SourceError           an input source (folder, video, stream, camera) cannot be
+                              opened or read; live sources retry with backoff
 
 The optimizer adds its own subclasses in `optimizer/errors.py`, the operator tools theirs in
 `deploy/errors.py`. Context goes into the constructor, never onto an instance afterwards.
@@ -42,3 +46,11 @@ class Refused(BundleError):
 
 class RuntimeMismatch(EdgeforgeError):
     """The installed torch is known to crash on this board's CPU."""
+
+
+class ImageError(EdgeforgeError):
+    """An input that is not a usable image: not decodable, truncated, empty or too large."""
+
+
+class SourceError(EdgeforgeError):
+    """An input source cannot be opened or read (a missing folder, device or stream)."""

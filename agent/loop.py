@@ -20,6 +20,14 @@ rolls the store back and answers. The loop never waits on another thread's lock.
 
 Other threads talk to the loop only through its `LoopControl`: a model, a config or a stop
 handed over there is taken before the next forward pass.
+
+With a real source (`Feed`: folder, video, camera, mqtt) the loop serves instead of cycling
+through pre-built batches: it takes up to batch_size frames from the source's queue (waiting
+at most until its next window, ping or stop), preprocesses each with the bundle's recipe,
+runs one forward pass, and hands one Prediction per frame to the publisher. Each window then
+also carries what the source did (`Served`): frames in, dropped and failed, results
+published, and the capture, preprocess and end-to-end latency of every input. rate_hz does
+not apply: the source sets the pace.
 """
 
 from __future__ import annotations
@@ -34,9 +42,12 @@ import torch
 
 from agent.bundle import Bundle
 from agent.config import LoopConfig
-from agent.model import normalize
+from agent.errors import ImageError
+from agent.predictions import Prediction, Predictor
+from agent.preprocess import Preprocess, normalize
 from agent.sdnotify import Notifier
-from agent.telemetry import Window
+from agent.sources import Frame, FrameQueue
+from agent.telemetry import Served, Window
 from agent.timing import time_passes
 from agent.torchwarnings import known_torch_deprecations
 
@@ -70,9 +81,10 @@ class Inputs:
 
     @classmethod
     def for_bundle(cls, bundle: Bundle, kind: str, batch_size: int) -> Inputs:
-        """Random tensors at the manifest's shape, or the bundle's labelled sample, normalised."""
+        """The bundle's labelled sample, normalised, for `sample`; random tensors at the
+        manifest's shape otherwise (the benchmark, and the warm-up of a real source)."""
         m = bundle.manifest
-        if kind == "random":
+        if kind != "sample":
             return cls.random(batch_size, m.input_shape)
         sample = bundle.sample()
         return cls.sample(normalize(sample["images"], m.mean, m.std), sample["labels"],
@@ -88,6 +100,25 @@ class Model:
     sha256: str
     shadow: torch.jit.ScriptModule | None = None  # the old model, timed beside it on trial
     fallback: Model | None = None  # on trial: what to run if this one's forward pass fails
+    classes: tuple[str, ...] = ()  # the manifest's labels, for results
+    preprocess: Preprocess | None = None  # the manifest's recipe, for real inputs
+
+    @classmethod
+    def of(cls, bundle: Bundle, module: torch.jit.ScriptModule, kind: str,
+           batch_size: int) -> Model:
+        """`module` (loaded from `bundle`) with its inputs, labels and preprocessing."""
+        m = bundle.manifest
+        return cls(module, Inputs.for_bundle(bundle, kind, batch_size), bundle.sha256,
+                   classes=tuple(m.classes), preprocess=m.preprocess)
+
+
+@dataclass(frozen=True)
+class Feed:
+    """A real source as the loop sees it: the queue its frames arrive on, and what turns
+    model outputs into results."""
+
+    frames: FrameQueue
+    predictor: Predictor
 
 
 def warm_up(model: Model, count: int) -> float:
@@ -136,10 +167,12 @@ class InferenceLoop:
     """
 
     def __init__(self, model: Model, cfg: LoopConfig, control: LoopControl,
-                 emit: Callable[[Window], object], notifier: Notifier,
+                 emit: Callable[[Window | Prediction], object], notifier: Notifier,
                  healthy: Callable[[], str | None] = lambda: None,
-                 fell_back: Callable[[str, str], None] = lambda sha, reason: None) -> None:
+                 fell_back: Callable[[str, str], None] = lambda sha, reason: None,
+                 feed: Feed | None = None) -> None:
         self.model = model
+        self.feed = feed
         self.cfg = cfg
         self.control = control
         self.emit = emit
@@ -164,8 +197,9 @@ class InferenceLoop:
             else CHECK_S
         self._next_ping = start + ping_every
         window_start: float | None = start
+        step = self._serve_until_change if self.feed is not None else self._run_until_change
         while window_start is not None:
-            window_start = self._run_until_change(window_start, end, ping_every)
+            window_start = step(window_start, end, ping_every)
 
     def _take_changes(self) -> None:
         control = self.control
@@ -244,6 +278,131 @@ class InferenceLoop:
             # Stopped or failed, else a change was handed over: go on from now.
             return None if control.stopping or self.failure is not None else now
 
+    def _serve_until_change(self, window_start: float, end: float,
+                            ping_every: float) -> float | None:
+        """`_run_until_change` for a real source: frames from the feed instead of pre-built
+        batches, one Prediction per frame, and the window's Served record."""
+        self._take_changes()
+        cfg, model = self.cfg, self.model
+        feed = self.feed
+        assert feed is not None
+        perf = time.perf_counter
+        window_end = window_start + cfg.window_s
+        next_ping = self._next_ping
+        lat = array("d")
+        old = array("d") if model.shadow is not None else None
+        served = Served(feed.predictor.cfg.kind)
+        counted = feed.frames.counts()
+        control = self.control
+        shadow_first = False
+        with torch.inference_mode(), known_torch_deprecations():
+            while not control.wake:
+                now = perf()
+                next_event = min(window_end, next_ping, end)
+                frames = feed.frames.take(cfg.batch_size, max(0.0, min(next_event - now, 0.05)))
+                if frames:
+                    shadow_first = not shadow_first
+                    if not self._serve(model, frames, served, lat, old, shadow_first):
+                        break  # the model on trial failed: the fallback runs from now on
+                t1 = perf()
+                if t1 < next_event:
+                    continue
+                if t1 >= next_ping:
+                    self.failure = self.healthy()
+                    if self.failure is not None:
+                        break
+                    self.notifier.watchdog()
+                    next_ping = self._next_ping = t1 + ping_every
+                if t1 >= window_end or t1 >= end:
+                    counted = self._count(served, counted)
+                    self._close(lat, window_start, t1, None, old, served)
+                    lat = array("d")
+                    old = array("d") if model.shadow is not None else None
+                    served = Served(served.kind)
+                    window_start, window_end = t1, t1 + cfg.window_s
+                    if t1 >= end:
+                        return None
+            now = perf()
+            self._count(served, counted)
+            self._close(lat, window_start, now, None, old, served)
+            return None if control.stopping or self.failure is not None else now
+
+    def _count(self, served: Served, before: tuple[int, int]) -> tuple[int, int]:
+        """Add the queue's accepted and dropped counts since `before`; return the new ones."""
+        assert self.feed is not None
+        now = self.feed.frames.counts()
+        served.frames_in += now[0] - before[0]
+        served.frames_dropped += now[1] - before[1]
+        return now
+
+    def _serve(self, model: Model, frames: list[Frame], served: Served, lat: array,
+               old: array | None, shadow_first: bool) -> bool:
+        """Preprocess, infer and hand over the results of `frames`; False if the model on
+        trial failed (the loop then falls back)."""
+        assert self.feed is not None and model.preprocess is not None
+        predictor, prep, perf = self.feed.predictor, model.preprocess, time.perf_counter
+        tensors, kept, pre = [], [], []
+        for frame in frames:
+            served.capture_s.append(frame.capture_s)
+            t0 = perf()
+            try:
+                if frame.error is not None:
+                    raise ImageError(frame.error)
+                tensors.append(prep.encoded(frame.data) if frame.data is not None
+                               else prep.image(frame.image))
+            except ImageError as exc:
+                served.frames_failed += 1
+                self._failed(frame, str(exc), model.sha256, served)
+                continue
+            pre.append(perf() - t0)
+            kept.append(frame)
+        if not tensors:
+            return True
+        batch = torch.stack(tensors)
+        shadow = model.shadow
+        if shadow is not None and shadow_first:
+            self._shadow(shadow, batch, old)
+        t0 = perf()
+        try:
+            out = model.module(batch)
+        except RuntimeError as exc:
+            if model.fallback is None:
+                raise
+            self._fall_back(model, exc)
+            return False
+        infer_s = perf() - t0
+        lat.append(infer_s)
+        if shadow is not None and not shadow_first:
+            self._shadow(shadow, batch, old)
+        probs = torch.softmax(out.float(), dim=1)
+        served.inferred += len(kept)
+        for frame, row, pre_s in zip(kept, probs, pre, strict=True):
+            top = predictor.top(row, model.classes)
+            now = perf()
+            total_s = now - frame.captured
+            served.preprocess_s.append(pre_s)
+            served.total_s.append(total_s)
+            if not predictor.wanted(top, now):
+                continue
+            result = predictor.result(frame, top, {
+                "capture": frame.capture_s, "preprocess": pre_s, "infer": infer_s,
+                "total": total_s}, model.sha256)
+            if self.emit(result) is not False:
+                served.results_published += 1
+        return True
+
+    def _failed(self, frame: Frame, why: str, sha256: str, served: Served) -> None:
+        """An input that is not a usable image: a file is moved aside (folder), a request
+        gets an error result (mqtt); a live frame is only counted."""
+        assert self.feed is not None
+        predictor = self.feed.predictor
+        if frame.done is not None:
+            frame.done(False, why)
+        if frame.reply is not None:
+            result = predictor.result(frame, [], {"capture": frame.capture_s}, sha256, why)
+            if self.emit(result) is not False:
+                served.results_published += 1
+
     def _fall_back(self, model: Model, exc: RuntimeError) -> None:
         """The model on trial failed: the window closes as it is, the previous model runs
         from the next pass on, and the commands thread hears why."""
@@ -283,8 +442,8 @@ class InferenceLoop:
                 return
 
     def _close(self, lat: array, start: float, end: float, correct: int | None,
-               old: array | None = None) -> None:
+               old: array | None = None, served: Served | None = None) -> None:
         self.windows += 1
         labelled = len(lat) * self.cfg.batch_size if correct is not None else 0
         self.emit(Window(self.windows, time.time(), end - start, self.cfg.batch_size, lat,
-                         correct, labelled, self.model.sha256, old))
+                         correct, labelled, self.model.sha256, old, served))

@@ -5,7 +5,8 @@ directory holding the manifest and every file it lists with its size and sha256:
 
     {"schema": "edgeforge.bundle/1", "created_utc": ..., "edgeforge_version": ...,
      "torch_version": ..., "architecture": {...}, "input": {"shape": [3, 32, 32],
-     "dtype": "float32", "layout": "NCHW", "normalization": {"mean": [...], "std": [...]}},
+     "dtype": "float32", "layout": "NCHW", "normalization": {"mean": [...], "std": [...]},
+     "preprocess": {"resize": "shorter", ...}},  # agent/preprocess.py
      "classes": [...], "engine": "qnnpack", "quantization": {"mode": ..., "attempts": [...]},
      "data": {"source": ..., "description": ...}, "metrics": {...},
      "board_model": "quantized_cnn_scripted.pt",
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import BundleError
+from agent.preprocess import RESIZE_POLICIES, Preprocess
 from agent.signing import SIGNATURE_FILE
 
 if TYPE_CHECKING:  # torch is imported where a sample is read: edge-deploy starts without it
@@ -131,6 +133,10 @@ def _check_fields(raw: dict[str, Any], origin: str) -> None:
             isinstance(norm.get(k), list) and len(norm[k]) == shape[0]
             and all(number(x) for x in norm[k]) for k in ("mean", "std"))):
         problems.append("input.normalization needs mean and std, one number per channel")
+    prep = inp.get("preprocess") if isinstance(inp, dict) else None
+    if prep is not None and not (isinstance(prep, dict)
+                                 and prep.get("resize", "shorter") in RESIZE_POLICIES):
+        problems.append(f"input.preprocess.resize must be one of {', '.join(RESIZE_POLICIES)}")
     classes = raw.get("classes")
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         problems.append("classes must be a non-empty list of names")
@@ -187,6 +193,11 @@ class Manifest:
     @property
     def std(self) -> list[float]:
         return list(self.input["normalization"]["std"])
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """How an image becomes this model's input, as the host defined it."""
+        return Preprocess.from_input(self.input)
 
     def write(self, bundle: Path) -> Path:
         """Write manifest.json atomically into `bundle`."""

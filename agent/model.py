@@ -1,25 +1,14 @@
-"""Loading and feeding the board model: engine selection, TorchScript load, normalisation."""
+"""Loading the board model: engine selection and the TorchScript load."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from agent.errors import BundleError
 from agent.torchwarnings import known_torch_deprecations
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 NCHW images -> float32, scaled to [0, 1] then standardised per channel.
-
-    Host and board both call this, so the board's input is bit-for-bit the host's.
-    """
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (images.to(torch.float32) / 255.0 - m) / s
 
 
 def set_engine(engine: str) -> None:

@@ -15,15 +15,22 @@ from agent.errors import ConfigError
 
 
 def make_client(cfg: MqttConfig, client_id: str, will_topic: str | None = None,
-                will_payload: str = "offline") -> mqtt.Client:
+                will_payload: str = "offline", v5: bool = False) -> mqtt.Client:
     """A paho 2.x client with the mqtt section's credentials and TLS, and a retained QoS 1
     last will on `will_topic` when one is given. Callbacks are the caller's to set.
+
+    With `v5` it speaks MQTT 5 (the agent does, for request/response with response topics and
+    correlation data); a session then ends with the connection, as clean_session did.
 
     Raises:
         ConfigError: TLS files missing, unreadable or not matching.
     """
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         clean_session=True)
+    if v5:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv5)
+    else:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             clean_session=True)
     if will_topic is not None:
         client.will_set(will_topic, will_payload, qos=1, retain=True)
     if cfg.username is not None:

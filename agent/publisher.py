@@ -17,6 +17,15 @@ The inbox is bounded (`INBOX`). A window or result that finds it full is not que
 seq is burnt and `dropped_total` counts it (`Spool.skip`), so a subscriber sees the gap.
 `beat` is the monotonic time of this thread's last pass through its loop; the runner's
 supervisor takes a thread that stopped beating for `STALL_S` as dead.
+
+Predictions (agent/predictions.py): a durable one (folder, mqtt) waits for room in the inbox,
+goes through the spool like telemetry, and only then is its file moved (`done`); a request
+that named an MQTT 5 response topic also gets the same message there, with its correlation
+data, while connected. A live one (video, camera) is published at QoS 0 while connected and
+otherwise counted in `live_unsent`; its seq is kept in memory and saved on a clean stop.
+With source.kind mqtt this thread also receives the requests on <id>/infer and
+<id>/infer/<request_id> and puts them on the loop's queue without waiting; a request that
+finds it full gets a `busy` error result.
 """
 
 from __future__ import annotations
@@ -32,10 +41,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.command_inbox import CommandInbox
 from agent.config import MqttConfig
 from agent.mqtt import make_client
+from agent.predictions import Prediction
+from agent.sources import Frame, FrameQueue, Reply, now_pair
 from agent.spool import Spool
 from agent.stats import ResourceStats
 from agent.telemetry import (
@@ -43,6 +56,7 @@ from agent.telemetry import (
     EVENT_SCHEMA,
     OFFLINE,
     ONLINE,
+    RESULT_SCHEMA,
     TELEMETRY_SCHEMA,
     Topics,
     Window,
@@ -86,11 +100,14 @@ class Publisher(threading.Thread):
     def __init__(self, cfg: MqttConfig, device: str, spool: Spool, stats: ResourceStats,
                  info: dict[str, Any], model_sha256: str, commands: CommandInbox | None = None,
                  startup_events: Sequence[tuple[str, str]] = (),
-                 discovery: tuple[str, list[tuple[str, bytes]]] | None = None) -> None:
+                 discovery: tuple[str, list[tuple[str, bytes]]] | None = None,
+                 requests: FrameQueue | None = None, max_request_bytes: int = 8_000_000
+                 ) -> None:
         """`commands` gets each message on <prefix>/<id>/cmd/<name> and each closed window
         (None: commands are not subscribed to); `startup_events` are (kind, detail) events
         sent once on start; `discovery` is Home Assistant's status topic and the retained
-        config messages to send on every connect and whenever Home Assistant restarts."""
+        config messages to send on every connect and whenever Home Assistant restarts;
+        `requests` is the loop's queue for images sent to <id>/infer (None: not served)."""
         super().__init__(name="publisher", daemon=True)
         self.cfg = cfg
         self.device = device
@@ -99,7 +116,8 @@ class Publisher(threading.Thread):
         self.stats = stats
         self.info = info
         self.model_sha256 = model_sha256
-        self._inbox: queue.Queue[Window | CommandResult | ModelChange] = queue.Queue(INBOX)
+        self._inbox: queue.Queue[Window | CommandResult | ModelChange | Prediction] = \
+            queue.Queue(INBOX)
         self._closing = threading.Event()
         self._lost_lock = threading.Lock()
         self._unqueued: dict[str, int] = {}  # seq counter -> messages the full inbox refused
@@ -107,6 +125,11 @@ class Publisher(threading.Thread):
         self.commands = commands
         self.startup_events = tuple(startup_events)
         self.discovery = discovery
+        self.requests = requests
+        self.max_request_bytes = max_request_bytes
+        self._request_count = 0
+        self._live_seq = int(spool.get("seq.result", 1) or 1)
+        self.live_unsent = 0  # live results not sent: no broker at the time
         self._deadline: float | None = None  # monotonic time by which to be gone
         self.connected = False
         self._handed: dict[int, int] = {}  # paho mid -> spool row id
@@ -120,11 +143,12 @@ class Publisher(threading.Thread):
 
     # --- the API the loop uses (any thread) ------------------------------------------------
 
-    def submit(self, item: Window | CommandResult | ModelChange) -> bool:
+    def submit(self, item: Window | CommandResult | ModelChange | Prediction) -> bool:
         """Queue a closed window or a command's result without blocking; False when the inbox
-        is full (the loss is counted). A model change is never dropped: it waits for room
-        while this thread lives (a stuck thread ends the agent through the supervisor)."""
-        if isinstance(item, ModelChange):
+        is full (the loss is counted). A model change or a durable prediction is never
+        dropped: it waits for room while this thread lives (a stuck thread ends the agent
+        through the supervisor)."""
+        if isinstance(item, ModelChange) or (isinstance(item, Prediction) and item.durable):
             while True:
                 try:
                     self._inbox.put(item, timeout=1.0)
@@ -136,7 +160,8 @@ class Publisher(threading.Thread):
             self._inbox.put_nowait(item)
             return True
         except queue.Full:
-            counter = "telemetry" if isinstance(item, Window) else "cmd_result"
+            counter = "telemetry" if isinstance(item, Window) else \
+                "live_result" if isinstance(item, Prediction) else "cmd_result"
             with self._lost_lock:
                 self._unqueued[counter] = self._unqueued.get(counter, 0) + 1
             log.error("publisher inbox full (%d): %s not queued; counted in dropped_total",
@@ -204,6 +229,8 @@ class Publisher(threading.Thread):
                         "dropped_total": self.spool.dropped_total,
                         "mqtt_connected": self.connected}}
                 self._result(fields)
+            elif isinstance(item, Prediction):
+                self._prediction(item)
             else:
                 self._model_change(item)
             try:
@@ -216,6 +243,8 @@ class Publisher(threading.Thread):
         with self._lost_lock:
             lost, self._unqueued = self._unqueued, {}
         for counter, count in lost.items():
+            if counter == "live_result":
+                self._live_seq += count  # the gap shows; dropped_total counts them below
             try:
                 self.spool.skip(counter, count)
             except sqlite3.OperationalError as exc:
@@ -224,8 +253,9 @@ class Publisher(threading.Thread):
 
     def _record(self, window: Window) -> None:
         fields = telemetry_fields(window)
-        if not fields["inferences"]:
-            return  # a window cut short before its first inference says nothing
+        if not fields["inferences"] and (window.source is None or window.duration_s < 1.0):
+            return  # a window cut short before its first inference says nothing; a real
+            # source's idle window does: the board is up and had nothing to do
         fields.update(self.stats.sample())
         if self.commands is not None:
             self.commands.window(window, fields)
@@ -267,6 +297,68 @@ class Publisher(threading.Thread):
             log.error("spool %s: cannot store the result of %s (%s)", self.spool.path,
                       fields.get("request_id"), exc)
 
+    def _prediction(self, item: Prediction) -> None:
+        def payload(seq: int) -> bytes:
+            return encode({"schema": RESULT_SCHEMA, "device": self.device, "seq": seq,
+                           "ts": round(time.time(), 3), **item.fields})
+
+        if not item.durable:
+            if not self.connected:
+                self.live_unsent += 1
+                return
+            seq, self._live_seq = self._live_seq, self._live_seq + 1
+            self.client.publish(self.topics.result, payload(seq), qos=0)
+            return
+        sent: list[bytes] = []
+
+        def keep(seq: int) -> bytes:
+            sent.append(payload(seq))
+            return sent[-1]
+
+        try:
+            self.spool.append(self.topics.result, keep, "result", self.cfg.qos)
+        except sqlite3.OperationalError as exc:
+            log.error("spool %s: cannot store the result for %s (%s); it is lost",
+                      self.spool.path, item.fields.get("source_id"), exc)
+            return
+        if item.done is not None:
+            item.done(True, "")
+        reply = item.reply
+        if reply is not None and reply.response_topic and self.connected and sent:
+            props = Properties(PacketTypes.PUBLISH)
+            if reply.correlation is not None:
+                props.CorrelationData = reply.correlation
+            self.client.publish(reply.response_topic, sent[-1], qos=1, properties=props)
+
+    def request(self, topic: str, payload: bytes, properties: Any) -> None:
+        """An image on <id>/infer[/<request_id>]: onto the loop's queue, or a busy answer."""
+        assert self.requests is not None
+        captured, ts = now_pair()
+        rid = topic[len(self.topics.infer) + 1:] if topic != self.topics.infer else ""
+        response = getattr(properties, "ResponseTopic", None) if properties else None
+        correlation = getattr(properties, "CorrelationData", None) if properties else None
+        if not rid:
+            for key, value in getattr(properties, "UserProperty", None) or []:
+                if key == "request_id":
+                    rid = str(value)
+        self._request_count += 1
+        rid = rid or (correlation.hex()[:64] if correlation else f"req-{self._request_count}")
+        frame = Frame(rid, captured, ts, 0.0, data=bytes(payload),
+                      reply=Reply(rid, response, correlation))
+        if len(payload) > self.max_request_bytes:
+            frame.error = (f"request of {len(payload):,} bytes is over source.max_image_mb "
+                           f"({self.max_request_bytes:,} bytes)")
+            frame.data = None
+        if not self.requests.put(frame):
+            # This runs on the publisher's own thread (paho's callbacks do): spool it here,
+            # as waiting for room in our own inbox would wait forever.
+            self._prediction(Prediction({"source": "mqtt", "source_id": rid, "request_id": rid,
+                                    "captured_ts": round(ts, 3), "top": [],
+                                    "error": f"busy: {self.requests.size} request(s) already "
+                                             f"waiting; send again later",
+                                    "model_sha256": self.model_sha256}, durable=True,
+                                   reply=frame.reply))
+
     def _model_change(self, change: ModelChange) -> None:
         self.model_sha256 = change.sha256
         self.info = change.info
@@ -279,7 +371,8 @@ class Publisher(threading.Thread):
 
     def _make_client(self, client_id: str) -> mqtt.Client:
         cfg = self.cfg
-        client = make_client(cfg, client_id, will_topic=self.topics.status, will_payload=OFFLINE)
+        client = make_client(cfg, client_id, will_topic=self.topics.status, will_payload=OFFLINE,
+                             v5=cfg.protocol == 5)
         client.connect_timeout = CONNECT_TIMEOUT_S
         client.max_inflight_messages_set(INFLIGHT)
         client.on_connect = self._on_connect
@@ -325,6 +418,8 @@ class Publisher(threading.Thread):
         if self.discovery is not None:
             client.subscribe(self.discovery[0], qos=1)
             self._announce()
+        if self.requests is not None:
+            client.subscribe([(self.topics.infer, 1), (f"{self.topics.infer}/+", 1)])
         log.info("mqtt: connected to %s:%d; %d spooled message(s) to send", self.cfg.host,
                  self.cfg.port, self.spool.depth)
 
@@ -338,6 +433,10 @@ class Publisher(threading.Thread):
         if self.discovery is not None and message.topic == self.discovery[0]:
             if message.payload == b"online":  # Home Assistant (re)started: announce again
                 self._announce()
+            return
+        if self.requests is not None and (message.topic == self.topics.infer
+                                          or message.topic.startswith(self.topics.infer + "/")):
+            self.request(message.topic, message.payload, getattr(message, "properties", None))
             return
         if self.commands is None or not message.topic.startswith(self.topics.cmd_prefix):
             return
@@ -398,6 +497,8 @@ class Publisher(threading.Thread):
                     break
             self.client.disconnect()
             self.client.loop(timeout=0.05)
+        self.spool.set("seq.result", max(self._live_seq,
+                                          int(self.spool.get("seq.result", 1) or 1)))
         left = self.spool.depth
         if left:
             log.info("mqtt: %d message(s) stay spooled for the next start", left)
@@ -409,6 +510,10 @@ def console_line(index: int, seq: int, f: dict[str, Any], connected: bool, spool
         return "n/a" if value is None else f"{value:{fmt}}{unit}"
 
     acc = f" acc {num(f['accuracy_pct'], '.1f', '%')}" if "accuracy_pct" in f else ""
+    if f.get("frames_in") is not None:
+        acc += (f" | {f['source']}: {f['frames_in']} in, {f['frames_dropped']} dropped, "
+                f"{f['frames_failed']} failed, {f['results_published']} results, end to end "
+                f"ms p50 {num(f['total_p50_ms'], '.1f')} p99 {num(f['total_p99_ms'], '.1f')}")
     return (f"window {index} seq {seq}: {num(f['throughput_ips'], ',.1f')} img/s, "
             f"{f['inferences']:,} in {f['window_s']:.1f} s | latency ms p50 "
             f"{num(f['latency_p50_ms'], '.3f')} p90 {num(f['latency_p90_ms'], '.3f')} p99 "

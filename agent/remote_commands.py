@@ -47,7 +47,7 @@ from agent.bundle import Bundle
 from agent.command_inbox import REQUEST_ID, CommandInbox
 from agent.config import AgentConfig, Invalid, LoopConfig, UpdateConfig, loop_changes
 from agent.errors import EdgeforgeError, Refused
-from agent.loop import Inputs, LoopControl, Model, warm_up
+from agent.loop import LoopControl, Model, warm_up
 from agent.publisher import CommandResult, ModelChange
 from agent.regression import Verdict, compare
 from agent.store import Store
@@ -142,12 +142,13 @@ class Commands(threading.Thread):
                  public_key: Ed25519PublicKey | None, submit: Callable[[Any], bool],
                  bundle: Bundle, model: Model, inbox: CommandInbox, control: LoopControl,
                  make_info: Callable[[Bundle, dict[str, Any]], dict[str, Any]],
-                 config_sha256: str, recent: RecentErrors) -> None:
+                 config_sha256: str, recent: RecentErrors, source_kind: str = "random") -> None:
         """`submit` hands results and model changes to the publisher; `model` is what the
         loop runs at start; `inbox` is this thread's queue; `control` the loop's."""
         super().__init__(name="commands", daemon=True)
         self.cfg = cfg
         self.loop_cfg = loop_cfg  # as the loop runs it: `set` changes it here and there
+        self.source_kind = source_kind  # the inputs an updated model is warmed up and run on
         self.store = store
         self.public_key = public_key
         self.submit = submit
@@ -285,7 +286,7 @@ class Commands(threading.Thread):
         self._go_live(bundle, checked, replace(model, shadow=previous.module,
                                                fallback=previous))
         expected = float(bundle.manifest.sample["accuracy_pct"]) \
-            if self.loop_cfg.input == "sample" else None
+            if self.source_kind == "sample" else None
         self.trial = Trial(rid, release.vid, release.sha256, from_vid, previous,
                            previous_bundle, expected)
         self._reply(rid, "update_model", True, "applied", f"smoke test passed (p99 "
@@ -294,8 +295,7 @@ class Commands(threading.Thread):
                           "sample_max_abs_logit_diff": checked["max_abs_logit_diff"]})
 
     def _model(self, bundle: Bundle) -> Model:
-        model = Model(bundle.load(), Inputs.for_bundle(bundle, self.loop_cfg.input,
-                                                       self.loop_cfg.batch_size), bundle.sha256)
+        model = Model.of(bundle, bundle.load(), self.source_kind, self.loop_cfg.batch_size)
         warm_up(model, self.loop_cfg.warmup)
         return model
 

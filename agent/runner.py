@@ -34,14 +34,17 @@ import agent
 from agent.bundle import Bundle
 from agent.command_inbox import CommandInbox
 from agent.config import AgentConfig
+from agent.errors import ImageError
 from agent.homeassistant import discovery_messages
-from agent.loop import InferenceLoop, Inputs, LoopControl, Model, warm_up
+from agent.loop import Feed, InferenceLoop, LoopControl, Model, warm_up
+from agent.predictions import Predictor
 from agent.publisher import STALL_S as PUBLISHER_STALL_S
 from agent.publisher import ModelChange, Publisher
 from agent.remote_commands import STALL_S as COMMANDS_STALL_S
 from agent.remote_commands import Commands, RecentErrors, config_sha256, recover_trial
 from agent.sdnotify import Notifier
 from agent.signing import configured_key
+from agent.sources import SourceThread, queue_for, start_source
 from agent.spool import Spool, spool_path
 from agent.stats import ResourceStats
 from agent.store import Store
@@ -52,10 +55,14 @@ log = logging.getLogger(__name__)
 STOP_BUDGET_S = 4.0  # SIGTERM to exit; systemd's TimeoutStopSec in the unit is longer
 
 
-def supervise(publisher: Publisher, commands: Commands) -> str | None:
-    """None while both worker threads are alive and making progress, else what is wrong."""
-    for name, thread, limit in (("publisher", publisher, PUBLISHER_STALL_S),
-                                ("commands", commands, COMMANDS_STALL_S)):
+def supervise(publisher: Publisher, commands: Commands,
+              source: SourceThread | None = None) -> str | None:
+    """None while every worker thread is alive and making progress, else what is wrong."""
+    threads: list[tuple[str, Any, float]] = [("publisher", publisher, PUBLISHER_STALL_S),
+                                             ("commands", commands, COMMANDS_STALL_S)]
+    if source is not None:
+        threads.append((f"{source.cfg.kind} source", source, float("inf")))
+    for name, thread, limit in threads:
         error = getattr(thread, "error", None)
         if error is not None:
             return f"the {name} thread failed ({type(error).__name__}: {error})"
@@ -108,11 +115,17 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
         return birth_info(cfg, device, b, c, starts, last_exit, load_ms, first_ms)
 
     inbox = CommandInbox()
+    src = cfg.source
+    frames = queue_for(src) if src.serving else None
+    source = start_source(src, frames) if frames is not None else None
+    feed = Feed(frames, Predictor(src)) if frames is not None else None
     try:
         # Built before anything is recorded: it checks the TLS files (ConfigError).
         publisher = Publisher(cfg.mqtt, device, spool, ResourceStats(), make_info(bundle, checked),
                               bundle.sha256, commands=inbox, startup_events=events,
-                              discovery=discovery)
+                              discovery=discovery,
+                              requests=frames if src.kind == "mqtt" else None,
+                              max_request_bytes=int(src.max_image_mb * 1e6))
     except BaseException:
         spool.close()
         raise
@@ -136,23 +149,27 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
         t0 = time.perf_counter()
         module = bundle.load()
         load_ms = (time.perf_counter() - t0) * 1000
-        model = Model(module, Inputs.for_bundle(bundle, loop_cfg.input, loop_cfg.batch_size),
-                      bundle.sha256)
+        model = Model.of(bundle, module, src.kind, loop_cfg.batch_size)
         first_ms = warm_up(model, loop_cfg.warmup) * 1000
+        if src.serving:
+            warm_images(model)
         # The birth message names the load and first-inference times just measured.
         publisher.submit(ModelChange(bundle.sha256, make_info(bundle, checked)))
         commands = Commands(cfg.update, loop_cfg, store, public_key, publisher.submit, bundle,
-                            model, inbox, control, make_info, config_sha256(cfg), recent)
+                            model, inbox, control, make_info, config_sha256(cfg), recent,
+                            source_kind=src.kind)
         loop = InferenceLoop(model, loop_cfg, control, publisher.submit, notifier,
-                             healthy=functools.partial(supervise, publisher, commands),
-                             fell_back=inbox.fell_back)
+                             healthy=functools.partial(supervise, publisher, commands, source),
+                             fell_back=inbox.fell_back, feed=feed)
         commands.start()
+        if source is not None:
+            source.start()
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         publisher.start()
         log.info("running %s: model loaded in %.0f ms, first inference %.1f ms, %d warm-up "
-                 "runs; input %s, batch %d, %s, %d thread(s), windows of %g s; telemetry to "
-                 "%s:%d %s", device, load_ms, first_ms, loop_cfg.warmup, loop_cfg.input,
-                 loop_cfg.batch_size,
+                 "runs; source %s, batch %d, %s, %d thread(s), windows of %g s; telemetry to "
+                 "%s:%d %s", device, load_ms, first_ms, loop_cfg.warmup, describe_source(src),
+                 loop_cfg.batch_size, "the source's pace" if src.serving else
                  f"{loop_cfg.rate_hz:g} Hz" if loop_cfg.rate_hz else "full rate",
                  loop_cfg.threads, loop_cfg.window_s, cfg.mqtt.host, cfg.mqtt.port,
                  publisher.topics.telemetry)
@@ -173,6 +190,10 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         notifier.stopping()
+        if source is not None:
+            source.stop()
+            if source.is_alive():
+                source.join(2.0)
         if commands is not None and commands.is_alive():
             commands.close()
         logging.getLogger("agent").removeHandler(recent)
@@ -198,7 +219,8 @@ def birth_info(cfg: AgentConfig, device: str, bundle: Bundle, checked: dict[str,
         "torch_version": torch.__version__, "python_version": platform.python_version(),
         "machine": platform.machine(), "hostname": socket.gethostname(), "pid": os.getpid(),
         "engine": m.engine, "threads": loop_cfg.threads, "batch_size": loop_cfg.batch_size,
-        "input": loop_cfg.input, "rate_hz": loop_cfg.rate_hz, "window_s": loop_cfg.window_s,
+        "source": cfg.source.kind, "source_path": cfg.source.path,
+        "rate_hz": loop_cfg.rate_hz, "window_s": loop_cfg.window_s,
         "model_file": m.board_model, "model_sha256": bundle.sha256,
         "model_version": bundle.signature.version if bundle.signature else None,
         "model_dir": str(bundle.dir.resolve()),
@@ -209,3 +231,26 @@ def birth_info(cfg: AgentConfig, device: str, bundle: Bundle, checked: dict[str,
         "load_ms": round(load_ms, 2), "first_inference_ms": round(first_ms, 3),
         "restart_count": starts - 1, "last_exit": last_exit,
     }
+
+
+def describe_source(src: Any) -> str:
+    """The source in a few words, for the start-up line."""
+    if src.kind == "mqtt":
+        return "mqtt (requests on <prefix>/<id>/infer)"
+    if src.kind == "folder":
+        return f"folder {src.path} (then {src.after})"
+    if src.kind in ("video", "camera"):
+        policy = f"{src.publish}" + (f" {src.max_per_s:g}/s" if src.publish == "rate" else "")
+        return f"{src.kind} {src.path}, publishing {policy}"
+    return src.kind
+
+
+def warm_images(model: Model) -> None:
+    """Load the image decoder before the first input arrives; without it, say once what to
+    install (each input then gets the same message as its error)."""
+    if model.preprocess is None:
+        return
+    try:
+        model.preprocess.warm_up()
+    except ImageError as exc:
+        log.error("%s", exc)

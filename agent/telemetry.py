@@ -8,6 +8,10 @@ Under `<topic_prefix>/<device_id>/`:
     event      JSON notices a person should see (schema edgeforge.event/1): spool reset, ...
     cmd/<name>  commands to the agent (schema edgeforge.cmd/1, agent/remote_commands.py)
     cmd_result  one JSON answer per command, with its request_id (edgeforge.cmd_result/1)
+    result     one JSON prediction per input (edgeforge.result/1, agent/predictions.py)
+    infer      an application's image to classify (source.kind mqtt); infer/<request_id>
+               names the request for MQTT 3.1.1 clients, MQTT 5 clients may instead set a
+               response topic and correlation data and get the result there too
 
 Payloads are flat JSON objects whose numbers carry their unit in the key. A value the board
 cannot measure is null, never a guess. Every message has `schema`, `device`, `seq`, `ts`.
@@ -21,7 +25,7 @@ import json
 import math
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 TELEMETRY_SCHEMA = "edgeforge.telemetry/1"
@@ -29,6 +33,7 @@ INFO_SCHEMA = "edgeforge.info/1"
 EVENT_SCHEMA = "edgeforge.event/1"
 CMD_SCHEMA = "edgeforge.cmd/1"
 CMD_RESULT_SCHEMA = "edgeforge.cmd_result/1"
+RESULT_SCHEMA = "edgeforge.result/1"
 
 # The commands an agent answers on cmd/<name> (agent/remote_commands.py).
 COMMANDS = ("update_model", "rollback", "set", "benchmark", "diagnostics")
@@ -36,7 +41,8 @@ COMMANDS = ("update_model", "rollback", "set", "benchmark", "diagnostics")
 ONLINE = "online"
 OFFLINE = "offline"
 
-# Every telemetry message has exactly these keys, plus `accuracy_pct` when loop.input=sample.
+# Every telemetry message has these keys, plus the source's (SOURCE_TELEMETRY_KEYS, which the
+# agent always sends) and `accuracy_pct` when source.kind is sample.
 TELEMETRY_KEYS = (
     "schema", "device", "seq", "ts", "window_s", "batch_size", "inferences", "throughput_ips",
     "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_max_ms", "latency_mean_ms",
@@ -44,7 +50,14 @@ TELEMETRY_KEYS = (
     "cpu_freq_mhz", "throttled", "under_voltage", "freq_capped", "throttling",
     "spool_depth", "dropped_total", "model_sha256",
 )
-OPTIONAL_TELEMETRY_KEYS = ("accuracy_pct",)
+# What the source did in the window (agent/sources.py); the agent always sends them, the
+# stage percentiles are null for random and sample, which have no capture or preprocess.
+SOURCE_TELEMETRY_KEYS = (
+    "source", "frames_in", "frames_dropped", "frames_failed", "results_published",
+    "capture_p50_ms", "preprocess_p50_ms", "preprocess_p99_ms", "total_p50_ms",
+    "total_p90_ms", "total_p99_ms",
+)
+OPTIONAL_TELEMETRY_KEYS = ("accuracy_pct", *SOURCE_TELEMETRY_KEYS)
 
 
 @dataclass(frozen=True)
@@ -57,12 +70,14 @@ class Topics:
     event: str
     cmd_result: str
     cmd_prefix: str  # a command NAME arrives on <cmd_prefix>NAME
+    result: str
+    infer: str  # requests arrive here, or on infer/<request_id>
 
     @classmethod
     def for_device(cls, prefix: str, device: str) -> Topics:
         base = f"{prefix.rstrip('/')}/{device}"
         return cls(f"{base}/status", f"{base}/info", f"{base}/telemetry", f"{base}/event",
-                   f"{base}/cmd_result", f"{base}/cmd/")
+                   f"{base}/cmd_result", f"{base}/cmd/", f"{base}/result", f"{base}/infer")
 
     def cmd(self, name: str) -> str:
         return f"{self.cmd_prefix}{name}"
@@ -98,6 +113,14 @@ def decode_telemetry(payload: bytes) -> dict[str, Any]:
         value = msg[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"telemetry {key} must be a number or null, got {value!r}")
+    for key in OPTIONAL_TELEMETRY_KEYS:
+        value = msg.get(key)
+        if key == "source":
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"telemetry source must be a name, got {value!r}")
+        elif value is not None and (isinstance(value, bool)
+                                    or not isinstance(value, (int, float))):
+            raise ValueError(f"telemetry {key} must be a number or null, got {value!r}")
     return msg
 
 
@@ -121,13 +144,29 @@ class Window:
     labelled: int = 0
     model_sha256: str = ""  # the model that ran this window (updates switch it mid-run)
     shadow_latencies_s: array | None = None  # the old model's passes beside it, on trial
+    source: Served | None = None  # what the source did, when it is one (not random/sample)
+
+
+@dataclass
+class Served:
+    """A window's real work: counts and per-stage latencies of every input (seconds)."""
+
+    kind: str
+    frames_in: int = 0  # accepted from the source, including those later dropped as stale
+    frames_dropped: int = 0  # dropped or refused because inference was slower
+    frames_failed: int = 0  # not a usable image
+    inferred: int = 0  # images through the model (batches may be smaller than batch_size)
+    results_published: int = 0  # handed to the publisher (after the publishing policy)
+    capture_s: array = field(default_factory=lambda: array("d"))
+    preprocess_s: array = field(default_factory=lambda: array("d"))
+    total_s: array = field(default_factory=lambda: array("d"))
 
 
 def telemetry_fields(window: Window) -> dict[str, Any]:
     """The loop-derived part of a telemetry message (latencies in ms)."""
     lat = sorted(window.latencies_s)
     n = len(lat)
-    images = n * window.batch_size
+    images = window.source.inferred if window.source is not None else n * window.batch_size
     ms = 1000.0
     fields: dict[str, Any] = {
         "window_s": round(window.duration_s, 3),
@@ -140,7 +179,30 @@ def telemetry_fields(window: Window) -> dict[str, Any]:
         "latency_max_ms": round(lat[-1] * ms, 4) if n else None,
         "latency_mean_ms": round(sum(lat) / n * ms, 4) if n else None,
     }
+    fields.update(source_fields(window))
     if window.correct is not None:
         fields["accuracy_pct"] = (round(100.0 * window.correct / window.labelled, 2)
                                   if window.labelled else None)
     return fields
+
+
+def source_fields(window: Window) -> dict[str, Any]:
+    """The source part of a telemetry message: counts, and stage percentiles in ms."""
+    served = window.source
+    if served is None:
+        kind = "sample" if window.correct is not None else "random"
+        return {"source": kind, "frames_in": None, "frames_dropped": None,
+                "frames_failed": None, "results_published": None,
+                **{k: None for k in SOURCE_TELEMETRY_KEYS[5:]}}
+
+    def pct(values: array, p: float) -> float | None:
+        return round(percentile(sorted(values), p) * 1000.0, 4) if values else None
+
+    return {"source": served.kind, "frames_in": served.frames_in,
+            "frames_dropped": served.frames_dropped, "frames_failed": served.frames_failed,
+            "results_published": served.results_published,
+            "capture_p50_ms": pct(served.capture_s, 50),
+            "preprocess_p50_ms": pct(served.preprocess_s, 50),
+            "preprocess_p99_ms": pct(served.preprocess_s, 99),
+            "total_p50_ms": pct(served.total_s, 50), "total_p90_ms": pct(served.total_s, 90),
+            "total_p99_ms": pct(served.total_s, 99)}

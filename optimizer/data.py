@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agent.model import normalize
+from agent.preprocess import Preprocess, normalize
 from optimizer.config import DataConfig
 from optimizer.errors import DataError
 
@@ -56,6 +56,13 @@ class ImageData:
     @property
     def input_shape(self) -> list[int]:
         return list(self.train_images.shape[1:])
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """How an image becomes this model's input: recorded in the manifest, run by the
+        board on every file, frame and request, and by the host when it evaluates."""
+        _, h, w = self.input_shape
+        return Preprocess((h, w), self.mean, self.std)
 
     def describe(self) -> dict[str, Any]:
         """The data record that goes into reports and the manifest."""

@@ -17,9 +17,10 @@ from optimizer.model import accuracy_pct, predict
 
 
 def normalized_test(data: ImageData) -> torch.Tensor:
-    """The whole test split as one normalised float tensor."""
-    return torch.cat([x for x, _ in batches(data.test_images, data.test_labels, 1024,
-                                            data.mean, data.std)])
+    """The whole test split as the model's input, through the board's own preprocessing."""
+    prep = data.preprocess
+    return torch.cat([prep.batch(data.test_images[i:i + 1024])
+                      for i in range(0, data.test_images.shape[0], 1024)])
 
 
 def evaluate(model: nn.Module, data: ImageData) -> float:

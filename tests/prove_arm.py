@@ -224,7 +224,7 @@ def prove(board: Board, bundle: str, bad_inputs: bool) -> dict[str, object]:
                         "--set", f"model.dir={bundle}",
                         "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker.port}",
                         "--set", f"device.id=emulated-{board.cpu}", "--set", "loop.window_s=2",
-                        "--set", "loop.input=sample", "--set", "loop.warmup=2",
+                        "--set", "source.kind=sample", "--set", "loop.warmup=2",
                         "--set", f"spool.path={board.workdir}/spool.db")
     try:
         sub.wait_for(lambda: len(sub.seqs()) >= 3 or agent.poll() is not None, 600,

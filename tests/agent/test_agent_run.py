@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from agent.telemetry import TELEMETRY_KEYS, decode_telemetry
+from agent.telemetry import OPTIONAL_TELEMETRY_KEYS, TELEMETRY_KEYS, decode_telemetry
 from tests.support import Agent
 from tests.support.broker import Broker, Subscriber
 
@@ -36,7 +36,7 @@ def run_to_completion_with_broker(bundle: Path, broker: Broker, tmp_path: Path,
 def test_publishes_schema_checked_telemetry_and_retained_status_and_info(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     sub = Subscriber(broker.port)
-    agent = Agent(bundle, broker.port, tmp_path, "loop.input=sample", duration=3)
+    agent = Agent(bundle, broker.port, tmp_path, "source.kind=sample", duration=3)
     assert agent.wait() == 0, agent.output()
     sub.wait_for(lambda: sub.status() == "offline", 10, "offline after a clean exit")
     sub.close()
@@ -44,8 +44,9 @@ def test_publishes_schema_checked_telemetry_and_retained_status_and_info(
     assert len(messages) >= 5
     assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1))
     for m in messages:
-        # Exactly the keys the contract lists (loop.input=sample adds accuracy_pct).
-        assert set(m) == {*TELEMETRY_KEYS, "accuracy_pct"} and m["device"] == "testboard"
+        # Exactly the keys the contract lists (source.kind=sample adds accuracy_pct).
+        assert set(m) == {*TELEMETRY_KEYS, *OPTIONAL_TELEMETRY_KEYS} and m["device"] == "testboard"
+        assert m["source"] == "sample" and m["frames_in"] is None
         assert m["inferences"] > 0 and 0 < m["latency_p50_ms"] <= m["latency_p99_ms"] \
             <= m["latency_max_ms"]
         assert m["rss_mb"] > 50 and m["proc_cpu_percent"] is not None

@@ -1,0 +1,86 @@
+"""From model outputs to `edgeforge.result/1` messages: softmax, top-k, threshold, policy.
+
+A result (on `<prefix>/<device>/result`, see agent/telemetry.py for the topic list):
+
+    {"schema": "edgeforge.result/1", "device": ..., "seq": ..., "ts": ...,
+     "source": "folder", "source_id": "cat_001.png", "captured_ts": ...,
+     "top": [{"label": "cat", "score": 0.912}, ...],          # best first
+     "capture_ms": ..., "preprocess_ms": ..., "infer_ms": ..., "total_ms": ...,
+     "model_sha256": "..."}
+
+An input that could not be used gives `"top": []` and an `"error"` saying why. Results of
+`folder` and `mqtt` are durable (through the spool, like telemetry) and each input gets one;
+`video` and `camera` results are sent at QoS 0 while connected and follow the publishing
+policy: `every` result, only when the top label `change`s, or at most `max_per_s` (`rate`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from agent.config import LIVE_KINDS, SourceConfig
+from agent.sources import Frame, Reply
+
+if TYPE_CHECKING:
+    import torch
+
+SCORE_DIGITS = 6
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the loop hands the publisher for one input."""
+
+    fields: dict[str, Any]  # everything but schema, device, seq and ts
+    durable: bool
+    reply: Reply | None = None
+    done: Callable[[bool, str], None] | None = field(default=None, repr=False)
+
+
+class Predictor:
+    """Turns a batch of logits into results for its frames (one per loop; loop thread)."""
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+        self.live = cfg.kind in LIVE_KINDS
+        self._last_label: str | None = None
+        self._next_at = -math.inf
+
+    def top(self, probs: torch.Tensor, classes: tuple[str, ...]) -> list[dict[str, Any]]:
+        """The top_k labels of one softmax row, best first, at or above min_score."""
+        scores, idx = probs.topk(min(self.cfg.top_k, len(classes)))
+        return [{"label": classes[int(i)], "score": round(float(s), SCORE_DIGITS)}
+                for s, i in zip(scores.tolist(), idx.tolist(), strict=True)
+                if s >= self.cfg.min_score]
+
+    def wanted(self, top: list[dict[str, Any]], now: float) -> bool:
+        """Whether a live source's result is published under source.publish (always for
+        folder and mqtt: every file and request is answered)."""
+        if not self.live or self.cfg.publish == "every":
+            return True
+        if self.cfg.publish == "change":
+            label = top[0]["label"] if top else None
+            changed, self._last_label = label != self._last_label, label
+            return changed
+        if now < self._next_at:
+            return False
+        self._next_at = now + 1.0 / self.cfg.max_per_s
+        return True
+
+    def result(self, frame: Frame, top: list[dict[str, Any]], stages_s: dict[str, float],
+               sha256: str, error: str | None = None) -> Prediction:
+        """The Prediction for `frame`; `stages_s` holds capture, preprocess, infer, total."""
+        fields: dict[str, Any] = {
+            "source": self.cfg.kind, "source_id": frame.source_id,
+            "captured_ts": round(frame.ts, 3), "top": top,
+            **{f"{k}_ms": round(v * 1000.0, 3) for k, v in stages_s.items()},
+            "model_sha256": sha256,
+        }
+        if frame.reply is not None:
+            fields["request_id"] = frame.reply.request_id
+        if error is not None:
+            fields["error"] = error
+        return Prediction(fields, durable=not self.live, reply=frame.reply, done=frame.done)

@@ -1,0 +1,181 @@
+"""How an image becomes the model's input: defined once, recorded in the manifest, run by both.
+
+The optimizer writes a `Preprocess` into the bundle manifest (`input.preprocess`, beside
+`input.shape` and `input.normalization`) and evaluates its models through `Preprocess.batch`;
+the board builds the same object from the manifest and runs `Preprocess.image` on every
+file, frame and request. Both end in `normalize`, so a PNG of a test image gives the board
+bit for bit the tensor the host measured accuracy on.
+
+    decode     encoded bytes -> RGB uint8 (Pillow; EXIF orientation applied, alpha dropped)
+    resize     "shorter": scale so the shorter side fits the input, keeping the aspect ratio,
+               then crop the centre; "stretch": scale to the input size exactly
+    normalize  uint8 / 255, minus mean, over std, per channel
+
+Pillow is imported only where an image is decoded or resized: a board on `random` or
+`sample` does not need it. torch is imported only where a tensor is made, so edge-deploy can
+read a manifest without it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from agent.errors import ImageError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: the manifest reads this module
+    import torch
+    from PIL import Image as PILImage
+
+RESIZE_POLICIES = ("shorter", "stretch")
+MAX_PIXELS = 50_000_000  # a larger image is refused before it is decoded (a 50 MP photo)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 NCHW images -> float32, scaled to [0, 1] then standardised per channel.
+
+    Host and board both call this, so the board's input is bit-for-bit the host's.
+    """
+    import torch
+
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images.to(torch.float32) / 255.0 - m) / s
+
+
+def pillow() -> Any:
+    """The PIL.Image module, or ImageError saying how to install it."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImageError("decoding images needs Pillow: pip install 'edgeforge[images]' "
+                         "(on Raspberry Pi OS: apt install python3-pil)") from None
+    return Image
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The recipe from an RGB image to the model's input tensor (see the module docstring)."""
+
+    size: tuple[int, int]  # height, width of the model's input
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "shorter"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, "
+                             f"got {self.resize!r}")
+
+    @classmethod
+    def from_input(cls, spec: dict[str, Any]) -> Preprocess:
+        """Build from a manifest's `input` record (older bundles: the default policy)."""
+        shape, norm = spec["shape"], spec["normalization"]
+        policy = (spec.get("preprocess") or {}).get("resize", "shorter")
+        return cls((int(shape[1]), int(shape[2])), tuple(norm["mean"]), tuple(norm["std"]),
+                   str(policy))
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's `input.preprocess` record."""
+        return {"decode": "RGB (Pillow, EXIF orientation applied, alpha dropped)",
+                "resize": self.resize, "interpolation": "bilinear",
+                "crop": "center" if self.resize == "shorter" else "none",
+                "size": list(self.size), "scale": "uint8 / 255",
+                "then": "(x - mean) / std per channel"}
+
+    # --- one image (the board) ------------------------------------------------------------
+
+    def decode(self, data: bytes) -> PILImage.Image:
+        """Encoded bytes (JPEG, PNG, anything Pillow reads) -> an RGB image.
+
+        Raises:
+            ImageError: not an image, truncated, or larger than MAX_PIXELS.
+        """
+        image_mod = pillow()
+        from PIL import ImageOps, UnidentifiedImageError
+
+        if not data:
+            raise ImageError("empty: 0 bytes")
+        try:
+            img = image_mod.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise ImageError(f"{width}x{height} is larger than {MAX_PIXELS:,} pixels")
+            img.load()
+            return ImageOps.exif_transpose(img).convert("RGB")
+        except UnidentifiedImageError:
+            raise ImageError(f"not an image Pillow can read ({len(data):,} bytes starting "
+                             f"{data[:8]!r})") from None
+        except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
+            raise ImageError(f"corrupt or truncated image ({exc})") from None
+
+    def fit(self, img: PILImage.Image) -> np.ndarray:
+        """Resize (and crop) an RGB image to the input size: uint8 HWC."""
+        height, width = self.size
+        if img.size != (width, height):
+            image_mod = pillow()
+            if self.resize == "stretch":
+                img = img.resize((width, height), image_mod.Resampling.BILINEAR)
+            else:
+                scale = max(width / img.width, height / img.height)
+                w = max(width, round(img.width * scale))
+                h = max(height, round(img.height * scale))
+                img = img.resize((w, h), image_mod.Resampling.BILINEAR)
+                left, top = (w - width) // 2, (h - height) // 2
+                img = img.crop((left, top, left + width, top + height))
+        return np.array(img, dtype=np.uint8)  # a writable copy: torch shares its memory
+
+    def image(self, rgb: PILImage.Image | np.ndarray) -> torch.Tensor:
+        """One RGB image (PIL, or uint8 HWC array) -> the model's float CHW input."""
+        import torch
+
+        if isinstance(rgb, np.ndarray):
+            if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+                raise ImageError(f"expected an RGB uint8 HxWx3 array, got {rgb.dtype} "
+                                 f"{list(rgb.shape)}")
+            if rgb.shape[:2] != self.size:
+                rgb = self.fit(pillow().fromarray(rgb, "RGB"))
+        else:
+            rgb = self.fit(rgb)
+        chw = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
+        return normalize(chw, self.mean, self.std)[0]
+
+    def encoded(self, data: bytes) -> torch.Tensor:
+        """Encoded image bytes -> the model's float CHW input (decode, fit, normalize).
+
+        Raises:
+            ImageError: see `decode`.
+        """
+        return self.image(self.decode(data))
+
+    def warm_up(self) -> None:
+        """Import and exercise Pillow once, so the first real input is not the one that
+        pays for loading it (about 40 ms).
+
+        Raises:
+            ImageError: Pillow is not installed.
+        """
+        image_mod = pillow()
+        buf = io.BytesIO()
+        image_mod.new("RGB", (self.size[1] + 3, self.size[0] + 1)).save(buf, "PNG")
+        self.encoded(buf.getvalue())
+
+    # --- many images (the host) -----------------------------------------------------------
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW images -> the model's float NCHW input, each through the board's steps.
+
+        Images already at the input size (a dataset's) skip the resize, as `fit` does.
+        """
+        if list(images.shape[2:]) == list(self.size):
+            return normalize(images, self.mean, self.std)
+        import torch
+
+        image_mod = pillow()
+        return torch.stack([self.image(image_mod.fromarray(
+            images[i].permute(1, 2, 0).contiguous().numpy(), "RGB"))
+            for i in range(images.shape[0])])
