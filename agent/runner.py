@@ -125,7 +125,8 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
                               bundle.sha256, commands=inbox, startup_events=events,
                               discovery=discovery,
                               requests=frames if src.kind == "mqtt" else None,
-                              max_request_bytes=int(src.max_image_mb * 1e6))
+                              max_request_bytes=int(src.max_image_mb * 1e6),
+                              prompt=src.serving)
     except BaseException:
         spool.close()
         raise

@@ -46,6 +46,7 @@ class PyAVCapture:
         self._frames: Any = None
         self._start = 0.0
         self.index = 0
+        self.expected: int | None = None  # frames the file's header announces
 
     def open(self) -> str:
         try:
@@ -78,6 +79,10 @@ class PyAVCapture:
             self.close()
             raise SourceError(f"{self.path}: cannot open ({_first_line(exc)})") from None
         stream.thread_type = "AUTO"
+        self.expected = None
+        if self.is_file and self.container.duration and stream.average_rate:
+            # What the header promises: a file that ends well short of it was cut off.
+            self.expected = round(self.container.duration / 1e6 * float(stream.average_rate))
         self._frames = self.container.decode(stream)
         self._start = time.perf_counter()
         self.index = 0
@@ -196,15 +201,36 @@ class VideoSource(SourceThread):
                 self._pump(backoff)
             except End:
                 self.capture.close()
+                if isinstance(self.capture, PyAVCapture) and not self.capture.is_file:
+                    self.reopens += 1  # a live stream or device that ends has dropped
+                    self._retry(backoff, "dropped (the stream ended)")
+                    continue
                 if self.cfg.repeat:
                     continue
                 self.status = f"finished {what}"
-                log.info("%s source: %s ended after %d frame(s) (set source.repeat: true to "
-                         "loop it)", self.cfg.kind, self.cfg.path, self.capture.index)
+                expected = getattr(self.capture, "expected", None)
+                if expected and self.capture.index < expected - 1:
+                    log.warning("%s source: %s ended after %d frame(s) of the %d its header "
+                                "announces: the file is truncated", self.cfg.kind,
+                                self.cfg.path, self.capture.index, expected)
+                else:
+                    log.info("%s source: %s ended after %d frame(s) (set source.repeat: true "
+                             "to loop it)", self.cfg.kind, self.cfg.path, self.capture.index)
                 self.stopping.wait()
                 return
             except SourceError as exc:
                 self.capture.close()
+                if isinstance(self.capture, PyAVCapture) and self.capture.is_file:
+                    # A file does not heal by reopening: what it has was served, say so once.
+                    self.status = f"stopped: {exc}"
+                    log.warning("%s source: %s is corrupt or truncated after frame %d (%s); "
+                                "no more frames from it", self.cfg.kind, self.cfg.path,
+                                self.capture.index, exc)
+                    if self.cfg.repeat:
+                        self._retry(backoff, "reading it again")
+                        continue
+                    self.stopping.wait()
+                    return
                 self.reopens += 1
                 self._retry(backoff, f"dropped ({exc})")
         self.capture.close()

@@ -21,6 +21,8 @@ command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 # metrics, shellcheck on the installers.
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
+# The source tests make video files and serve a stream with FFmpeg.
+command -v ffmpeg >/dev/null || missing+=(ffmpeg)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then sudo=(); elif sudo -n true 2>/dev/null; then sudo=(sudo -n)
     else
@@ -37,5 +39,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
     -c .ci/constraints.txt -e '.[dev]'
-.venv/bin/python -c "import torch, yaml, psutil, paho.mqtt, cryptography, tqdm, matplotlib" \
+.venv/bin/python -c "import torch, yaml, psutil, paho.mqtt, cryptography, tqdm, matplotlib, PIL, av, watchdog" \
     || { echo "setup failed: dependencies did not import" >&2; exit 1; }
