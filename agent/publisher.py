@@ -347,7 +347,10 @@ class Publisher(threading.Thread):
                 if key == "request_id":
                     rid = str(value)
         self._request_count += 1
-        rid = rid or (correlation.hex()[:64] if correlation else f"req-{self._request_count}")
+        if not rid and correlation:
+            text = correlation.decode("ascii", "replace")
+            rid = text if correlation.isascii() and text.isprintable() else correlation.hex()
+        rid = rid[:128] or f"req-{self._request_count}"
         frame = Frame(rid, captured, ts, 0.0, data=bytes(payload),
                       reply=Reply(rid, response, correlation))
         if len(payload) > self.max_request_bytes:

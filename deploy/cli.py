@@ -81,6 +81,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix", default="/", help="install root on the board (default /)")
     s.add_argument("--torch", default=None, metavar="SPEC",
                    help="torch for the board (default: the runtime matrix's pick)")
+    s.add_argument("--extras", type=board_extras, default="images", metavar="LIST",
+                   help=EXTRAS_HELP)
     s.add_argument("--identity", type=Path, default=None, help="ssh private key (ssh -i)")
     s.add_argument("--ssh-option", action="append", default=[], metavar="OPT",
                    help="extra ssh -o option, e.g. StrictHostKeyChecking=accept-new")
@@ -98,6 +100,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="folder to write the files into")
     s.add_argument("--torch", default=None, metavar="SPEC",
                    help="torch for the board (default: the runtime matrix's pick)")
+    s.add_argument("--extras", type=board_extras, default="images", metavar="LIST",
+                   help=EXTRAS_HELP)
 
     s = sub.add_parser("files", help="print where the installed playbook, unit, board config "
                                      "and installer are")
@@ -307,6 +311,22 @@ def cmd_files(name: str | None) -> int:
                          f"{', '.join(files.PACKAGED)})")
     print(files.path(name))
     return 0
+
+
+BOARD_EXTRAS = ("images", "video")
+EXTRAS_HELP = ("the board's input libraries, comma-separated: images (Pillow, watchdog: "
+               "folder and mqtt sources), video (also PyAV: video files, streams, cameras), "
+               "or none (random and sample only); default images")
+
+
+def board_extras(text: str) -> str:
+    """--extras: a checked, comma-separated list of the board package's extras ("" = none)."""
+    names = [n.strip() for n in text.split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in names if n not in BOARD_EXTRAS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown extra(s) {', '.join(unknown)} (choose "
+                                         f"from {', '.join(BOARD_EXTRAS)}, or none)")
+    return ",".join(dict.fromkeys(names))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

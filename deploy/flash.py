@@ -116,9 +116,9 @@ class Ssh:
         return proc.stdout.decode(errors="replace")
 
 
-def install_stamp(source_digest: str, torch: str | None) -> str:
-    """What the board's .stamp says when its install matches: source and torch choice."""
-    return sha(f"{source_digest} {torch or 'matrix'}".encode())
+def install_stamp(source_digest: str, torch: str | None, extras: str = "") -> str:
+    """What the board's .stamp says when its install matches: source, torch and extras."""
+    return sha(f"{source_digest} {torch or 'matrix'} {extras}".encode())
 
 
 def bundle_tar(bundle: Path) -> bytes:
@@ -193,7 +193,7 @@ V="$P/opt/edgeforge/venv"
 "$V/bin/pip" install --quiet --disable-pip-version-check "$TORCH" numpy
 echo "$TORCH" > "$P/opt/edgeforge/torch-constraint.txt"
 "$V/bin/pip" install --quiet --disable-pip-version-check \
-    -c "$P/opt/edgeforge/torch-constraint.txt" .
+    -c "$P/opt/edgeforge/torch-constraint.txt" {package}
 "$V/bin/python" -m agent.torch_matrix status
 echo {stamp} > "$P/opt/edgeforge/.stamp"
 """
@@ -261,7 +261,7 @@ def flash(args: argparse.Namespace) -> int:
         raise UsageError(f"--prefix {args.prefix!r}: must be an absolute path on the board")
     manifest, signature, model_sha, vid = release_of(args)
     src, stamp = files.agent_source()
-    stamp = install_stamp(stamp, args.torch)
+    stamp = install_stamp(stamp, args.torch, args.extras)
     ssh = Ssh(target, args.identity, args.ssh_option)
     q = shlex.quote
 
@@ -279,7 +279,8 @@ def flash(args: argparse.Namespace) -> int:
     if facts.get("stamp") != stamp:
         say(f"installing the agent into {prefix}/opt/edgeforge (venv, torch, edgeforge; "
             f"minutes on a Pi)")
-        ssh.run(INSTALL.format(p=q(prefix), torch=q(args.torch or ""), stamp=stamp), src,
+        ssh.run(INSTALL.format(p=q(prefix), torch=q(args.torch or ""), stamp=stamp,
+                               package=q(f".[{args.extras}]" if args.extras else ".")), src,
                 "installing the agent")
         changed.append("agent")
     for rel, data, mode in (("etc/edgeforge/config.yaml", config_bytes, "0640"),
@@ -342,7 +343,7 @@ def render(args: argparse.Namespace) -> int:
     prefix = str(args.prefix).rstrip("/")
     manifest, signature, model_sha, vid = release_of(args)
     src, stamp = files.agent_source()
-    stamp = install_stamp(stamp, args.torch)
+    stamp = install_stamp(stamp, args.torch, args.extras)
     out: Path = args.out
     (out / "bundle").mkdir(parents=True, exist_ok=True)
     _, config_bytes = board_config(args, prefix, args.device_id)
@@ -357,7 +358,7 @@ def render(args: argparse.Namespace) -> int:
             path.write_bytes(data)
     release = {"device": args.device_id, "vid": vid,
                "sha256": model_sha, "version": signature.version, "stamp": stamp,
-               "prefix": prefix}
+               "prefix": prefix, "extras": args.extras}
     (out / "release.json").write_text(json.dumps(release, indent=2) + "\n")
     print(json.dumps(release))
     return 0

@@ -4,7 +4,7 @@
 #
 #   edge-deploy render --device-id pi1 --bundle models --out pi1      # on the workstation
 #   scp -r pi1 pi@pi1:                                                # copy it over
-#   sudo bash pi1/install-agent.sh [--torch SPEC] [--no-start]        # on the board
+#   sudo bash pi1/install-agent.sh [--torch SPEC] [--extras LIST] [--no-start]   # on the board
 #
 # The folder holds the agent's source alone (src.tar.gz: agent/ and its pyproject.toml, none
 # of the optimizer or the operator tools), this board's config.yaml, the fleet's signing.pub,
@@ -19,9 +19,13 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
 torch_spec="" start=1
+# The board's input libraries (agent extras): what `edge-deploy render --extras` chose, kept
+# in release.json; --extras overrides it (images, video, both comma-separated, or none).
+extras=$(sed -n 's/^ *"extras": "\([a-z,]*\)".*/\1/p' "$here/release.json" 2>/dev/null || true)
 while [ $# -gt 0 ]; do
     case "$1" in
         --torch) torch_spec=$2; shift 2 ;;
+        --extras) extras=$2; shift 2 ;;
         --no-start) start=0; shift ;;
         *) echo "install-agent: unknown argument $1 (see the usage at the top of this file)" >&2
            exit 2 ;;
@@ -56,8 +60,10 @@ cd /opt/edgeforge/src
 [ -x /opt/edgeforge/venv/bin/python ] || python3 -m venv /opt/edgeforge/venv
 /opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check "$torch_spec" numpy
 echo "$torch_spec" >/opt/edgeforge/torch-constraint.txt  # keep that torch while pip resolves
+[ "$extras" = none ] && extras=""
+case "$extras" in *[!a-z,]*) die "--extras $extras: a comma-separated list of images, video" ;; esac
 /opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check \
-    -c /opt/edgeforge/torch-constraint.txt .
+    -c /opt/edgeforge/torch-constraint.txt ".${extras:+[$extras]}"
 /opt/edgeforge/venv/bin/python -m agent.torch_matrix status
 
 echo "== config and signing key"

@@ -22,9 +22,12 @@
      Cortex-A76;
    - `edge-agent check` passes: sha256, engine, embedded metadata, the bundled sample
      reproducing the host's logits (bit-exact for static int8) and accuracy;
-   - `edge-agent run` publishes at least 3 telemetry windows to a real mosquitto on the
-     host's loopback (a chroot shares the host network) and exits 0 on SIGTERM, after
-     publishing `offline`.
+   - `edge-agent run` with a `folder` source classifies FOLDER_IMAGES PNG files of the
+     stand-in test images dropped into a folder (the installer's default `images` extra:
+     Pillow and watchdog from PyPI's aarch64 wheels); every result's top-3 labels and
+     scores equal the host's for the same file, exactly; it publishes at least 3 telemetry
+     windows to a real mosquitto on the host's loopback (a chroot shares the host network)
+     and exits 0 on SIGTERM, after publishing `offline`.
 Prints one row per CPU and exits 1 if any check fails. Timings under emulation mean nothing
 and are not reported.
 """
@@ -46,10 +49,13 @@ from pathlib import Path
 
 from tests.support import ROOT, bundle_config
 from tests.support.broker import Broker, Subscriber
+from tests.support.media import host_top, png_bytes, results, sample_images, write_pngs
 
 # Enough training (about 30 s on 2 cores; one run was at 84.8 % on the stand-in test set after
 # these 3 epochs) that "the same top-1 accuracy as the host" means something.
 ARM_CONFIG = bundle_config(20000, 3, 0.001, 32)
+
+FOLDER_IMAGES = 16  # PNG files the emulated board classifies
 
 # /proc/cpuinfo of the emulated boards, as their kernels print it.
 CPUS = {
@@ -217,6 +223,13 @@ def prove(board: Board, bundle: str, bad_inputs: bool) -> dict[str, object]:
         row["failure"] = "static int8 logits are not bit-exact to the host's"
         return row
 
+    # Real work: PNG files of the stand-in test images dropped into a folder the agent
+    # watches; each result must carry the host's top-k labels and scores, exactly.
+    inbox = f"{board.workdir}/inbox"
+    names = write_pngs(board.host(bundle), board.host(inbox), FOLDER_IMAGES)
+    images, _ = sample_images(board.host(bundle))
+    expected = dict(zip(names, host_top(board.host(bundle), [
+        png_bytes(images[i % images.shape[0]]) for i in range(FOLDER_IMAGES)]), strict=True))
     broker = Broker(board.host(board.workdir) / "broker")
     broker.start()
     sub = Subscriber(broker.port, client_id=f"prove-{board.cpu}")
@@ -224,11 +237,13 @@ def prove(board: Board, bundle: str, bad_inputs: bool) -> dict[str, object]:
                         "--set", f"model.dir={bundle}",
                         "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker.port}",
                         "--set", f"device.id=emulated-{board.cpu}", "--set", "loop.window_s=2",
-                        "--set", "source.kind=sample", "--set", "loop.warmup=2",
+                        "--set", "source.kind=folder", "--set", f"source.path={inbox}",
+                        "--set", "source.poll_s=0.5", "--set", "loop.warmup=2",
                         "--set", f"spool.path={board.workdir}/spool.db")
     try:
-        sub.wait_for(lambda: len(sub.seqs()) >= 3 or agent.poll() is not None, 600,
-                     "3 telemetry windows")
+        sub.wait_for(lambda: (len(sub.seqs()) >= 3 and len(sub.on("/result")) >= FOLDER_IMAGES)
+                     or agent.poll() is not None, 600,
+                     f"3 telemetry windows and {FOLDER_IMAGES} results")
         if agent.poll() is not None:
             raise AssertionError(f"edge-agent run exited {agent.returncode} early")
         agent.send_signal(signal.SIGTERM)
@@ -251,8 +266,13 @@ def prove(board: Board, bundle: str, bad_inputs: bool) -> dict[str, object]:
             row["failure"] = f"{row['failure']}; agent log: {log[-800:]}"
     telemetry = sub.telemetry()
     row["windows"] = len(telemetry)
-    accuracies = {m.get("accuracy_pct") for m in telemetry}
-    row["telemetry_accuracy_pct"] = sorted(a for a in accuracies if a is not None)
+    got = results(sub.on("/result"))
+    same = [r["source_id"] for r in got if r["top"] == expected.get(r["source_id"])]
+    row["folder_results"] = f"{len(same)}/{FOLDER_IMAGES} equal to the host's"
+    if sorted(same) != sorted(names) or len(got) != FOLDER_IMAGES:
+        row["failure"] = (f"folder source: {row['folder_results']}, {len(got)} result(s); "
+                          f"first: {got[:1]}")
+        return row
     if row["sigterm_exit"] != 0:
         row["failure"] = f"SIGTERM exit {row['sigterm_exit']}: {log[-1000:]}"
         return row
@@ -297,12 +317,14 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{'cpu':<11} {'result':<6} {'max|dlogit|':>11} {'acc board/host %':>17} "
-          f"{'windows':>7} {'SIGTERM':>8} {'torch 2.10':>10} {'bad bundles':>11}  torch")
+          f"{'folder = host':>13} {'windows':>7} {'SIGTERM':>8} {'torch 2.10':>10} "
+          f"{'bad bundles':>11}  torch")
     for r in rows:
         acc = (f"{r.get('sample_accuracy_pct', float('nan')):.2f}/"
                f"{r.get('host_sample_accuracy_pct', float('nan')):.2f}")
         print(f"{r['cpu']:<11} {'PASS' if r['ok'] else 'FAIL':<6} "
               f"{r.get('max_abs_logit_diff', float('nan')):>11.3g} {acc:>17} "
+              f"{str(r.get('folder_results', '-')).split(' ')[0]:>13} "
               f"{r.get('windows', 0):>7} {('exit ' + str(r.get('sigterm_exit'))):>8} "
               f"{str(r.get('torch_2_10', '-')):>10} {str(r.get('bad_bundles', '-'))[:11]:>11}  "
               f"{str(r.get('runtime', ''))[:70]}")

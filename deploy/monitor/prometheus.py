@@ -27,6 +27,11 @@ METRICS = (
      "Latency p90 of the last window"),
     ("edgeforge_latency_p99_seconds", "latency_p99_ms", 1e-3,
      "Latency p99 of the last window"),
+    ("edgeforge_end_to_end_p50_seconds", "total_p50_ms", 1e-3,
+     "Capture to result latency p50 of the last window (a real source: folder, video, "
+     "camera, mqtt)"),
+    ("edgeforge_end_to_end_p99_seconds", "total_p99_ms", 1e-3,
+     "Capture to result latency p99 of the last window (a real source)"),
     ("edgeforge_throughput_images_per_second", "throughput_ips", 1.0,
      "Images classified per second in the last window"),
     ("edgeforge_process_cpu_ratio", "proc_cpu_percent", 1e-2,

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from agent.manifest import BOARD_MODEL, Manifest, sha256_of
-from agent.model import load_scripted, normalize
+from agent.model import load_scripted
+from agent.preprocess import normalize
 from optimizer import export as exporting
 from optimizer import quantize
 from optimizer.config import DataConfig, PruneConfig, QuantizeConfig, TrainConfig
