@@ -27,7 +27,8 @@ at most until its next window, ping or stop), preprocesses each with the bundle'
 runs one forward pass, and hands one Prediction per frame to the publisher. Each window then
 also carries what the source did (`Served`): frames in, dropped and failed, results
 published, and the capture, preprocess and end-to-end latency of every input. rate_hz does
-not apply: the source sets the pace.
+not apply: the source sets the pace. While an update is on trial, an idle source lends the
+trial the bundle's inputs (see `_serve`), so a quiet board still judges its update.
 """
 
 from __future__ import annotations
@@ -259,11 +260,9 @@ class InferenceLoop:
                 if t1 < next_event:
                     continue
                 if t1 >= next_ping:
-                    self.failure = self.healthy()
-                    if self.failure is not None:
+                    if not self._ping(t1, ping_every):
                         break  # no ping: the window is closed below and the run ends
-                    self.notifier.watchdog()
-                    next_ping = self._next_ping = t1 + ping_every
+                    next_ping = self._next_ping
                 if t1 >= window_end or t1 >= end:
                     self._close(lat, window_start, t1, correct if labels is not None else None,
                                 old)
@@ -300,7 +299,7 @@ class InferenceLoop:
                 now = perf()
                 next_event = min(window_end, next_ping, end)
                 frames = feed.frames.take(cfg.batch_size, max(0.0, min(next_event - now, 0.05)))
-                if frames:
+                if frames or model.shadow is not None:
                     shadow_first = not shadow_first
                     if not self._serve(model, frames, served, lat, old, shadow_first):
                         break  # the model on trial failed: the fallback runs from now on
@@ -308,11 +307,9 @@ class InferenceLoop:
                 if t1 < next_event:
                     continue
                 if t1 >= next_ping:
-                    self.failure = self.healthy()
-                    if self.failure is not None:
+                    if not self._ping(t1, ping_every):
                         break
-                    self.notifier.watchdog()
-                    next_ping = self._next_ping = t1 + ping_every
+                    next_ping = self._next_ping
                 if t1 >= window_end or t1 >= end:
                     counted = self._count(served, counted)
                     self._close(lat, window_start, t1, None, old, served)
@@ -356,9 +353,13 @@ class InferenceLoop:
                 continue
             pre.append(perf() - t0)
             kept.append(frame)
-        if not tensors:
+        if frames and not tensors:
             return True
-        batch = torch.stack(tensors)
+        # An update on trial needs paired passes of the new and the old model even when no
+        # input arrives: an idle source lends them the bundle's inputs, at most one pair per
+        # 50 ms wait, so a quiet board still confirms or rolls back its update.
+        batch = torch.stack(tensors) if tensors else \
+            model.inputs.batches[len(lat) % len(model.inputs.batches)]
         shadow = model.shadow
         if shadow is not None and shadow_first:
             self._shadow(shadow, batch, old)
@@ -375,7 +376,7 @@ class InferenceLoop:
         if shadow is not None and not shadow_first:
             self._shadow(shadow, batch, old)
         probs = torch.softmax(out.float(), dim=1)
-        served.inferred += len(kept)
+        served.inferred += int(batch.shape[0])
         for frame, row, pre_s in zip(kept, probs, pre, strict=True):
             top = predictor.top(row, model.classes)
             now = perf()
@@ -402,6 +403,15 @@ class InferenceLoop:
             result = predictor.result(frame, [], {"capture": frame.capture_s}, sha256, why)
             if self.emit(result) is not False:
                 served.results_published += 1
+
+    def _ping(self, now: float, ping_every: float) -> bool:
+        """Feed the watchdog if every other thread is healthy; else set `failure`, False."""
+        self.failure = self.healthy()
+        if self.failure is not None:
+            return False
+        self.notifier.watchdog()
+        self._next_ping = now + ping_every
+        return True
 
     def _fall_back(self, model: Model, exc: RuntimeError) -> None:
         """The model on trial failed: the window closes as it is, the previous model runs

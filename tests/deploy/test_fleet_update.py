@@ -24,6 +24,7 @@ from tests.support import (
     wrong_logits_copy,
 )
 from tests.support.broker import Broker, Subscriber
+from tests.support.media import png_bytes, sample_images
 
 # Windows of 0.5 s at full rate: a trial of 3 windows takes 1.5 s. The p99 limit is loose so
 # a busy CI machine does not roll back a good update; the slow model is far beyond it.
@@ -311,4 +312,34 @@ def test_edge_deploy_refuses_a_broken_bundle_locally_and_says_at_once_a_board_is
         assert proc.returncode == 1 and "ghost is unknown" in proc.stderr
         assert not sub.on("/cmd/update_model") and not sub.on("/cmd/diagnostics")
     finally:
+        sub.close()
+
+
+def test_an_idle_serving_board_still_judges_and_confirms_an_update(
+        bundle: Path, bundle_v2: Path, fleet_key: Path, broker: Broker, tmp_path: Path) -> None:
+    """With source.kind mqtt and no request arriving, the trial borrows the bundle's inputs
+    for its paired passes: the update is confirmed, and requests are served by the new model."""
+    current = make_store(bundle, tmp_path, fleet_key, version=1)
+    agent, sub = start_agent(current, broker, tmp_path, fleet_key, "source.kind=mqtt")
+    try:
+        new = signed_copy(bundle_v2, tmp_path / "v2", fleet_key, 2)
+        proc = deploy("update", "--device", "testboard", new, "--key", fleet_key,
+                      "--timeout", "90", port=broker.port)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert [m["result"] for m in results(sub)] == ["applied", "confirmed"]
+        send_image = png_bytes(sample_images(tmp_path / "v2")[0][0])
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="app")
+        c.connect("127.0.0.1", broker.port)
+        c.loop_start()
+        c.publish("edgeforge/testboard/infer/after-update", send_image, qos=1) \
+            .wait_for_publish(10)
+        c.disconnect()
+        c.loop_stop()
+        sub.wait_for(lambda: bool(sub.on("/result")), 30, "the request's result")
+        answer = json.loads(sub.on("/result")[-1][0])
+        assert answer["request_id"] == "after-update"
+        assert answer["model_sha256"] == model_sha(bundle_v2) and answer["top"]
+        assert agent.proc.poll() is None, agent.output()
+    finally:
+        agent.kill()
         sub.close()
