@@ -53,6 +53,7 @@ from agent.timing import time_passes
 from agent.torchwarnings import known_torch_deprecations
 
 CHECK_S = 1.0  # how often the loop asks whether the other threads are healthy
+TRIAL_IDLE_S = 0.01  # an idle real source on trial: one pair of passes per this wait
 
 
 @dataclass(frozen=True)
@@ -294,11 +295,12 @@ class InferenceLoop:
         counted = feed.frames.counts()
         control = self.control
         shadow_first = False
+        wait = TRIAL_IDLE_S if model.shadow is not None else 0.05  # for the first frame
         with torch.inference_mode(), known_torch_deprecations():
             while not control.wake:
                 now = perf()
                 next_event = min(window_end, next_ping, end)
-                frames = feed.frames.take(cfg.batch_size, max(0.0, min(next_event - now, 0.05)))
+                frames = feed.frames.take(cfg.batch_size, max(0.0, min(next_event - now, wait)))
                 if frames or model.shadow is not None:
                     shadow_first = not shadow_first
                     if not self._serve(model, frames, served, lat, old, shadow_first):
@@ -357,7 +359,7 @@ class InferenceLoop:
             return True
         # An update on trial needs paired passes of the new and the old model even when no
         # input arrives: an idle source lends them the bundle's inputs, at most one pair per
-        # 50 ms wait, so a quiet board still confirms or rolls back its update.
+        # TRIAL_IDLE_S, so a quiet board still confirms or rolls back its update.
         batch = torch.stack(tensors) if tensors else \
             model.inputs.batches[len(lat) % len(model.inputs.batches)]
         shadow = model.shadow
@@ -375,8 +377,10 @@ class InferenceLoop:
         lat.append(infer_s)
         if shadow is not None and not shadow_first:
             self._shadow(shadow, batch, old)
-        probs = torch.softmax(out.float(), dim=1)
         served.inferred += int(batch.shape[0])
+        if not kept:
+            return True  # the trial's borrowed passes: timed, nothing to answer
+        probs = torch.softmax(out.float(), dim=1)
         for frame, row, pre_s in zip(kept, probs, pre, strict=True):
             top = predictor.top(row, model.classes)
             now = perf()

@@ -10,6 +10,10 @@ import sys
 from tests.support import ROOT
 
 BOARD_THIRD_PARTY = {"torch", "numpy", "yaml", "psutil", "paho", "cryptography"}
+# The board's optional input libraries (extras images and video, and Raspberry Pi OS's
+# Picamera2): each only in the module of its source, and imported where it is used.
+OPTIONAL = {"agent/preprocess.py": {"PIL"}, "agent/folder_source.py": {"watchdog"},
+            "agent/video_source.py": {"av", "picamera2"}}
 
 
 def imported(package: str) -> dict[str, set[str]]:
@@ -28,9 +32,21 @@ def imported(package: str) -> dict[str, set[str]]:
 
 def test_the_agent_imports_only_what_a_board_installs() -> None:
     allowed = BOARD_THIRD_PARTY | set(sys.stdlib_module_names) | {"agent", "__future__"}
-    strays = {f: sorted(names - allowed) for f, names in imported("agent").items()
-              if names - allowed}
+    strays = {f: sorted(names - allowed - OPTIONAL.get(f, set()))
+              for f, names in imported("agent").items()
+              if names - allowed - OPTIONAL.get(f, set())}
     assert strays == {}
+
+
+def test_the_optional_input_libraries_are_imported_only_where_used() -> None:
+    """A board on random or sample, or serving requests without PyAV, imports the agent."""
+    for name, libraries in OPTIONAL.items():
+        tree = ast.parse((ROOT / name).read_text())
+        top = {a.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import)
+               for a in node.names}
+        top |= {node.module.split(".")[0] for node in tree.body
+                if isinstance(node, ast.ImportFrom) and node.module}
+        assert not top & libraries, f"{name} imports {top & libraries} at module level"
 
 
 def test_optimizer_and_deploy_import_the_agent_and_never_each_other() -> None:
