@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from agent.config import SECTIONS, AgentConfig, load_config
 from agent.errors import ConfigError
@@ -23,6 +25,11 @@ def test_shipped_config_yaml_equals_the_built_in_defaults() -> None:
     family's root."""
     for root in ROOTS:
         assert load_config(ROOT / "config.yaml", [], root) == load_config(None, [], root)
+    # ... and lists every key (a key left out would take its default unseen).
+    shipped = yaml.safe_load((ROOT / "config.yaml").read_text())
+    for root in ROOTS:
+        for name, cls in typing.get_type_hints(root).items():
+            assert set(shipped[name]) == {f.name for f in dataclasses.fields(cls)}, name
 
 
 def test_the_section_list_is_exactly_the_sections_the_roots_read() -> None:
