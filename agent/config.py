@@ -14,6 +14,7 @@ The board sections (`device`, `model`, `source`, `loop`, `mqtt`, `spool`, `updat
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import socket
@@ -34,8 +35,12 @@ SECTIONS = (
     "monitor",  # host: edge-monitor
     "device", "model", "source", "loop", "mqtt", "spool", "update", "homeassistant",  # board
 )
-# Keys that moved: their old place gets a message naming the new one.
-MOVED = {("loop", "input"): "source.kind"}
+# Keys that moved: (old section, old key) -> (new section, new key). A config that still uses
+# the old place is read as if it used the new one, with a warning, so a board upgraded in
+# place keeps running; setting both is an error.
+MOVED = {("loop", "input"): ("source", "kind")}
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")  # a command family's root config
@@ -318,6 +323,7 @@ def load_config(path: Path | None, overrides: Sequence[str], root: type[R]) -> R
             raw[section] = {}
         raw[section][key] = value
         overridden.add((section, key))
+    _migrate(raw, origin)
     for name in raw:
         if name not in SECTIONS:
             raise ConfigError(f"{origin}: unknown section {name!r} "
@@ -330,6 +336,28 @@ def load_config(path: Path | None, overrides: Sequence[str], root: type[R]) -> R
                               f"got {type(values).__name__}")
         built[name] = _build(cls, name, values, origin, overridden)
     return root(**built)
+
+
+def _migrate(raw: dict[str, Any], origin: str) -> None:
+    """Move keys that moved (MOVED) to their new place, saying so once each.
+
+    Raises:
+        ConfigError: both the old and the new key are set.
+    """
+    for (section, key), (new_section, new_key) in MOVED.items():
+        old = raw.get(section)
+        if not isinstance(old, dict) or key not in old:
+            continue
+        value = old.pop(key)
+        new = raw.setdefault(new_section, {})
+        if not isinstance(new, dict):
+            continue  # the section's own check names the problem
+        if new_key in new:
+            raise ConfigError(f"{origin}: {section}.{key} moved to {new_section}.{new_key}, "
+                              f"which is set too: remove {section}.{key}")
+        new[new_key] = value
+        log.warning("%s: %s.%s is now %s.%s (read as %s.%s: %s; rename it)", origin, section,
+                    key, new_section, new_key, new_section, new_key, value)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -377,9 +405,6 @@ def _build(cls: type[T], section: str, values: dict[str, Any], origin: str,
             f"{origin}: {section}.{key}"
 
     for key in values:
-        if (section, key) in MOVED:
-            raise ConfigError(f"{where(key)}: moved to {MOVED[section, key]} (set "
-                              f"{MOVED[section, key]}: {values[key]} instead)")
         if key not in names:
             raise ConfigError(f"{where(key)}: unknown key (known keys of {section}: "
                               f"{', '.join(names)})")

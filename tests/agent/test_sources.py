@@ -134,10 +134,23 @@ def test_top_k_is_best_first_with_manifest_labels_and_the_threshold() -> None:
 @pytest.mark.parametrize("override, message", [
     ("source.kind=folder", "source.path: source.kind folder needs source.path"),
     ("source.kind=webcam", "source.kind: must be one of random, sample, folder"),
-    ("loop.input=sample", "loop.input: moved to source.kind (set source.kind: sample"),
     ("source.publish=sometimes", "source.publish: must be one of every, change, rate"),
     ("source.min_score=2", "source.min_score: must be 0-1"),
 ])
 def test_source_config_mistakes_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_config(None, [override], AgentConfig)
+
+
+def test_an_old_config_with_loop_input_is_read_as_source_kind_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A board upgraded in place keeps its config.yaml: it must keep running."""
+    old = tmp_path / "old.yaml"
+    old.write_text("loop:\n  input: sample\n  rate_hz: 20\n")
+    cfg = load_config(old, [], AgentConfig)
+    assert cfg.source.kind == "sample" and cfg.loop.rate_hz == 20
+    assert "loop.input is now source.kind" in caplog.text
+    both = tmp_path / "both.yaml"
+    both.write_text("loop:\n  input: sample\nsource:\n  kind: mqtt\n")
+    with pytest.raises(ConfigError, match="loop.input moved to source.kind, which is set too"):
+        load_config(both, [], AgentConfig)
