@@ -44,7 +44,7 @@ import torch
 from agent.bundle import Bundle
 from agent.config import LoopConfig
 from agent.errors import ImageError
-from agent.predictions import Prediction, Predictor
+from agent.predictions import Prediction, Predictor, softmax
 from agent.preprocess import Preprocess, normalize
 from agent.sdnotify import Notifier
 from agent.sources import Frame, FrameQueue
@@ -380,7 +380,7 @@ class InferenceLoop:
         served.inferred += int(batch.shape[0])
         if not kept:
             return True  # the trial's borrowed passes: timed, nothing to answer
-        probs = torch.softmax(out.float(), dim=1)
+        probs = softmax(out)
         for frame, row, pre_s in zip(kept, probs, pre, strict=True):
             top = predictor.top(row, model.classes)
             now = perf()

@@ -40,6 +40,15 @@ class Prediction:
     done: Callable[[bool, str], None] | None = field(default=None, repr=False)
 
 
+def softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Scores of a batch of logits, in float64: the int8 model's logits are bit-exact across
+    x86 and ARM, but float32 exp is not (vectorised differently), and a last-bit difference
+    can change the sixth decimal a result reports; in float64 it cannot, in practice."""
+    import torch
+
+    return torch.softmax(logits.double(), dim=1)
+
+
 class Predictor:
     """Turns a batch of logits into results for its frames (one per loop; loop thread)."""
 
@@ -50,7 +59,7 @@ class Predictor:
         self._next_at = -math.inf
 
     def top(self, probs: torch.Tensor, classes: tuple[str, ...]) -> list[dict[str, Any]]:
-        """The top_k labels of one softmax row, best first, at or above min_score."""
+        """The top_k labels of one row of `softmax`, best first, at or above min_score."""
         scores, idx = probs.topk(min(self.cfg.top_k, len(classes)))
         return [{"label": classes[int(i)], "score": round(float(s), SCORE_DIGITS)}
                 for s, i in zip(scores.tolist(), idx.tolist(), strict=True)

@@ -270,8 +270,10 @@ def prove(board: Board, bundle: str, bad_inputs: bool) -> dict[str, object]:
     same = [r["source_id"] for r in got if r["top"] == expected.get(r["source_id"])]
     row["folder_results"] = f"{len(same)}/{FOLDER_IMAGES} equal to the host's"
     if sorted(same) != sorted(names) or len(got) != FOLDER_IMAGES:
+        differ = [(r["source_id"], r["top"], expected.get(r["source_id"])) for r in got
+                  if r["top"] != expected.get(r["source_id"])]
         row["failure"] = (f"folder source: {row['folder_results']}, {len(got)} result(s); "
-                          f"first: {got[:1]}")
+                          f"board, host: {differ[:3]}")
         return row
     if row["sigterm_exit"] != 0:
         row["failure"] = f"SIGTERM exit {row['sigterm_exit']}: {log[-1000:]}"

@@ -16,9 +16,10 @@ import psutil
 import torch
 from PIL import Image
 
+from agent.config import SourceConfig
 from agent.manifest import Manifest
 from agent.model import load_scripted
-from agent.predictions import SCORE_DIGITS
+from agent.predictions import Predictor, softmax
 from tests.support.broker import free_port
 
 
@@ -52,19 +53,14 @@ def write_pngs(bundle: Path, folder: Path, count: int, prefix: str = "img") -> l
 
 def host_top(bundle: Path, encoded: list[bytes], k: int = 3) -> list[list[dict[str, Any]]]:
     """What the host computes for each encoded image: the manifest's preprocessing, the board
-    file at batch 1, softmax, the k best labels, scores rounded as results round them."""
+    file at batch 1, and the agent's own softmax and top-k (agent/predictions.py)."""
     manifest = Manifest.read(bundle)
     module = load_scripted(bundle / manifest.board_model, manifest.engine)
     prep = manifest.preprocess
-    tops = []
+    predictor = Predictor(SourceConfig(kind="folder", path="-", top_k=k))
     with torch.inference_mode():
-        for data in encoded:
-            probs = torch.softmax(module(prep.encoded(data).unsqueeze(0)).float(), dim=1)[0]
-            scores, idx = probs.topk(k)
-            tops.append([{"label": manifest.classes[int(i)], "score": round(float(s),
-                                                                               SCORE_DIGITS)}
-                         for s, i in zip(scores.tolist(), idx.tolist(), strict=True)])
-    return tops
+        return [predictor.top(softmax(module(prep.encoded(data).unsqueeze(0)))[0],
+                              tuple(manifest.classes)) for data in encoded]
 
 
 def make_video(bundle: Path, path: Path, count: int, fps: int = 30) -> list[bytes]:
