@@ -21,8 +21,9 @@ supervisor takes a thread that stopped beating for `STALL_S` as dead.
 Predictions (agent/predictions.py): a durable one (folder, mqtt) waits for room in the inbox,
 goes through the spool like telemetry, and only then is its file moved (`done`); a request
 that named an MQTT 5 response topic also gets the same message there, with its correlation
-data, while connected. A live one (video, camera) is published at QoS 0 while connected and
-otherwise counted in `live_unsent`; its seq is kept in memory and saved on a clean stop.
+data, while connected. A live one (video, camera) is published at QoS 0 while connected;
+otherwise its seq is burnt and it counts in `dropped_total` (folded in once a window). The
+live seq is kept in memory and saved on a clean stop.
 With source.kind mqtt this thread also receives the requests on <id>/infer and
 <id>/infer/<request_id> and puts them on the loop's queue without waiting; a request that
 finds it full gets a `busy` error result.
@@ -262,6 +263,16 @@ class Publisher(threading.Thread):
             return  # a window cut short before its first inference says nothing; a real
             # source's idle window does: the board is up and had nothing to do
         fields.update(self.stats.sample())
+        if self.live_unsent:
+            # Live results that met no broker: burnt seqs and dropped_total, once a window
+            # (not one SQLite commit per frame during an outage).
+            unsent, self.live_unsent = self.live_unsent, 0
+            self._live_seq += unsent
+            try:
+                self.spool.skip("live_result", unsent)
+            except sqlite3.OperationalError as exc:
+                log.error("spool %s: cannot count %d unsent live result(s) (%s)",
+                          self.spool.path, unsent, exc)
         if self.commands is not None:
             self.commands.window(window, fields)
         depth, dropped = self.spool.depth, self.spool.dropped_total

@@ -3,8 +3,9 @@
 Start-up order: config -> bundle verified and checked on this board -> spool opened (restart
 count and last exit reason read) -> the publisher built (TLS files checked) -> a fresh module
 loaded, timed and warmed up -> the commands thread and the loop built, each object once, with
-what it talks to passed in (the commands inbox, the loop's LoopControl) -> threads started
-(the publisher connects in the background) -> READY=1 -> the loop. SIGTERM or SIGINT
+what it talks to passed in (the commands inbox, the loop's LoopControl, for a real source its
+frame queue and source thread: agent/sources.py) -> threads started (the publisher connects
+in the background) -> READY=1 -> the loop. SIGTERM or SIGINT
 close the current window, flush what the broker will take within a few seconds, publish
 `offline` and exit 0; whatever was not acknowledged stays spooled for the next start.
 
@@ -33,7 +34,7 @@ import torch
 import agent
 from agent.bundle import Bundle
 from agent.command_inbox import CommandInbox
-from agent.config import AgentConfig
+from agent.config import AgentConfig, SourceConfig
 from agent.errors import ImageError
 from agent.homeassistant import discovery_messages
 from agent.loop import Feed, InferenceLoop, LoopControl, Model, warm_up
@@ -234,7 +235,7 @@ def birth_info(cfg: AgentConfig, device: str, bundle: Bundle, checked: dict[str,
     }
 
 
-def describe_source(src: Any) -> str:
+def describe_source(src: SourceConfig) -> str:
     """The source in a few words, for the start-up line."""
     if src.kind == "mqtt":
         return "mqtt (requests on <prefix>/<id>/infer)"
