@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install edgeforge the way a new user does, far from this checkout, and run it from there:
 #
-#   bash scripts/check_wheel.sh            (after scripts/setup.sh; CI runs it after the tests)
+#   bash scripts/check_wheel.sh            (after scripts/setup.sh; CI runs it beside the tests)
 #
 # 1. builds the wheel and the sdist (python -m build) and fails on any packaging warning;
 # 2. a board: a fresh venv with only the agent's source as `edge-deploy render` ships it
@@ -10,7 +10,8 @@
 # 3. `pip install edgeforge` (the wheel) into a fresh venv in a temporary folder: `--help` of
 #    all four commands works, and edge-optimize names the extra it lacks in one line;
 # 4. `pip install 'edgeforge[host]'`: the README's main job (edge-optimize run --data
-#    synthetic as written, then edge-agent run on the bundle for 6 s), edge-deploy keygen,
+#    synthetic, every step and file, shortened with --set to 1 epoch on 2,000 images so CI
+#    stays within 25 minutes; then edge-agent run on the bundle for 6 s), edge-deploy keygen,
 #    render and files, edge-monitor --once: all from that folder, with the package data;
 # 5. the sdist's own tests run from its unpacked folder (the config and torch-matrix tests).
 # torch is pinned to the CPU wheel with .ci/constraints.txt, as in scripts/setup.sh.
@@ -68,7 +69,9 @@ echo "board venv: agent imports; optimizer, deploy and the host libraries are ab
 step "host: pip install 'edgeforge[host]', then the README's main job from $work"
 "$py" -m pip install "${pip_opts[@]}" "${wheel}[host]" >>"$pip_log" 2>&1 \
     || { tail -20 "$pip_log"; fail "pip install"; }
-"$work/venv/bin/edge-optimize" run --data synthetic >"$work/optimize.log" 2>&1 \
+"$work/venv/bin/edge-optimize" run --data synthetic --set data.synthetic_train=2000 \
+    --set data.synthetic_test=500 --set train.epochs=1 --set prune.finetune_epochs=1 \
+    --set report.latency_iters=100 >"$work/optimize.log" 2>&1 \
     || { tail -20 "$work/optimize.log"; fail "edge-optimize run"; }
 [ -f models/quantized_cnn_scripted.pt ] || fail "no models/quantized_cnn_scripted.pt"
 "$work/venv/bin/edge-agent" run --duration 6 --set loop.window_s=2 >"$work/agent.log" 2>&1 \

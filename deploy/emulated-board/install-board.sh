@@ -5,6 +5,9 @@
 #
 #   bash deploy/emulated-board/install-board.sh BUNDLE [CPU] [ROOT]
 #        (CPU: cortex-a72 (default) or cortex-a76; ROOT: default build/arm64-board)
+#   bash deploy/emulated-board/install-board.sh --root-only [ROOT]
+#        (only make the Debian root: CI starts this first, beside the setup and the tests;
+#        a second run waits for it on ROOT.lock instead of making the root again)
 #
 # The Debian root is kept between runs; the rendered folder and the bundle are copied in
 # afresh and the installer runs every time (it is idempotent). Two things are this workplace's, not a
@@ -12,7 +15,13 @@
 # /proc/cpuinfo and /sys/devices/system/cpu are faked for the core (tests/prove_arm.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-bundle=$(realpath "$1")
+root_only=0
+if [ "${1:-}" = --root-only ]; then
+    root_only=1
+    shift
+    set -- "" cortex-a72 "${1:-build/arm64-board}"
+fi
+bundle=${1:+$(realpath "$1")}
 cpu=${2:-cortex-a72}
 root=$(realpath -m "${3:-build/arm64-board}")
 python=${PYTHON:-.venv/bin/python}
@@ -34,14 +43,21 @@ update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
 [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] \
     || { echo "install-board: qemu-aarch64 is not registered with binfmt_misc" >&2; exit 1; }
 
+mkdir -p "$(dirname "$root")"
+exec 9>"$root.lock"
+flock 9  # another run making this root: wait for it
 if [ ! -e "$root/.edgeforge-board" ]; then
     echo "install-board: debootstrap arm64 bookworm into $root (emulated second stage)"
     rm -rf "$root"
-    mkdir -p "$(dirname "$root")"
     debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,ca-certificates \
         bookworm "$root" http://deb.debian.org/debian >"$root.debootstrap.log" 2>&1 \
         || { tail -20 "$root.debootstrap.log" >&2; exit 1; }
     touch "$root/.edgeforge-board"
+fi
+flock -u 9
+if [ "$root_only" = 1 ]; then
+    echo "install-board: the Debian root $root is ready"
+    exit 0
 fi
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
