@@ -52,10 +52,7 @@ class FolderSource(SourceThread):
             try:
                 self._check_folder()
             except SourceError as exc:
-                delay = backoff.next()
-                self.status = f"waiting: {exc}"
-                log.warning("folder source: %s; looking again in %.0f s", exc, delay)
-                self.stopping.wait(delay)
+                self.wait_to_retry(backoff, str(exc), "looking again")
                 continue
             break
         observer = self._watch()

@@ -82,14 +82,20 @@ class Predictor:
     def result(self, frame: Frame, top: list[dict[str, Any]], stages_s: dict[str, float],
                sha256: str, error: str | None = None) -> Prediction:
         """The Prediction for `frame`; `stages_s` holds capture, preprocess, infer, total."""
-        fields: dict[str, Any] = {
-            "source": self.cfg.kind, "source_id": frame.source_id,
-            "captured_ts": round(frame.ts, 3), "top": top,
-            **{f"{k}_ms": round(v * 1000.0, 3) for k, v in stages_s.items()},
-            "model_sha256": sha256,
-        }
-        if frame.reply is not None:
-            fields["request_id"] = frame.reply.request_id
-        if error is not None:
-            fields["error"] = error
-        return Prediction(fields, durable=not self.live, reply=frame.reply, done=frame.done)
+        return result(self.cfg.kind, frame, top, stages_s, sha256, not self.live, error)
+
+
+def result(kind: str, frame: Frame, top: list[dict[str, Any]], stages_s: dict[str, float],
+           sha256: str, durable: bool, error: str | None = None) -> Prediction:
+    """The Prediction for `frame` from a `kind` source (also the publisher's busy answer)."""
+    fields: dict[str, Any] = {
+        "source": kind, "source_id": frame.source_id,
+        "captured_ts": round(frame.ts, 3), "top": top,
+        **{f"{k}_ms": round(v * 1000.0, 3) for k, v in stages_s.items()},
+        "model_sha256": sha256,
+    }
+    if frame.reply is not None:
+        fields["request_id"] = frame.reply.request_id
+    if error is not None:
+        fields["error"] = error
+    return Prediction(fields, durable=durable, reply=frame.reply, done=frame.done)

@@ -48,7 +48,7 @@ from paho.mqtt.properties import Properties
 from agent.command_inbox import CommandInbox
 from agent.config import MqttConfig
 from agent.mqtt import make_client
-from agent.predictions import Prediction
+from agent.predictions import Prediction, result
 from agent.sources import Frame, FrameQueue, Reply, now_pair
 from agent.spool import Spool
 from agent.stats import ResourceStats
@@ -371,12 +371,9 @@ class Publisher(threading.Thread):
         if not self.requests.put(frame):
             # This runs on the publisher's own thread (paho's callbacks do): spool it here,
             # as waiting for room in our own inbox would wait forever.
-            self._prediction(Prediction({"source": "mqtt", "source_id": rid, "request_id": rid,
-                                    "captured_ts": round(ts, 3), "top": [],
-                                    "error": f"busy: {self.requests.size} request(s) already "
-                                             f"waiting; send again later",
-                                    "model_sha256": self.model_sha256}, durable=True,
-                                   reply=frame.reply))
+            self._prediction(result("mqtt", frame, [], {}, self.model_sha256, True,
+                                    f"busy: {self.requests.size} request(s) already waiting; "
+                                    f"send again later"))
 
     def _model_change(self, change: ModelChange) -> None:
         self.model_sha256 = change.sha256

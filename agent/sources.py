@@ -158,6 +158,14 @@ class SourceThread(threading.Thread):
         self.stopping.set()
         self.frames.close()
 
+    def wait_to_retry(self, backoff: Backoff, why: str, again: str = "reopening") -> None:
+        """Say once why the source is not producing, then wait the next backoff delay (or
+        until stop())."""
+        delay = backoff.next()
+        self.status = f"waiting: {why}"
+        log.warning("%s source: %s; %s in %.0f s", self.cfg.kind, why, again, delay)
+        self.stopping.wait(delay)
+
     def stalled_s(self) -> float:
         """Sources wait on devices and networks by design: never reported as stalled."""
         return 0.0

@@ -193,7 +193,7 @@ class VideoSource(SourceThread):
             try:
                 described = self.capture.open()
             except SourceError as exc:
-                self._retry(backoff, f"{exc}")
+                self.wait_to_retry(backoff, f"{exc}")
                 continue
             self.status = f"reading {what}: {described}"
             log.info("%s source: %s", self.cfg.kind, self.status)
@@ -203,7 +203,7 @@ class VideoSource(SourceThread):
                 self.capture.close()
                 if isinstance(self.capture, PyAVCapture) and not self.capture.is_file:
                     self.reopens += 1  # a live stream or device that ends has dropped
-                    self._retry(backoff, "dropped (the stream ended)")
+                    self.wait_to_retry(backoff, "dropped (the stream ended)")
                     continue
                 if self.cfg.repeat:
                     continue
@@ -227,12 +227,12 @@ class VideoSource(SourceThread):
                                 "no more frames from it", self.cfg.kind, self.cfg.path,
                                 self.capture.index, exc)
                     if self.cfg.repeat:
-                        self._retry(backoff, "reading it again")
+                        self.wait_to_retry(backoff, "reading it again")
                         continue
                     self.stopping.wait()
                     return
                 self.reopens += 1
-                self._retry(backoff, f"dropped ({exc})")
+                self.wait_to_retry(backoff, f"dropped ({exc})")
         self.capture.close()
 
     def _pump(self, backoff: Backoff) -> None:
@@ -241,12 +241,6 @@ class VideoSource(SourceThread):
             backoff.reset()
             _, ts = now_pair()
             self.frames.put(Frame(frame_id, t0, ts, convert_s, image=rgb))
-
-    def _retry(self, backoff: Backoff, why: str) -> None:
-        delay = backoff.next()
-        self.status = f"waiting: {why}"
-        log.warning("%s source: %s; reopening in %.0f s", self.cfg.kind, why, delay)
-        self.stopping.wait(delay)
 
 
 def _first_line(exc: BaseException) -> str:
