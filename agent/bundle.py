@@ -1,10 +1,12 @@
-"""A verified bundle on the board: the model's bytes checked once, then loaded fresh on demand.
+"""A verified bundle on the board: its model files checked once, then loaded fresh on demand.
 
-`Bundle.open` reads the manifest and the board model and checks its sha256; every module is
-loaded from those verified bytes, so the file cannot change between check and load. `check`
-proves the bundle on this board (engine, one inference at the manifest's input shape, and the
-bundled sample reproducing the host's logits and accuracy) on a module of its own: TorchScript
-specialises a module on the first input shapes it runs, so the inference loop gets a fresh one.
+`Bundle.open` reads the manifest and every engine's model file and checks their sha256s;
+every runner is loaded from those verified bytes, so a file cannot change between check and
+load. `check` proves each engine on this board on a runner of its own (one inference at the
+manifest's input shape, then the bundled sample reproducing that engine's host logits and
+accuracy), and with `engine: auto` times the proven ones and picks the fastest: TorchScript
+specialises a module on the first input shapes it runs, so the inference loop gets a fresh
+runner (`load`).
 """
 
 from __future__ import annotations
@@ -13,32 +15,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent import engines
+from agent.engines import TORCHSCRIPT, Runner
 from agent.errors import BundleError
 from agent.manifest import MANIFEST, Manifest, embedded_metadata, manifest_bytes
-from agent.model import load_scripted, set_engine
 from agent.preprocess import normalize
 from agent.signing import SIGNATURE_FILE, Signature, verify
-from agent.torchwarnings import known_torch_deprecations
+from agent.timing import race
+
+RACE_ROUNDS, RACE_PASSES = 7, 15  # engine: auto's timing, interleaved rounds per engine
 
 
 @dataclass(frozen=True)
 class Bundle:
     dir: Path
     manifest: Manifest
-    model_path: Path
-    model_bytes: bytes
+    model_path: Path  # the TorchScript board model: the bundle's identity
+    files: dict[str, bytes]  # each engine's verified model bytes
     signature: Signature | None = None
 
     @property
     def sha256(self) -> str:
         return str(self.manifest.files[self.manifest.board_model]["sha256"])
 
+    @property
+    def engines(self) -> list[str]:
+        """The engines this bundle carries that this agent knows, TorchScript first."""
+        return list(self.files)
+
     @classmethod
     def open(cls, directory: Path, public_key: Ed25519PublicKey | None = None) -> Bundle:
-        """Read the manifest and the sha256-verified board model of `directory`.
+        """Read the manifest and every engine's sha256-verified model file of `directory`.
 
         With `public_key`, the manifest must carry a valid signature by that key first.
 
@@ -56,61 +66,151 @@ class Bundle:
             signature = verify(raw, sig, public_key, str(directory))
         # Parsed from the bytes just verified: nothing can change between check and use.
         manifest = Manifest.parse(raw, str(directory / MANIFEST))
-        data = manifest.verified_bytes(directory, manifest.board_model)
-        path = directory / manifest.board_model
-        set_engine(manifest.engine)  # "not available on this board" before anything else
-        _agrees_with_model(manifest, path, data)
-        return cls(directory, manifest, path, data, signature)
+        files = {name: manifest.verified_bytes(directory, str(entry["file"]))
+                 for name, entry in manifest.engine_entries.items()}
+        manifest.verified_bytes(directory, manifest.board_model)
+        if TORCHSCRIPT in files:
+            _agrees_with_model(manifest, directory / manifest.engine_entries[TORCHSCRIPT]
+                               ["file"], files[TORCHSCRIPT])
+        return cls(directory, manifest, directory / manifest.board_model, files, signature)
 
-    def load(self) -> torch.jit.ScriptModule:
-        """A freshly loaded module, with the manifest's quantized engine selected first."""
-        return load_scripted(self.model_path, self.manifest.engine, self.model_bytes)
+    def path_of(self, engine: str) -> Path:
+        return self.dir / str(self.manifest.engine_entries[engine]["file"])
 
-    def sample(self) -> dict[str, torch.Tensor]:
-        """The verified labelled sample: uint8 images, labels and the host's logits."""
-        return self.manifest.load_sample(self.dir)
-
-    def check(self) -> dict[str, Any]:
-        """Prove the bundle on this board; return what was checked.
+    def load(self, engine: str, threads: int = 1) -> Runner:
+        """A freshly loaded runner of `engine` on `threads` threads.
 
         Raises:
-            BundleError: anything that means this board must not run the bundle.
+            BundleError: the bundle has no such engine, its runtime is missing, or the file
+                does not load.
         """
-        manifest = self.manifest
-        sample = self.sample()
-        module = self.load()
-        shape = manifest.input_shape
-        with torch.inference_mode(), known_torch_deprecations():
+        if engine not in self.files:
+            raise BundleError(f"{self.dir}: the bundle has no {engine} model (it has "
+                              f"{', '.join(self.files)}): set model.engine to auto or one of "
+                              f"those, or rebuild the bundle with edge-optimize")
+        m = self.manifest
+        return engines.load(engine, self.files[engine], self.path_of(engine),
+                            m.engine_entries[engine], threads,
+                            {"input_shape": m.input_shape, "classes": m.classes})
+
+    def sample(self) -> dict[str, Any]:
+        """The verified labelled sample: uint8 images, labels, each engine's host logits."""
+        return self.manifest.load_sample(self.dir)
+
+    def prove(self, engine: str, sample: dict[str, Any], threads: int = 1) -> dict[str, Any]:
+        """Prove one engine on this board: one inference at the input shape, then the
+        sample's logits against the host's (within the engine's tolerance) and its accuracy.
+
+        Raises:
+            BundleError: anything that means this board must not run this engine.
+        """
+        m, path = self.manifest, self.path_of(engine)
+        entry = m.engine_entries[engine]
+        runner = self.load(engine, threads)
+        shape = m.input_shape
+        with runner.session():
             try:
-                out = module(torch.zeros(1, *shape))
+                out = runner(np.zeros((1, *shape), dtype=np.float32))
             except RuntimeError as exc:
                 first = str(exc).strip().splitlines()[0]
-                raise BundleError(f"{self.model_path}: one inference on input [1, "
+                raise BundleError(f"{path}: one inference on input [1, "
                                   f"{', '.join(map(str, shape))}] failed ({first}): the model "
                                   f"does not take the manifest's input shape") from None
-            if tuple(out.shape) != (1, len(manifest.classes)):
-                raise BundleError(f"{self.model_path}: output shape {tuple(out.shape)}, the "
-                                  f"manifest expects (1, {len(manifest.classes)})")
-            logits = module(normalize(sample["images"], manifest.mean, manifest.std))
-        diff = float((logits - sample["logits"]).abs().max())
-        tolerance = float(manifest.sample["logit_tolerance"])
-        accuracy = 100.0 * float((logits.argmax(1) == sample["labels"]).float().mean())
+            if tuple(out.shape) != (1, len(m.classes)):
+                raise BundleError(f"{path}: output shape {tuple(out.shape)}, the manifest "
+                                  f"expects (1, {len(m.classes)})")
+            logits = runner(normalize(sample["images"], m.mean, m.std))
+        host = sample["logits"][str(entry["sample_logits"])]
+        diff = float(np.abs(logits - host).max())
+        tolerance = float(entry["logit_tolerance"])
+        accuracy = 100.0 * float((logits.argmax(1) == sample["labels"]).mean())
         if diff > tolerance:
-            raise BundleError(f"{self.model_path}: this board's logits differ from the host's by "
+            raise BundleError(f"{path}: this board's {engine} logits differ from the host's by "
                               f"up to {diff:.3g} (> {tolerance}) on the bundled sample: do not "
                               f"run it here")
-        if abs(accuracy - float(manifest.sample["accuracy_pct"])) > 1e-6:
-            raise BundleError(f"{self.model_path}: sample accuracy {accuracy:.2f}% here, "
-                              f"{manifest.sample['accuracy_pct']:.2f}% on the host")
-        return {"bundle": str(self.dir), "engine": manifest.engine,
-                "mode": manifest.quantization["mode"],
-                "sample_images": int(sample["labels"].shape[0]), "max_abs_logit_diff": diff,
-                "bit_exact": diff == 0.0, "sample_accuracy_pct": accuracy,
-                "torch_version": torch.__version__}
+        if abs(accuracy - float(entry["sample_accuracy_pct"])) > 1e-6:
+            raise BundleError(f"{path}: {engine} sample accuracy {accuracy:.2f}% here, "
+                              f"{float(entry['sample_accuracy_pct']):.2f}% on the host")
+        return {"engine": engine, "version": runner.version, "status": "proven",
+                "max_abs_logit_diff": diff, "bit_exact": diff == 0.0,
+                "sample_accuracy_pct": accuracy}
+
+    def check(self, engine: str = "auto", batch_size: int = 1, threads: int = 1,
+              every: bool = False) -> dict[str, Any]:
+        """Prove the bundle's engines on this board and choose the one to run.
+
+        `engine` is auto (the fastest proven engine, timed here at `batch_size` and
+        `threads`) or an engine's name (that one, which must pass). With `every`, engines
+        that will not run are proven too (`edge-agent check` and `bench` show them all).
+
+        Raises:
+            BundleError: the chosen engine (or, for auto, every engine) failed or is missing.
+        """
+        m = self.manifest
+        if engine != "auto" and engine not in self.files:
+            self.load(engine)  # raises: not in the bundle
+        sample = self.sample()
+        rows: list[dict[str, Any]] = []
+        for name in self.files:
+            version = engines.installed(name)
+            row: dict[str, Any] = {"engine": name, "version": version}
+            if version is None:
+                row.update(status="not installed",
+                           detail=f"pip install {engines.RUNTIMES[name]} to run it")
+            elif engine not in ("auto", name) and not every:
+                row.update(status="not tried", detail=f"model.engine is {engine}")
+            else:
+                try:
+                    row.update(self.prove(name, sample, threads))
+                except BundleError as exc:
+                    row.update(status="failed", detail=str(exc))
+            rows.append(row)
+        proven = [r for r in rows if r["status"] == "proven"]
+        wanted = [r for r in proven if engine in ("auto", r["engine"])]
+        if not wanted:
+            why = "; ".join(f"{r['engine']}: {r['status']}" + (f" ({r['detail']})"
+                                                                 if "detail" in r else "")
+                            for r in rows)
+            target = f"engine {engine}" if engine != "auto" else "no engine"
+            raise BundleError(f"{self.dir}: {target} passed its proof on this board ({why})"
+                              if engine == "auto" else
+                              f"{self.dir}: {target} cannot run on this board ({why})")
+        if engine != "auto":
+            chosen, reason = wanted[0], f"model.engine is {engine}"
+        elif len(wanted) == 1:
+            chosen = wanted[0]
+            others = [f"{r['engine']} {r['status']}" for r in rows if r is not chosen]
+            reason = "the only proven engine" + (f" ({', '.join(others)})" if others else "")
+        else:
+            timed = race({r["engine"]: self.load(r["engine"], threads) for r in wanted},
+                         [np.zeros((batch_size, *m.input_shape), dtype=np.float32)],
+                         RACE_ROUNDS, RACE_PASSES)
+            for r in wanted:
+                r["p50_ms"] = timed[r["engine"]].p50_s * 1000
+            wanted.sort(key=lambda r: r["p50_ms"])
+            chosen, runner_up = wanted[0], wanted[1]
+            reason = (f"fastest proven: p50 {chosen['p50_ms']:.3f} ms against "
+                      f"{runner_up['engine']} {runner_up['p50_ms']:.3f} ms "
+                      f"({chosen['p50_ms'] / runner_up['p50_ms']:.2f}x), batch {batch_size}, "
+                      f"{threads} thread(s)")
+        return {"bundle": str(self.dir), "mode": m.quantization["mode"],
+                "engine": chosen["engine"], "engine_version": chosen["version"],
+                "quantized_engine": m.engine, "choice": engine, "reason": reason,
+                "sample_images": int(sample["labels"].shape[0]),
+                "max_abs_logit_diff": chosen["max_abs_logit_diff"],
+                "bit_exact": chosen["bit_exact"],
+                "sample_accuracy_pct": chosen["sample_accuracy_pct"], "engines": rows}
+
+
+def describe(checked: dict[str, Any]) -> str:
+    """The check's choice in one line: engine, version and why."""
+    return (f"{checked['engine']} {checked['engine_version']} ({checked['reason']}; "
+            f"{checked['mode']})")
 
 
 def _agrees_with_model(manifest: Manifest, path: Path, data: bytes) -> None:
-    """Check the manifest against the metadata export embedded in the model, before any run.
+    """Check the manifest against the metadata export embedded in the TorchScript model,
+    before any run.
 
     This is the input-shape check: a quantized qnnpack Linear does not check its input's
     width, so a wrong shape is never fed to the model to find out (measured on torch 2.13: a

@@ -111,7 +111,8 @@ def store_command(args: argparse.Namespace, cfg: AgentConfig) -> int:
             raise ConfigError(f"model.dir {model_dir}: must end in /current (the store's link) "
                               f"for activate; for example /var/lib/edgeforge/models/current")
         result = activate(args.source, Store(model_dir.parent),
-                          configured_key(cfg.update.public_key), args.trial)
+                          configured_key(cfg.update.public_key), args.trial, cfg.model.engine,
+                          cfg.loop.threads)
     else:
         store = Store.for_model_dir(model_dir)
         if args.command == "confirm":
@@ -146,8 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("%s", unproven)
         if args.command in ("activate", "confirm", "rollback", "versions"):
             return store_command(args, cfg)
-        from agent.bench import bench, table
-        from agent.bundle import Bundle
+        from agent.bench import bench, engine_line, table
+        from agent.bundle import Bundle, describe
 
         if args.command == "run":
             from agent.runner import run_agent  # paho and psutil only where needed
@@ -157,17 +158,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         bundle = Bundle.open(Path(cfg.model.dir), configured_key(cfg.update.public_key))
         if args.command == "check":
-            import torch
-
-            torch.set_num_threads(cfg.loop.threads)
-            r = bundle.check()
-            print(f"ok: {r['bundle']} ({r['mode']}, engine {r['engine']}, torch "
-                  f"{r['torch_version']}): sample of {r['sample_images']} images reproduced, "
-                  f"max |logit diff| {r['max_abs_logit_diff']:.3g}, accuracy "
+            r = bundle.check(cfg.model.engine, cfg.loop.batch_size, cfg.loop.threads,
+                             every=True)
+            for row in r["engines"]:
+                print(engine_line(row, r["sample_images"]))
+            print(f"ok: {r['bundle']} runs on {describe(r)}: sample of {r['sample_images']} "
+                  f"images reproduced, max |logit diff| {r['max_abs_logit_diff']:.3g}, accuracy "
                   f"{r['sample_accuracy_pct']:.2f}%")
             return 0
         result = bench(bundle, args.batch_sizes or [cfg.loop.batch_size], args.iters,
-                       cfg.loop.warmup, cfg.loop.threads)
+                       cfg.loop.warmup, cfg.loop.threads, cfg.model.engine)
         print(json.dumps(result, indent=2) if args.json else table(result))
         return 0
     except EdgeforgeError as exc:

@@ -95,9 +95,17 @@ class DeviceConfig:
         return self.id or socket.gethostname()
 
 
+ENGINE_CHOICES = ("auto", "torchscript", "onnxruntime")  # agent/engines
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     dir: str = "models"  # the bundle directory holding manifest.json
+    engine: str = "auto"  # auto: the fastest engine that passes its proof on this board
+
+    def __post_init__(self) -> None:
+        require(self.engine in ENGINE_CHOICES, "engine",
+                f"must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}")
 
 
 SOURCE_KINDS = ("random", "sample", "folder", "video", "camera", "mqtt")

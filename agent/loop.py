@@ -33,16 +33,18 @@ trial the bundle's inputs (see `_serve`), so a quiet board still judges its upda
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from agent.bundle import Bundle
 from agent.config import LoopConfig
+from agent.engines import Runner
 from agent.errors import ImageError
 from agent.predictions import Prediction, Predictor, softmax
 from agent.preprocess import Preprocess, normalize
@@ -50,7 +52,6 @@ from agent.sdnotify import Notifier
 from agent.sources import Frame, FrameQueue
 from agent.telemetry import Served, Window
 from agent.timing import time_passes
-from agent.torchwarnings import known_torch_deprecations
 
 CHECK_S = 1.0  # how often the loop asks whether the other threads are healthy
 TRIAL_IDLE_S = 0.01  # an idle real source on trial: one pair of passes per this wait
@@ -60,25 +61,26 @@ TRIAL_IDLE_S = 0.01  # an idle real source on trial: one pair of passes per this
 class Inputs:
     """Pre-built input batches the loop cycles through, with labels for `sample`."""
 
-    batches: list[torch.Tensor]
-    labels: list[torch.Tensor] | None
+    batches: list[np.ndarray]
+    labels: list[np.ndarray] | None
 
     @classmethod
     def random(cls, batch_size: int, shape: list[int], count: int = 8,
                seed: int = 0) -> Inputs:
-        g = torch.Generator().manual_seed(seed)
-        return cls([torch.randn(batch_size, *shape, generator=g) for _ in range(count)], None)
+        g = np.random.default_rng(seed)
+        return cls([g.standard_normal((batch_size, *shape), dtype=np.float32)
+                    for _ in range(count)], None)
 
     @classmethod
-    def sample(cls, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Inputs:
+    def sample(cls, images: np.ndarray, labels: np.ndarray, batch_size: int) -> Inputs:
         """Batches that walk the labelled sample, wrapping around, each image equally often."""
         n = int(labels.shape[0])
         count = n // math.gcd(n, batch_size)
         batches, targets = [], []
         for k in range(count):
-            idx = torch.arange(k * batch_size, (k + 1) * batch_size) % n
-            batches.append(images[idx].contiguous())
-            targets.append(labels[idx].contiguous())
+            idx = np.arange(k * batch_size, (k + 1) * batch_size) % n
+            batches.append(np.ascontiguousarray(images[idx]))
+            targets.append(np.ascontiguousarray(labels[idx]))
         return cls(batches, targets)
 
     @classmethod
@@ -95,22 +97,21 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Model:
-    """What the loop runs: a warmed-up module, its inputs, and the model's sha256."""
+    """What the loop runs: a warmed-up engine runner, its inputs, and the model's sha256."""
 
-    module: torch.jit.ScriptModule
+    runner: Runner
     inputs: Inputs
     sha256: str
-    shadow: torch.jit.ScriptModule | None = None  # the old model, timed beside it on trial
+    shadow: Runner | None = None  # the old model, timed beside it on trial
     fallback: Model | None = None  # on trial: what to run if this one's forward pass fails
     classes: tuple[str, ...] = ()  # the manifest's labels, for results
     preprocess: Preprocess | None = None  # the manifest's recipe, for real inputs
 
     @classmethod
-    def of(cls, bundle: Bundle, module: torch.jit.ScriptModule, kind: str,
-           batch_size: int) -> Model:
-        """`module` (loaded from `bundle`) with its inputs, labels and preprocessing."""
+    def of(cls, bundle: Bundle, runner: Runner, kind: str, batch_size: int) -> Model:
+        """`runner` (loaded from `bundle`) with its inputs, labels and preprocessing."""
         m = bundle.manifest
-        return cls(module, Inputs.for_bundle(bundle, kind, batch_size), bundle.sha256,
+        return cls(runner, Inputs.for_bundle(bundle, kind, batch_size), bundle.sha256,
                    classes=tuple(m.classes), preprocess=m.preprocess)
 
 
@@ -126,7 +127,12 @@ class Feed:
 def warm_up(model: Model, count: int) -> float:
     """Run `count` (at least one) forward passes outside any stats; return the first's
     seconds. A fresh TorchScript module profiles and optimises itself on its first runs."""
-    return time_passes(model.module, model.inputs.batches, max(1, count))[0]
+    return time_passes(model.runner, model.inputs.batches, max(1, count))[0]
+
+
+def sessions_of(runner: Runner | None) -> contextlib.AbstractContextManager[None]:
+    """`runner`'s session (the shadow of a trial may run on another engine), or nothing."""
+    return runner.session() if runner is not None else contextlib.nullcontext()
 
 
 class LoopControl:
@@ -220,7 +226,7 @@ class InferenceLoop:
         over a change (the time the next window starts), or None when the run is over."""
         self._take_changes()
         cfg, model = self.cfg, self.model
-        module, batches, labels = model.module, model.inputs.batches, model.inputs.labels
+        module, batches, labels = model.runner, model.inputs.batches, model.inputs.labels
         shadow = model.shadow
         n = len(batches)
         period = 1.0 / cfg.rate_hz if cfg.rate_hz > 0 else 0.0
@@ -233,7 +239,7 @@ class InferenceLoop:
         old = array("d") if shadow is not None else None
         correct, i = 0, 0
         control = self.control
-        with torch.inference_mode(), known_torch_deprecations():
+        with module.session(), sessions_of(shadow):
             while not control.wake:
                 k = i % n
                 if shadow is not None and i & 1:  # odd passes: the old model goes first
@@ -296,7 +302,7 @@ class InferenceLoop:
         control = self.control
         shadow_first = False
         wait = TRIAL_IDLE_S if model.shadow is not None else 0.05  # for the first frame
-        with torch.inference_mode(), known_torch_deprecations():
+        with model.runner.session(), sessions_of(model.shadow):
             while not control.wake:
                 now = perf()
                 next_event = min(window_end, next_ping, end)
@@ -360,14 +366,14 @@ class InferenceLoop:
         # An update on trial needs paired passes of the new and the old model even when no
         # input arrives: an idle source lends them the bundle's inputs, at most one pair per
         # TRIAL_IDLE_S, so a quiet board still confirms or rolls back its update.
-        batch = torch.stack(tensors) if tensors else \
+        batch = np.stack(tensors) if tensors else \
             model.inputs.batches[len(lat) % len(model.inputs.batches)]
         shadow = model.shadow
         if shadow is not None and shadow_first:
             self._shadow(shadow, batch, old)
         t0 = perf()
         try:
-            out = model.module(batch)
+            out = model.runner(batch)
         except RuntimeError as exc:
             if model.fallback is None:
                 raise
@@ -391,7 +397,7 @@ class InferenceLoop:
                 continue
             result = predictor.result(frame, top, {
                 "capture": frame.capture_s, "preprocess": pre_s, "infer": infer_s,
-                "total": total_s}, model.sha256)
+                "total": total_s}, model.sha256, engine=model.runner.engine)
             if self.emit(result) is not False:
                 served.results_published += 1
         return True
@@ -430,8 +436,7 @@ class InferenceLoop:
         self.fell_back(model.sha256, f"inference failed on the new model: {first}")
 
     @staticmethod
-    def _shadow(shadow: torch.jit.ScriptModule, batch: torch.Tensor,
-                lat: array | None) -> torch.jit.ScriptModule | None:
+    def _shadow(shadow: Runner, batch: np.ndarray, lat: array | None) -> Runner | None:
         """Time one pass of the old model beside the new one; None (no more shadow passes)
         if it fails, which says nothing about the model on trial."""
         t0 = time.perf_counter()
@@ -460,4 +465,5 @@ class InferenceLoop:
         self.windows += 1
         labelled = len(lat) * self.cfg.batch_size if correct is not None else 0
         self.emit(Window(self.windows, time.time(), end - start, self.cfg.batch_size, lat,
-                         correct, labelled, self.model.sha256, old, served))
+                         correct, labelled, self.model.sha256, old, served,
+                         self.model.runner.engine))

@@ -10,11 +10,23 @@ directory holding the manifest and every file it lists with its size and sha256:
      "classes": [...], "engine": "qnnpack", "quantization": {"mode": ..., "attempts": [...]},
      "data": {"source": ..., "description": ...}, "metrics": {...},
      "board_model": "quantized_cnn_scripted.pt",
-     "sample": {"file": "sample.pt", "count": 32, "accuracy_pct": ..., "logit_tolerance": ...},
+     "sample": {"file": "sample.pt", "arrays": "sample.npz", "count": 32, "accuracy_pct": ...,
+                "logit_tolerance": ...},
+     "engines": {"torchscript": {"file": "quantized_cnn_scripted.pt", "runtime": "torch",
+                                 "quantized_engine": "qnnpack", "sample_logits":
+                                 "logits.torchscript", "sample_accuracy_pct": ...,
+                                 "logit_tolerance": ..., ...},
+                 "onnxruntime": {"file": "quantized_cnn.onnx", "runtime": "onnxruntime", ...}},
      "verification": {...}, "files": {"<name>": {"bytes": N, "sha256": "..."}}}
 
-The sample file holds uint8 `images`, int64 `labels` and the host's float `logits`, saved with
-torch.save and loadable with weights_only=True.
+`board_model` is the TorchScript file: always built, always proven, the bundle's identity
+(its sha256 names the version everywhere). `engines` lists every model file a board may run
+(agent/engines); a bundle from before it has the TorchScript file alone.
+
+The sample (`arrays`, a numpy .npz read with allow_pickle=False, so a board needs no torch)
+holds uint8 `images`, int64 `labels` and each engine's host logits (`logits.<engine>`).
+`file` is the same sample for agents that predate `arrays`: torch.save'd uint8 `images`,
+int64 `labels` and the TorchScript model's `logits`, loadable with weights_only=True.
 """
 
 from __future__ import annotations
@@ -27,20 +39,22 @@ import os
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+
+from agent.engines import ENGINES, TORCHSCRIPT
 from agent.errors import BundleError
 from agent.preprocess import RESIZE_POLICIES, Preprocess
 from agent.signing import SIGNATURE_FILE
-
-if TYPE_CHECKING:  # torch is imported where a sample is read: edge-deploy starts without it
-    import torch
 
 SCHEMA_NAME = "edgeforge.bundle"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 BOARD_MODEL = "quantized_cnn_scripted.pt"
-SAMPLE_FILE = "sample.pt"
+SAMPLE_FILE = "sample.pt"  # for agents that predate SAMPLE_ARRAYS
+SAMPLE_ARRAYS = "sample.npz"
+ONNX_MODEL = "quantized_cnn.onnx"
 METADATA_FILE = "edgeforge.json"  # the _extra_files entry inside the TorchScript archive
 
 
@@ -81,40 +95,40 @@ def manifest_bytes(bundle: Path) -> bytes:
                           f"again)") from None
 
 
-def check_sample(sample: Any, input_shape: list[int], classes: int, origin: str
-                 ) -> dict[str, torch.Tensor]:
-    """The sample's three tensors, after checking they fit the manifest.
+def check_sample(sample: dict[str, Any], input_shape: list[int], classes: int,
+                 logit_keys: list[str], origin: str) -> dict[str, Any]:
+    """The sample as numpy arrays, after checking they fit the manifest: `images`, `labels`
+    and `logits` (one array per key of `logit_keys`).
 
     Raises:
         BundleError: a key missing, a wrong dtype or shape, or labels that do not match.
     """
-    import torch
-
     def bad(problem: str) -> BundleError:
         return BundleError(f"{origin}: {problem} (rebuild the bundle with edge-optimize)")
 
-    if not isinstance(sample, dict):
-        raise bad(f"the sample must be a dict of tensors, got {type(sample).__name__}")
-    missing = [k for k in ("images", "labels", "logits")
-               if not isinstance(sample.get(k), torch.Tensor)]
+    missing = [k for k in ("images", "labels", *logit_keys)
+               if not isinstance(sample.get(k), np.ndarray)]
     if missing:
-        raise bad(f"the sample lacks the tensor(s) {', '.join(missing)} (it has "
+        raise bad(f"the sample lacks the array(s) {', '.join(missing)} (it has "
                   f"{', '.join(map(str, sample)) or 'nothing'})")
-    images, labels, logits = sample["images"], sample["labels"], sample["logits"]
-    n = int(images.shape[0]) if images.dim() else 0
-    if images.dtype != torch.uint8 or list(images.shape[1:]) != input_shape or n < 1:
+    images, labels = sample["images"], sample["labels"]
+    n = int(images.shape[0]) if images.ndim else 0
+    if images.dtype != np.uint8 or list(images.shape[1:]) != input_shape or n < 1:
         raise bad(f"sample images must be uint8 [N, {', '.join(map(str, input_shape))}] "
                   f"with N >= 1, got {images.dtype} {list(images.shape)}")
-    if labels.dtype != torch.int64 or list(labels.shape) != [n]:
+    if labels.dtype != np.int64 or list(labels.shape) != [n]:
         raise bad(f"sample labels must be int64 [{n}] (one per image), got {labels.dtype} "
                   f"{list(labels.shape)}")
-    if not logits.is_floating_point() or list(logits.shape) != [n, classes]:
-        raise bad(f"sample logits must be float [{n}, {classes}], got {logits.dtype} "
-                  f"{list(logits.shape)}")
+    for key in logit_keys:
+        logits = sample[key]
+        if logits.dtype.kind != "f" or list(logits.shape) != [n, classes]:
+            raise bad(f"sample {key} must be float [{n}, {classes}], got {logits.dtype} "
+                      f"{list(logits.shape)}")
     if n and (int(labels.min()) < 0 or int(labels.max()) >= classes):
         raise bad(f"sample labels must be 0-{classes - 1}, got {int(labels.min())}-"
                   f"{int(labels.max())}")
-    return {"images": images, "labels": labels, "logits": logits}
+    return {"images": images, "labels": labels,
+            "logits": {k: sample[k].astype(np.float32) for k in logit_keys}}
 
 
 def _check_fields(raw: dict[str, Any], origin: str) -> None:
@@ -145,6 +159,22 @@ def _check_fields(raw: dict[str, Any], origin: str) -> None:
         problems.append("sample needs file, accuracy_pct and logit_tolerance")
     if not isinstance(raw.get("engine"), str):
         problems.append("engine must be a name")
+    engines = raw.get("engines", {})
+    files = raw.get("files") or {}
+    if not isinstance(engines, dict):
+        problems.append("engines must map engine names to their files")
+    else:
+        for name, entry in engines.items():
+            if name not in ENGINES:
+                continue  # a newer optimizer's engine: this agent cannot run it anyway
+            if not (isinstance(entry, dict) and entry.get("file") in files
+                    and isinstance(entry.get("sample_logits"), str)
+                    and number(entry.get("sample_accuracy_pct"))
+                    and number(entry.get("logit_tolerance"))):
+                problems.append(f"engines.{name} needs file (listed in files), sample_logits, "
+                                f"sample_accuracy_pct and logit_tolerance")
+    if engines and not (isinstance(sample, dict) and isinstance(sample.get("arrays"), str)):
+        problems.append("sample.arrays must name the .npz sample of a bundle with engines")
     if problems:
         raise BundleError(f"{origin}: {'; '.join(problems)} (rebuild the bundle with "
                           f"edge-optimize)")
@@ -180,6 +210,7 @@ class Manifest:
     verification: dict[str, Any]
     files: dict[str, dict[str, Any]]
     board_model: str = BOARD_MODEL
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)
     schema: str = field(default=f"{SCHEMA_NAME}/{SCHEMA_VERSION}")
 
     @property
@@ -193,6 +224,17 @@ class Manifest:
     @property
     def std(self) -> list[float]:
         return list(self.input["normalization"]["std"])
+
+    @property
+    def engine_entries(self) -> dict[str, dict[str, Any]]:
+        """Every engine this agent knows that the bundle carries, TorchScript first."""
+        if not self.engines:  # a bundle from before `engines`: the TorchScript file alone
+            return {TORCHSCRIPT: {"file": self.board_model, "runtime": "torch",
+                                  "quantized_engine": self.engine, "sample_logits": "logits",
+                                  "sample_accuracy_pct": self.sample["accuracy_pct"],
+                                  "logit_tolerance": self.sample["logit_tolerance"]}}
+        return {name: {"quantized_engine": self.engine, **self.engines[name]}
+                for name in ENGINES if name in self.engines}
 
     @property
     def preprocess(self) -> Preprocess:
@@ -238,7 +280,7 @@ class Manifest:
             raise BundleError(f"{origin}: manifest schema {version} is newer than this agent "
                               f"understands ({SCHEMA_VERSION}): upgrade edgeforge on the board")
         known = set(cls.__dataclass_fields__)
-        missing = sorted(known - set(raw) - {"board_model"})
+        missing = sorted(known - set(raw) - {"board_model", "engines"})
         if missing:
             raise BundleError(f"{origin}: manifest lacks {', '.join(missing)} (rebuild the "
                               f"bundle with edge-optimize)")
@@ -251,8 +293,11 @@ class Manifest:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
     def board_files(self) -> list[str]:
-        """The files a board needs: the board model and the labelled sample."""
-        return [self.board_model, str(self.sample["file"])]
+        """The files a board needs: every engine's model and the labelled sample."""
+        names = [self.board_model, *(str(e["file"]) for e in self.engine_entries.values()),
+                 str(self.sample["file"]), *([str(self.sample["arrays"])]
+                                             if "arrays" in self.sample else [])]
+        return list(dict.fromkeys(names))
 
     def release_files(self) -> list[str]:
         """What a board receives of a signed bundle: manifest, signature, board files."""
@@ -295,20 +340,36 @@ class Manifest:
                               f"{expected[:12]}... (refusing to load it: copy the bundle again "
                               f"from the host)")
 
-    def load_sample(self, bundle: Path) -> dict[str, torch.Tensor]:
-        """The verified labelled sample: uint8 images, labels and the host's logits.
+    def load_sample(self, bundle: Path) -> dict[str, Any]:
+        """The verified labelled sample as numpy arrays: uint8 `images`, int64 `labels` and
+        `logits`, the host's logits of each engine the bundle carries (by sample_logits key).
 
         Raises:
             BundleError: unreadable, or its contents are not what the manifest describes
                 (keys, dtypes, shapes, label count and range).
         """
-        import torch
-
-        name = str(self.sample["file"])
+        keys = sorted({str(e["sample_logits"]) for e in self.engine_entries.values()})
+        legacy = "arrays" not in self.sample
+        name = str(self.sample["file" if legacy else "arrays"])
         data = self.verified_bytes(bundle, name)
         path = bundle / name
         try:
-            sample = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as exc:  # sha matched, so this is a host-side bug or torch mismatch
+            sample = _torch_sample(data) if legacy else _npz_sample(data)
+        except Exception as exc:  # sha matched, so this is a host-side bug or a mismatch
             raise BundleError(f"{path}: cannot read the sample ({exc})") from None
-        return check_sample(sample, self.input_shape, len(self.classes), str(path))
+        return check_sample(sample, self.input_shape, len(self.classes), keys, str(path))
+
+
+def _npz_sample(data: bytes) -> dict[str, Any]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _torch_sample(data: bytes) -> dict[str, Any]:
+    """A bundle from before sample.npz: its torch.save'd sample (this needs torch)."""
+    import torch
+
+    sample = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not isinstance(sample, dict):
+        raise ValueError(f"a dict of tensors expected, got {type(sample).__name__}")
+    return {k: v.numpy() for k, v in sample.items() if isinstance(v, torch.Tensor)}

@@ -19,13 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
 
 from agent.config import LIVE_KINDS, SourceConfig
 from agent.sources import Frame, Reply
-
-if TYPE_CHECKING:
-    import torch
 
 SCORE_DIGITS = 6
 
@@ -40,13 +39,14 @@ class Prediction:
     done: Callable[[bool, str], None] | None = field(default=None, repr=False)
 
 
-def softmax(logits: torch.Tensor) -> torch.Tensor:
+def softmax(logits: np.ndarray) -> np.ndarray:
     """Scores of a batch of logits, in float64: the int8 model's logits are bit-exact across
     x86 and ARM, but float32 exp is not (vectorised differently), and a last-bit difference
     can change the sixth decimal a result reports; in float64 it cannot, in practice."""
-    import torch
-
-    return torch.softmax(logits.double(), dim=1)
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 class Predictor:
@@ -58,12 +58,12 @@ class Predictor:
         self._last_label: str | None = None
         self._next_at = -math.inf
 
-    def top(self, probs: torch.Tensor, classes: tuple[str, ...]) -> list[dict[str, Any]]:
-        """The top_k labels of one row of `softmax`, best first, at or above min_score."""
-        scores, idx = probs.topk(min(self.cfg.top_k, len(classes)))
-        return [{"label": classes[int(i)], "score": round(float(s), SCORE_DIGITS)}
-                for s, i in zip(scores.tolist(), idx.tolist(), strict=True)
-                if s >= self.cfg.min_score]
+    def top(self, probs: np.ndarray, classes: tuple[str, ...]) -> list[dict[str, Any]]:
+        """The top_k labels of one row of `softmax`, best first (ties: the lower class
+        index), at or above min_score."""
+        idx = np.argsort(-probs, kind="stable")[:min(self.cfg.top_k, len(classes))]
+        return [{"label": classes[int(i)], "score": round(float(probs[i]), SCORE_DIGITS)}
+                for i in idx if probs[i] >= self.cfg.min_score]
 
     def wanted(self, top: list[dict[str, Any]], now: float) -> bool:
         """Whether a live source's result is published under source.publish (always for
@@ -80,13 +80,15 @@ class Predictor:
         return True
 
     def result(self, frame: Frame, top: list[dict[str, Any]], stages_s: dict[str, float],
-               sha256: str, error: str | None = None) -> Prediction:
-        """The Prediction for `frame`; `stages_s` holds capture, preprocess, infer, total."""
-        return result(self.cfg.kind, frame, top, stages_s, sha256, not self.live, error)
+               sha256: str, error: str | None = None, engine: str | None = None) -> Prediction:
+        """The Prediction for `frame`; `stages_s` holds capture, preprocess, infer, total;
+        `engine` ran the model (none when the input never reached it)."""
+        return result(self.cfg.kind, frame, top, stages_s, sha256, not self.live, error, engine)
 
 
 def result(kind: str, frame: Frame, top: list[dict[str, Any]], stages_s: dict[str, float],
-           sha256: str, durable: bool, error: str | None = None) -> Prediction:
+           sha256: str, durable: bool, error: str | None = None,
+           engine: str | None = None) -> Prediction:
     """The Prediction for `frame` from a `kind` source (also the publisher's busy answer)."""
     fields: dict[str, Any] = {
         "source": kind, "source_id": frame.source_id,
@@ -94,6 +96,8 @@ def result(kind: str, frame: Frame, top: list[dict[str, Any]], stages_s: dict[st
         **{f"{k}_ms": round(v * 1000.0, 3) for k, v in stages_s.items()},
         "model_sha256": sha256,
     }
+    if engine is not None:
+        fields["engine"] = engine
     if frame.reply is not None:
         fields["request_id"] = frame.reply.request_id
     if error is not None:

@@ -12,8 +12,8 @@ bit for bit the tensor the host measured accuracy on.
     normalize  uint8 / 255, minus mean, over std, per channel
 
 Pillow is imported only where an image is decoded or resized: a board on `random` or
-`sample` does not need it. torch is imported only where a tensor is made, so edge-deploy can
-read a manifest without it.
+`sample` does not need it. Everything here is numpy: a board without torch runs it, and the
+host's `batch` turns the result into a tensor.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 
 from agent.errors import ImageError
 
-if TYPE_CHECKING:  # torch is imported where a tensor is made: the manifest reads this module
+if TYPE_CHECKING:  # torch only on the host (batch); Pillow where an image is decoded
     import torch
     from PIL import Image as PILImage
 
@@ -35,16 +35,19 @@ RESIZE_POLICIES = ("shorter", "stretch")
 MAX_PIXELS = 50_000_000  # a larger image is refused before it is decoded (a 50 MP photo)
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """uint8 NCHW images -> float32, scaled to [0, 1] then standardised per channel.
 
-    Host and board both call this, so the board's input is bit-for-bit the host's.
+    Host and board both call this, so the board's input is bit-for-bit the host's: three
+    float32 operations, each correctly rounded by IEEE 754 whatever the CPU.
     """
-    import torch
-
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (images.to(torch.float32) / 255.0 - m) / s
+    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    out = images.astype(np.float32)
+    out /= np.float32(255.0)
+    out -= m
+    out /= s
+    return out
 
 
 def pillow() -> Any:
@@ -127,12 +130,10 @@ class Preprocess:
                 img = img.resize((w, h), image_mod.Resampling.BILINEAR)
                 left, top = (w - width) // 2, (h - height) // 2
                 img = img.crop((left, top, left + width, top + height))
-        return np.array(img, dtype=np.uint8)  # a writable copy: torch shares its memory
+        return np.array(img, dtype=np.uint8)
 
-    def image(self, rgb: PILImage.Image | np.ndarray) -> torch.Tensor:
-        """One RGB image (PIL, or uint8 HWC array) -> the model's float CHW input."""
-        import torch
-
+    def image(self, rgb: PILImage.Image | np.ndarray) -> np.ndarray:
+        """One RGB image (PIL, or uint8 HWC array) -> the model's float32 CHW input."""
         if isinstance(rgb, np.ndarray):
             if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
                 raise ImageError(f"expected an RGB uint8 HxWx3 array, got {rgb.dtype} "
@@ -141,10 +142,10 @@ class Preprocess:
                 rgb = self.fit(pillow().fromarray(rgb, "RGB"))
         else:
             rgb = self.fit(rgb)
-        chw = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
+        chw = np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1))[None]
         return normalize(chw, self.mean, self.std)[0]
 
-    def encoded(self, data: bytes) -> torch.Tensor:
+    def encoded(self, data: bytes) -> np.ndarray:
         """Encoded image bytes -> the model's float CHW input (decode, fit, normalize).
 
         Raises:
@@ -171,11 +172,11 @@ class Preprocess:
 
         Images already at the input size (a dataset's) skip the resize, as `fit` does.
         """
-        if list(images.shape[2:]) == list(self.size):
-            return normalize(images, self.mean, self.std)
         import torch
 
+        if list(images.shape[2:]) == list(self.size):
+            return torch.from_numpy(normalize(images.numpy(), self.mean, self.std))
         image_mod = pillow()
-        return torch.stack([self.image(image_mod.fromarray(
+        return torch.from_numpy(np.stack([self.image(image_mod.fromarray(
             images[i].permute(1, 2, 0).contiguous().numpy(), "RGB"))
-            for i in range(images.shape[0])])
+            for i in range(images.shape[0])]))

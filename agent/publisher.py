@@ -281,7 +281,8 @@ class Publisher(threading.Thread):
             msg = {"schema": TELEMETRY_SCHEMA, "device": self.device, "seq": seq,
                    "ts": round(window.end_ts, 3), **fields, "spool_depth": depth,
                    "dropped_total": dropped,
-                   "model_sha256": window.model_sha256 or self.model_sha256}
+                   "model_sha256": window.model_sha256 or self.model_sha256,
+                   "engine": window.engine or None}
             return encode(msg)
 
         try:

@@ -38,7 +38,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 import agent
@@ -46,6 +45,7 @@ from agent.bench import bench, table
 from agent.bundle import Bundle
 from agent.command_inbox import REQUEST_ID, CommandInbox
 from agent.config import AgentConfig, Invalid, LoopConfig, UpdateConfig, loop_changes
+from agent.engines import ENGINES, installed
 from agent.errors import EdgeforgeError, Refused
 from agent.loop import LoopControl, Model, warm_up
 from agent.publisher import CommandResult, ModelChange
@@ -127,6 +127,7 @@ class Trial:
     from_vid: str | None
     previous: Model
     previous_bundle: Bundle
+    previous_checked: dict[str, Any]
     expected_accuracy_pct: float | None
     windows: int = 0
     new_s: array = field(default_factory=lambda: array("d"))  # paired pass latencies
@@ -140,11 +141,15 @@ class Commands(threading.Thread):
 
     def __init__(self, cfg: UpdateConfig, loop_cfg: LoopConfig, store: Store | None,
                  public_key: Ed25519PublicKey | None, submit: Callable[[Any], bool],
-                 bundle: Bundle, model: Model, inbox: CommandInbox, control: LoopControl,
+                 bundle: Bundle, checked: dict[str, Any], model: Model, inbox: CommandInbox,
+                 control: LoopControl,
                  make_info: Callable[[Bundle, dict[str, Any]], dict[str, Any]],
-                 config_sha256: str, recent: RecentErrors, source_kind: str = "random") -> None:
+                 config_sha256: str, recent: RecentErrors, source_kind: str = "random",
+                 engine: str = "auto") -> None:
         """`submit` hands results and model changes to the publisher; `model` is what the
-        loop runs at start; `inbox` is this thread's queue; `control` the loop's."""
+        loop runs at start (`checked`: its bundle's check); `inbox` is this thread's queue;
+        `control` the loop's; `engine` the model.engine setting every new version is checked
+        and chosen with."""
         super().__init__(name="commands", daemon=True)
         self.cfg = cfg
         self.loop_cfg = loop_cfg  # as the loop runs it: `set` changes it here and there
@@ -153,6 +158,8 @@ class Commands(threading.Thread):
         self.public_key = public_key
         self.submit = submit
         self.bundle = bundle
+        self.checked = checked  # the bundle's check: its engine, proofs and choice
+        self.engine = engine
         self.model = model  # the model last handed to the loop
         self.inbox = inbox
         self.control = control
@@ -269,9 +276,10 @@ class Commands(threading.Thread):
         try:
             path = store.stage(release.vid, {n: release.files[n]
                                              for n in release.manifest.release_files()})
-            bundle, checked, p99 = smoke_test(path, self.public_key, self.loop_cfg.batch_size,
-                                              self.cfg.smoke_iters, self.cfg.smoke_max_p99_ms)
-            model = self._model(bundle)
+            bundle, checked, p99 = smoke_test(path, self.public_key, self.loop_cfg,
+                                              self.cfg.smoke_iters, self.cfg.smoke_max_p99_ms,
+                                              self.engine)
+            model = self._model(bundle, checked)
         except Refused as exc:  # the smoke test failed: nothing stays
             if not existed:
                 store.discard(release.vid)
@@ -280,27 +288,29 @@ class Commands(threading.Thread):
             if not existed:
                 store.discard(release.vid)
             raise
-        previous, previous_bundle = self.model, self.bundle
+        previous, previous_bundle, previous_checked = self.model, self.bundle, self.checked
         store.switch(release.vid, release.version, release.sha256, "update", pending=True,
                      running=True)
-        self._go_live(bundle, checked, replace(model, shadow=previous.module,
+        self._go_live(bundle, checked, replace(model, shadow=previous.runner,
                                                fallback=previous))
-        expected = float(bundle.manifest.sample["accuracy_pct"]) \
-            if self.source_kind == "sample" else None
+        expected = float(checked["sample_accuracy_pct"]) if self.source_kind == "sample" \
+            else None
         self.trial = Trial(rid, release.vid, release.sha256, from_vid, previous,
-                           previous_bundle, expected)
+                           previous_bundle, previous_checked, expected)
         self._reply(rid, "update_model", True, "applied", f"smoke test passed (p99 "
                     f"{p99:.2f} ms); watching {self.cfg.watch_windows} window(s)",
                     data={"from": from_vid, "to": release.vid, "smoke_p99_ms": round(p99, 3),
-                          "sample_max_abs_logit_diff": checked["max_abs_logit_diff"]})
+                          "sample_max_abs_logit_diff": checked["max_abs_logit_diff"],
+                          "engine": checked["engine"], "engine_reason": checked["reason"]})
 
-    def _model(self, bundle: Bundle) -> Model:
-        model = Model.of(bundle, bundle.load(), self.source_kind, self.loop_cfg.batch_size)
+    def _model(self, bundle: Bundle, checked: dict[str, Any]) -> Model:
+        runner = bundle.load(checked["engine"], self.loop_cfg.threads)
+        model = Model.of(bundle, runner, self.source_kind, self.loop_cfg.batch_size)
         warm_up(model, self.loop_cfg.warmup)
         return model
 
     def _go_live(self, bundle: Bundle, checked: dict[str, Any], model: Model) -> None:
-        self.bundle = bundle
+        self.bundle, self.checked = bundle, checked
         self.submit(ModelChange(bundle.sha256, self.make_info(bundle, checked)))
         self.model = model
         self.control.swap(model)
@@ -311,8 +321,7 @@ class Commands(threading.Thread):
         assert trial is not None and self.store is not None
         self.trial = None
         left, target = self.store.rollback(reason)
-        self._go_live(trial.previous_bundle, {"sample_accuracy_pct": None,
-                                              "max_abs_logit_diff": None}, trial.previous)
+        self._go_live(trial.previous_bundle, trial.previous_checked, trial.previous)
         # In the update's terms: from the version before it, to the update (now undone).
         self._reply(trial.request_id, "update_model", False, "rolled_back", reason,
                     "health", {"from": trial.from_vid, "to": left, "running": target["id"],
@@ -333,8 +342,8 @@ class Commands(threading.Thread):
         assert self.store is not None
         left, target = self.store.rollback(reason)
         bundle = Bundle.open(self.store.current_link.resolve(), self.public_key)
-        checked = bundle.check()
-        self._go_live(bundle, checked, self._model(bundle))
+        checked = bundle.check(self.engine, self.loop_cfg.batch_size, self.loop_cfg.threads)
+        self._go_live(bundle, checked, self._model(bundle, checked))
         return left, str(target["id"])
 
     def _fell_back(self, failed_sha256: str, reason: str) -> None:
@@ -432,7 +441,8 @@ class Commands(threading.Thread):
             raise Refused("malformed", f"benchmark of iters x sum(batch_sizes) = "
                                        f"{iters * sum(sizes):,} images is over "
                                        f"{MAX_BENCH_IMAGES:,}: ask for fewer iters")
-        result = bench(self.bundle, sizes, iters, self.loop_cfg.warmup, self.loop_cfg.threads)
+        result = bench(self.bundle, sizes, iters, self.loop_cfg.warmup, self.loop_cfg.threads,
+                       self.engine)
         result["note"] = "measured while the inference loop kept running"
         self._reply(rid, "benchmark", True, "done", data={**result, "table": table(result)})
 
@@ -442,7 +452,9 @@ class Commands(threading.Thread):
         # spool_depth, dropped_total and mqtt_connected are added by the publisher thread,
         # which owns the spool and the connection (publisher_state).
         self._reply(rid, "diagnostics", True, "done", publisher_state=True, data={
-            "agent_version": agent.__version__, "torch_version": torch.__version__,
+            "agent_version": agent.__version__, "engine": self.checked["engine"],
+            "engine_version": self.checked["engine_version"],
+            "runtimes": {name: installed(name) for name in ENGINES},
             "uptime_s": round(time.time() - self.started, 1), "model_sha256": sha,
             "versions": versions, "config_sha256": self.config_sha256,
             "loop": asdict(self.loop_cfg),

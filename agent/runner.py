@@ -29,10 +29,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import torch
-
 import agent
-from agent.bundle import Bundle
+from agent import engines
+from agent.bundle import Bundle, describe
 from agent.command_inbox import CommandInbox
 from agent.config import AgentConfig, SourceConfig
 from agent.errors import ImageError
@@ -47,7 +46,7 @@ from agent.sdnotify import Notifier
 from agent.signing import configured_key
 from agent.sources import SourceThread, queue_for, start_source
 from agent.spool import Spool, spool_path
-from agent.stats import ResourceStats
+from agent.stats import ResourceStats, process_age_s
 from agent.store import Store
 from agent.telemetry import INFO_SCHEMA, Topics
 
@@ -80,7 +79,6 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
     notifier = Notifier()
     device = cfg.device.resolved_id
     loop_cfg = cfg.loop
-    torch.set_num_threads(loop_cfg.threads)
 
     public_key = configured_key(cfg.update.public_key)
     model_dir = Path(cfg.model.dir)
@@ -88,10 +86,14 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
     rolled_back = recover_trial(store) if store is not None else None
     # A store's bundle is opened at its real path: `current` may point elsewhere later.
     bundle = Bundle.open(model_dir.resolve() if store else model_dir, public_key)
-    checked = bundle.check()
-    log.info("bundle %s verified: sha256 %s..., %s on %s, sample of %d reproduced (max |logit "
-             "diff| %.3g)", bundle.dir, bundle.sha256[:12], checked["mode"], checked["engine"],
-             checked["sample_images"], checked["max_abs_logit_diff"])
+    checked = bundle.check(cfg.model.engine, loop_cfg.batch_size, loop_cfg.threads)
+    for row in checked["engines"]:
+        log.info("engine %s %s: %s%s", row["engine"], row["version"] or "-", row["status"],
+                 f" ({row['detail']})" if "detail" in row else
+                 f", sample of {checked['sample_images']} reproduced (max |logit diff| "
+                 f"{row['max_abs_logit_diff']:.3g})")
+    log.info("bundle %s verified: sha256 %s...; running %s", bundle.dir, bundle.sha256[:12],
+             describe(checked))
 
     spool_cfg = cfg.spool
     spool = Spool(spool_path(spool_cfg.path, os.environ, os.geteuid() == 0),
@@ -111,9 +113,11 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
                                     Topics.for_device(cfg.mqtt.topic_prefix, device))) \
         if ha.enabled else None
     load_ms = first_ms = 0.0  # measured once the publisher exists; info is sent again then
+    cold_ms: float | None = None
 
     def make_info(b: Bundle, c: dict[str, Any]) -> dict[str, Any]:
-        return birth_info(cfg, device, b, c, starts, last_exit, load_ms, first_ms)
+        return {**birth_info(cfg, device, b, c, starts, last_exit, load_ms, first_ms),
+                "cold_start_ms": None if cold_ms is None else round(cold_ms, 1)}
 
     inbox = CommandInbox()
     src = cfg.source
@@ -149,17 +153,21 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
 
     try:
         t0 = time.perf_counter()
-        module = bundle.load()
+        runner = bundle.load(checked["engine"], loop_cfg.threads)
         load_ms = (time.perf_counter() - t0) * 1000
-        model = Model.of(bundle, module, src.kind, loop_cfg.batch_size)
-        first_ms = warm_up(model, loop_cfg.warmup) * 1000
+        model = Model.of(bundle, runner, src.kind, loop_cfg.batch_size)
+        first_ms = warm_up(model, 1) * 1000
+        age = process_age_s()  # the first inference is done: the cold start, from exec
+        cold_ms = age * 1000 if age is not None else None
+        if loop_cfg.warmup > 1:
+            warm_up(model, loop_cfg.warmup - 1)
         if src.serving:
             warm_images(model)
         # The birth message names the load and first-inference times just measured.
         publisher.submit(ModelChange(bundle.sha256, make_info(bundle, checked)))
         commands = Commands(cfg.update, loop_cfg, store, public_key, publisher.submit, bundle,
-                            model, inbox, control, make_info, config_sha256(cfg), recent,
-                            source_kind=src.kind)
+                            checked, model, inbox, control, make_info, config_sha256(cfg),
+                            recent, source_kind=src.kind, engine=cfg.model.engine)
         loop = InferenceLoop(model, loop_cfg, control, publisher.submit, notifier,
                              healthy=functools.partial(supervise, publisher, commands, source),
                              fell_back=inbox.fell_back, feed=feed)
@@ -168,9 +176,12 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
             source.start()
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         publisher.start()
-        log.info("running %s: model loaded in %.0f ms, first inference %.1f ms, %d warm-up "
-                 "runs; source %s, batch %d, %s, %d thread(s), windows of %g s; telemetry to "
-                 "%s:%d %s", device, load_ms, first_ms, loop_cfg.warmup, describe_source(src),
+        log.info("running %s on %s %s: model loaded in %.0f ms, first inference %.1f ms "
+                 "(%s ms after the process started), %d warm-up runs; source %s, batch %d, %s, "
+                 "%d thread(s), windows of %g s; telemetry to %s:%d %s", device,
+                 checked["engine"], checked["engine_version"], load_ms, first_ms,
+                 "?" if cold_ms is None else f"{cold_ms:.0f}", loop_cfg.warmup,
+                 describe_source(src),
                  loop_cfg.batch_size, "the source's pace" if src.serving else
                  f"{loop_cfg.rate_hz:g} Hz" if loop_cfg.rate_hz else "full rate",
                  loop_cfg.threads, loop_cfg.window_s, cfg.mqtt.host, cfg.mqtt.port,
@@ -218,9 +229,14 @@ def birth_info(cfg: AgentConfig, device: str, bundle: Bundle, checked: dict[str,
     loop_cfg = cfg.loop
     return {
         "schema": INFO_SCHEMA, "device": device, "agent_version": agent.__version__,
-        "torch_version": torch.__version__, "python_version": platform.python_version(),
+        "python_version": platform.python_version(),
         "machine": platform.machine(), "hostname": socket.gethostname(), "pid": os.getpid(),
-        "engine": m.engine, "threads": loop_cfg.threads, "batch_size": loop_cfg.batch_size,
+        "engine": checked["engine"], "engine_version": checked["engine_version"],
+        "engine_choice": {"setting": checked["choice"], "reason": checked["reason"],
+                          "engines": checked["engines"]},
+        "runtimes": {name: engines.installed(name) for name in engines.ENGINES},
+        "quantized_engine": m.engine,
+        "threads": loop_cfg.threads, "batch_size": loop_cfg.batch_size,
         "source": cfg.source.kind, "source_path": cfg.source.path,
         "rate_hz": loop_cfg.rate_hz, "window_s": loop_cfg.window_s,
         "model_file": m.board_model, "model_sha256": bundle.sha256,

@@ -57,7 +57,8 @@ SOURCE_TELEMETRY_KEYS = (
     "capture_p50_ms", "preprocess_p50_ms", "preprocess_p99_ms", "total_p50_ms",
     "total_p90_ms", "total_p99_ms",
 )
-OPTIONAL_TELEMETRY_KEYS = ("accuracy_pct", *SOURCE_TELEMETRY_KEYS)
+# The engine that ran the window (agent/engines): torchscript or onnxruntime.
+OPTIONAL_TELEMETRY_KEYS = ("accuracy_pct", "engine", *SOURCE_TELEMETRY_KEYS)
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,9 @@ def decode_telemetry(payload: bytes) -> dict[str, Any]:
             raise ValueError(f"telemetry {key} must be a number or null, got {value!r}")
     for key in OPTIONAL_TELEMETRY_KEYS:
         value = msg.get(key)
-        if key == "source":
+        if key in ("source", "engine"):
             if value is not None and not isinstance(value, str):
-                raise ValueError(f"telemetry source must be a name, got {value!r}")
+                raise ValueError(f"telemetry {key} must be a name, got {value!r}")
         elif value is not None and (isinstance(value, bool)
                                     or not isinstance(value, (int, float))):
             raise ValueError(f"telemetry {key} must be a number or null, got {value!r}")
@@ -145,6 +146,7 @@ class Window:
     model_sha256: str = ""  # the model that ran this window (updates switch it mid-run)
     shadow_latencies_s: array | None = None  # the old model's passes beside it, on trial
     source: Served | None = None  # what the source did, when it is one (not random/sample)
+    engine: str = ""  # the engine that ran it (agent/engines)
 
 
 @dataclass

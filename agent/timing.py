@@ -1,34 +1,36 @@
 """The one timing loop: forward passes timed the same way on the host and on the board.
 
-The optimizer's report, `edge-agent bench`, the update's smoke test and the agent's warm-up
-all call `time_passes`, and summarise with `Latency.of` (the nearest-rank percentile of
-agent/telemetry.py), so a p99 from the workstation and a p99 from a board mean one thing.
+The optimizer's report, `edge-agent bench`, the update's smoke test, the agent's warm-up and
+`engine: auto`'s race all call `time_passes`, and summarise with `Latency.of` (the
+nearest-rank percentile of agent/telemetry.py), so a p99 from the workstation and a p99 from
+a board mean one thing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import Any
 
 from agent.telemetry import percentile
-from agent.torchwarnings import known_torch_deprecations
 
 
-def time_passes(module: Callable[[torch.Tensor], object], batches: Sequence[torch.Tensor],
-                iters: int, warmup: int = 0) -> array:
+def time_passes(module: Callable[[Any], object], batches: Sequence[Any], iters: int,
+                warmup: int = 0) -> array:
     """Run `warmup` untimed passes, then `iters` timed ones, cycling through `batches`;
-    return each timed pass's seconds (perf_counter), in order.
+    return each timed pass's seconds (perf_counter), in order. An engine's runner runs inside
+    its `session()` (agent/engines); a plain callable as it is.
 
     Raises:
         RuntimeError: a forward pass failed (the caller decides what that means).
     """
     lat = array("d")
     perf = time.perf_counter
-    with torch.inference_mode(), known_torch_deprecations():
+    session = getattr(module, "session", None)
+    with session() if callable(session) else contextlib.nullcontext():
         for i in range(warmup):
             module(batches[i % len(batches)])
         for i in range(warmup, warmup + iters):
@@ -57,3 +59,23 @@ class Latency:
         total = sum(ordered)
         return cls(len(ordered), percentile(ordered, 50), percentile(ordered, 90),
                    percentile(ordered, 99), ordered[-1], total / len(ordered), total)
+
+
+def race(runners: Mapping[str, Callable[[Any], object]], batches: Sequence[Any], rounds: int,
+         passes: int, warmup: int = 3) -> dict[str, Latency]:
+    """Time several runners on the same inputs in interleaved rounds (each round runs every
+    runner for `passes` passes, the order turning each round), so a machine that gets busier
+    halfway slows them all alike; one Latency per runner over all its passes.
+
+    Raises:
+        RuntimeError: a forward pass failed.
+    """
+    names = list(runners)
+    lat: dict[str, array] = {name: array("d") for name in names}
+    for name in names:  # a fresh runner's first passes profile and allocate: untimed
+        time_passes(runners[name], batches, 0, warmup=warmup)
+    for r in range(rounds):
+        turn = r % len(names)
+        for name in names[turn:] + names[:turn]:
+            lat[name].extend(time_passes(runners[name], batches, passes))
+    return {name: Latency.of(lat[name]) for name in names}

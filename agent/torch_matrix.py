@@ -1,13 +1,17 @@
-"""The board runtime matrix: which torch builds work on which board CPUs. One place, stdlib only.
+"""The board runtime matrix: which torch and onnxruntime builds work on which board CPUs.
+One place, stdlib only.
 
-It is consulted before torch is imported, because a torch that does not fit the CPU dies
+It is consulted before a runtime is imported, because a build that does not fit the CPU dies
 with SIGILL at import, before any Python error handling could help. `edge-agent` refuses a
-known-bad torch with one line saying what to install instead. deploy/install-agent.sh and
-the emulated board (deploy/emulated-board/) install `recommend(machine)`. Every "works"
-entry is proven by the emulated-board run in CI (tests/prove_arm.py), on the CPUs listed.
+known-bad runtime with one line saying what to install instead. deploy/install-agent.sh and
+the emulated board (deploy/emulated-board/) install `recommend`'s pick for each runtime of the
+board's profile. Every "works" entry is proven by the emulated-board run in CI
+(tests/prove_arm.py), on the CPUs and Python versions listed.
 
-    python -m agent.torch_matrix recommend [--machine aarch64]   # the pip spec for this board
-    python -m agent.torch_matrix status                          # this board against the matrix
+    python -m agent.torch_matrix recommend [--runtime torch|onnxruntime] [--machine aarch64]
+    python -m agent.torch_matrix recommend --profile torch|onnx|both [--torch SPEC]
+                                             # one pip spec per line: a profile's runtimes
+    python -m agent.torch_matrix status      # each installed runtime against the matrix
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ CPU_PARTS = {"0xd03": ("Cortex-A53 (Pi 3, Zero 2)", "cortex-a53"),
 
 @dataclass(frozen=True)
 class Build:
-    """One torch release on one machine type: does it work, and on which CPUs was it proven."""
+    """One runtime release on one machine type: does it work, and on which CPUs it was proven."""
 
+    runtime: str  # torch | onnxruntime
     version: str
     machine: str
     works: bool
@@ -61,16 +66,24 @@ class Build:
 
 
 MATRIX = (
-    Build("2.9.1", "aarch64", True, frozenset(), ("cortex-a72", "cortex-a76"),
-          "PyPI's CPU-only aarch64 wheel (104 MB); qnnpack static int8 bit-exact to the host"),
-    Build("2.10.0", "aarch64", False, frozenset({"atomics"}), (),
+    Build("torch", "2.9.1", "aarch64", True, frozenset(), ("cortex-a72", "cortex-a76"),
+          "PyPI's CPU-only aarch64 wheel (104 MB; Python 3.11 and 3.13); qnnpack static int8 "
+          "bit-exact to the host"),
+    Build("torch", "2.10.0", "aarch64", False, frozenset({"atomics"}), (),
           "CPU-only wheel, but libc10 uses ARMv8.1 atomics: SIGILL at import on a Cortex-A72 "
           "(Pi 4)"),
-    Build("2.11+", "aarch64", False, frozenset(), (),
+    Build("torch", "2.11+", "aarch64", False, frozenset(), (),
           "PyPI's aarch64 wheels from 2.11 on are CUDA builds that pull about 2.7 GB of NVIDIA "
           "wheels; 2.13's multi-threaded fp32 BLAS dies with SIGILL on a Cortex-A72"),
+    Build("onnxruntime", "1.32.0", "aarch64", True, frozenset(), ("cortex-a72", "cortex-a76"),
+          "PyPI's aarch64 wheel (23 MB; Python 3.11 and 3.13); int8 QDQ bit-exact to the "
+          "host"),
 )
-RECOMMENDED = {"aarch64": "torch==2.9.1"}
+RECOMMENDED = {("torch", "aarch64"): "torch==2.9.1",
+               ("onnxruntime", "aarch64"): "onnxruntime==1.32.0"}
+RUNTIMES = ("torch", "onnxruntime")
+# A board's profile: which runtimes it installs (install-agent.sh, flash, the playbook).
+PROFILES = {"torch": ("torch",), "onnx": ("onnxruntime",), "both": ("torch", "onnxruntime")}
 
 
 def read_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> Cpu:
@@ -95,11 +108,11 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in core.split(".")[:3] if p.isdigit())
 
 
-def entry_for(version: str, machine: str) -> Build | None:
-    """The matrix entry covering torch `version` on `machine`, if any."""
+def entry_for(version: str, machine: str, runtime: str = "torch") -> Build | None:
+    """The matrix entry covering `runtime` `version` on `machine`, if any."""
     release = _release(version)
     for build in MATRIX:
-        if build.machine != machine:
+        if build.machine != machine or build.runtime != runtime:
             continue
         if build.version.endswith("+"):
             if release >= _release(build.version[:-1]):
@@ -109,73 +122,92 @@ def entry_for(version: str, machine: str) -> Build | None:
     return None
 
 
-def installed_torch() -> str | None:
-    """The installed torch's version, read from its metadata without importing it."""
+def installed(runtime: str = "torch") -> str | None:
+    """The installed `runtime`'s version, read from its metadata without importing it."""
     try:
-        return metadata.version("torch")
+        return metadata.version(runtime)
     except metadata.PackageNotFoundError:
         return None
 
 
-def assess(version: str, cpu: Cpu) -> tuple[str, str]:
-    """("ok" | "unproven" | "bad", message) for torch `version` on `cpu`."""
-    if cpu.machine not in RECOMMENDED:
-        return "ok", f"torch {version} on {cpu.machine}: not a board this matrix covers"
-    build = entry_for(version, cpu.machine)
-    fix = f"pip install '{RECOMMENDED[cpu.machine]}'"
+def assess(version: str, cpu: Cpu, runtime: str = "torch") -> tuple[str, str]:
+    """("ok" | "unproven" | "bad", message) for `runtime` `version` on `cpu`."""
+    name = f"{runtime} {version}"
+    if (runtime, cpu.machine) not in RECOMMENDED:
+        return "ok", f"{name} on {cpu.machine}: not a board this matrix covers"
+    build = entry_for(version, cpu.machine, runtime)
+    fix = f"pip install '{RECOMMENDED[runtime, cpu.machine]}'"
     if build is None:
-        return "unproven", (f"torch {version} on {cpu.name} is not in edgeforge's runtime "
+        return "unproven", (f"{name} on {cpu.name} is not in edgeforge's runtime "
                             f"matrix: not proven to run here ({fix} is)")
     if not build.works:
         missing = build.needs - cpu.features
         if not build.needs or missing:
-            return "bad", (f"torch {version} is known to fail on {cpu.name}: {build.note} "
-                           f"({fix})")
-        return "unproven", (f"torch {version} needs {', '.join(sorted(build.needs))}, which "
+            return "bad", f"{name} is known to fail on {cpu.name}: {build.note} ({fix})"
+        return "unproven", (f"{name} needs {', '.join(sorted(build.needs))}, which "
                             f"this {cpu.name} has; still not proven here ({fix} is)")
     if cpu.core not in build.proven_on:
-        return "unproven", (f"torch {version} works on {', '.join(build.proven_on)} but has not "
+        return "unproven", (f"{name} works on {', '.join(build.proven_on)} but has not "
                             f"been proven on this {cpu.name}: watch the first check and "
                             f"telemetry")
-    return "ok", f"torch {version} on {cpu.name}: {build.note}"
+    return "ok", f"{name} on {cpu.name}: {build.note}"
 
 
 def check_runtime(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
-    """Refuse a known-bad torch before it is imported; return a warning for an unproven one.
+    """Refuse a known-bad runtime before it is imported; return a warning for unproven ones.
 
     Raises:
-        RuntimeMismatch: the installed torch is known to crash on this CPU.
+        RuntimeMismatch: an installed runtime is known to crash on this CPU.
     """
-    version = installed_torch()
-    if version is None:
-        return None  # the import will fail with its own clear message
-    verdict, message = assess(version, read_cpu(cpuinfo))
-    if verdict == "bad":
-        raise RuntimeMismatch(message)
-    return message if verdict == "unproven" else None
+    cpu = read_cpu(cpuinfo)
+    warnings = []
+    for runtime in RUNTIMES:
+        version = installed(runtime)
+        if version is None:
+            continue  # not this board's profile: the engine says so if it is asked for
+        verdict, message = assess(version, cpu, runtime)
+        if verdict == "bad":
+            raise RuntimeMismatch(message)
+        if verdict == "unproven":
+            warnings.append(message)
+    return "; ".join(warnings) or None
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m agent.torch_matrix",
                                 description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("recommend", help="print the pip spec of the torch to install")
+    r = sub.add_parser("recommend", help="print the pip spec of a runtime to install")
+    r.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    r.add_argument("--profile", choices=PROFILES, default=None,
+                   help="print the spec of each of the profile's runtimes, one per line")
+    r.add_argument("--torch", default="", metavar="SPEC", help="torch spec to use instead")
     r.add_argument("--machine", default=platform.machine())
-    sub.add_parser("status", help="this board's CPU and torch against the matrix")
+    sub.add_parser("status", help="this board's CPU and runtimes against the matrix")
     args = p.parse_args(argv)
     if args.command == "recommend":
-        spec = RECOMMENDED.get(args.machine)
-        if spec is None:
-            print(f"agent.torch_matrix: no board torch known for {args.machine}; install torch as "
-                  f"usual (the host pins 2.13.0)", file=sys.stderr)
-            return 2
-        print(spec)
+        for runtime in PROFILES[args.profile] if args.profile else (args.runtime,):
+            spec = args.torch if runtime == "torch" and args.torch else \
+                RECOMMENDED.get((runtime, args.machine))
+            if spec is None and runtime == "onnxruntime":
+                spec = runtime  # PyPI's onnxruntime is CPU-only everywhere: no trap to avoid
+            if spec is None:
+                print(f"agent.torch_matrix: no board {runtime} known for {args.machine}; "
+                      f"install {runtime} as usual" + (" (or pass --torch SPEC)"
+                                                       if runtime == "torch" else ""),
+                      file=sys.stderr)
+                return 2
+            print(spec)
         return 0
     cpu = read_cpu()
-    version = installed_torch()
-    verdict, message = assess(version, cpu) if version else ("bad", "torch is not installed")
-    print(f"{verdict}: {message}")
-    return 0 if verdict != "bad" else 2
+    verdicts = [(rt, assess(v, cpu, rt)) for rt in RUNTIMES if (v := installed(rt))]
+    if not verdicts:
+        print("bad: neither torch nor onnxruntime is installed (install the board's profile: "
+              "install-agent.sh --profile torch|onnx|both)")
+        return 2
+    for _, (verdict, message) in verdicts:
+        print(f"{verdict}: {message}")
+    return 2 if any(v == "bad" for _, (v, _) in verdicts) else 0
 
 
 if __name__ == "__main__":

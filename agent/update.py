@@ -24,6 +24,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.bundle import Bundle
+from agent.config import LoopConfig
 from agent.errors import BundleError, Refused
 from agent.loop import Inputs
 from agent.manifest import MANIFEST, Manifest
@@ -123,23 +124,25 @@ def verify_release(files: dict[str, bytes], public_key: Ed25519PublicKey | None,
                    signature, files)
 
 
-def smoke_test(directory: Path, public_key: Ed25519PublicKey | None, batch_size: int,
-               iters: int, max_p99_ms: float) -> tuple[Bundle, dict[str, Any], float]:
-    """Open and check a staged version and time `iters` passes; return (bundle, check, p99).
+def smoke_test(directory: Path, public_key: Ed25519PublicKey | None, loop_cfg: LoopConfig,
+               iters: int, max_p99_ms: float, engine: str = "auto"
+               ) -> tuple[Bundle, dict[str, Any], float]:
+    """Open and check a staged version (its engine chosen as at start: `engine`, at the
+    loop's batch size and threads) and time `iters` passes; return (bundle, check, p99).
 
     Raises:
         Refused: code smoke_failed, with what failed.
     """
     try:
         bundle = Bundle.open(directory, public_key)
-        checked = bundle.check()
-        module = bundle.load()
+        checked = bundle.check(engine, loop_cfg.batch_size, loop_cfg.threads)
+        runner = bundle.load(checked["engine"], loop_cfg.threads)
     except BundleError as exc:
         raise Refused("smoke_failed", f"smoke test: {exc}") from None
-    inputs = Inputs.random(batch_size, bundle.manifest.input_shape).batches
+    inputs = Inputs.random(loop_cfg.batch_size, bundle.manifest.input_shape).batches
     try:
         # A fresh TorchScript module's first runs profile and optimise: 5 untimed passes.
-        lat = time_passes(module, inputs, iters, warmup=5)
+        lat = time_passes(runner, inputs, iters, warmup=5)
     except RuntimeError as exc:
         raise Refused("smoke_failed", f"smoke test: inference failed "
                                       f"({str(exc).strip().splitlines()[0]})") from None
@@ -151,7 +154,7 @@ def smoke_test(directory: Path, public_key: Ed25519PublicKey | None, batch_size:
 
 
 def activate(src: Path, store: Store, public_key: Ed25519PublicKey | None,
-             trial: bool) -> dict[str, Any]:
+             trial: bool, engine: str = "auto", threads: int = 1) -> dict[str, Any]:
     """Copy bundle `src` into the store, prove it on this board, switch `current` to it.
 
     What `edge-deploy flash` runs on the board. The staged copy (the bytes that will run) is
@@ -178,12 +181,14 @@ def activate(src: Path, store: Store, public_key: Ed25519PublicKey | None,
     existed = store.path(vid).is_dir()
     path = store.stage(vid, files)
     try:
-        checked = Bundle.open(path, public_key).check()
+        checked = Bundle.open(path, public_key).check(engine, 1, threads, every=True)
     except BundleError:
         if not existed:
             store.discard(vid)
         raise
     store.switch(vid, version, sha, "flash", pending=trial)
     return {"from": before, "to": vid, "changed": True, "sha256": sha,
+            "engine": checked["engine"], "engine_reason": checked["reason"],
             "sample_accuracy_pct": checked["sample_accuracy_pct"],
-            "max_abs_logit_diff": checked["max_abs_logit_diff"]}
+            "max_abs_logit_diff": checked["max_abs_logit_diff"],
+            "engines": {r["engine"]: r["status"] for r in checked["engines"]}}

@@ -34,6 +34,7 @@ from agent.config import (
 )
 from agent.errors import ConfigError, EdgeforgeError
 from agent.telemetry import COMMANDS
+from agent.torch_matrix import PROFILES
 from deploy import files
 from deploy.errors import FleetError, UsageError
 from deploy.keys import (
@@ -83,6 +84,7 @@ def parser() -> argparse.ArgumentParser:
                    help="torch for the board (default: the runtime matrix's pick)")
     s.add_argument("--extras", type=board_extras, default="images", metavar="LIST",
                    help=EXTRAS_HELP)
+    s.add_argument("--profile", choices=PROFILES, default="both", help=PROFILE_HELP)
     s.add_argument("--identity", type=Path, default=None, help="ssh private key (ssh -i)")
     s.add_argument("--ssh-option", action="append", default=[], metavar="OPT",
                    help="extra ssh -o option, e.g. StrictHostKeyChecking=accept-new")
@@ -102,6 +104,7 @@ def parser() -> argparse.ArgumentParser:
                    help="torch for the board (default: the runtime matrix's pick)")
     s.add_argument("--extras", type=board_extras, default="images", metavar="LIST",
                    help=EXTRAS_HELP)
+    s.add_argument("--profile", choices=PROFILES, default="both", help=PROFILE_HELP)
 
     s = sub.add_parser("files", help="print where the installed playbook, unit, board config "
                                      "and installer are")
@@ -314,6 +317,9 @@ def cmd_files(name: str | None) -> int:
 
 
 BOARD_EXTRAS = ("images", "video")
+PROFILE_HELP = ("the board's engine runtimes: torch (TorchScript), onnx (ONNX Runtime; no torch "
+                "on the board) or both (the agent times them there and runs the faster); "
+                "default both")
 EXTRAS_HELP = ("the board's input libraries, comma-separated: images (Pillow, watchdog: "
                "folder and mqtt sources), video (also PyAV: video files, streams, cameras), "
                "or none (random and sample only); default images")

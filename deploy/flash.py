@@ -116,9 +116,11 @@ class Ssh:
         return proc.stdout.decode(errors="replace")
 
 
-def install_stamp(source_digest: str, torch: str | None, extras: str = "") -> str:
-    """What the board's .stamp says when its install matches: source, torch and extras."""
-    return sha(f"{source_digest} {torch or 'matrix'} {extras}".encode())
+def install_stamp(source_digest: str, torch: str | None, extras: str = "",
+                  profile: str = "both") -> str:
+    """What the board's .stamp says when its install matches: source, torch, extras and
+    the runtime profile."""
+    return sha(f"{source_digest} {torch or 'matrix'} {extras} {profile}".encode())
 
 
 def bundle_tar(bundle: Path) -> bytes:
@@ -185,18 +187,23 @@ python3 -c "import ensurepip, venv" 2>/dev/null || {{
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
 }}
-TORCH={torch}
-[ -n "$TORCH" ] || TORCH=$(python3 -m agent.torch_matrix recommend) || {{
-    echo "no known-good torch for $(uname -m): pass --torch SPEC" >&2; exit 3; }}
+SPECS=$(python3 -m agent.torch_matrix recommend --profile {profile} --torch {torch}) || {{
+    echo "no known-good runtime for $(uname -m): pass --torch SPEC, or --profile onnx" >&2
+    exit 3; }}
 V="$P/opt/edgeforge/venv"
 [ -x "$V/bin/python" ] || python3 -m venv "$V"
-"$V/bin/pip" install --quiet --disable-pip-version-check "$TORCH" numpy
-echo "$TORCH" > "$P/opt/edgeforge/torch-constraint.txt"
+"$V/bin/pip" install --quiet --disable-pip-version-check $SPECS numpy
+echo "$SPECS" > "$P/opt/edgeforge/torch-constraint.txt"
+UNUSED={unused}
+[ -z "$UNUSED" ] || "$V/bin/pip" uninstall --quiet --yes $UNUSED 2>/dev/null || true
 "$V/bin/pip" install --quiet --disable-pip-version-check \
     -c "$P/opt/edgeforge/torch-constraint.txt" {package}
 "$V/bin/python" -m agent.torch_matrix status
 echo {stamp} > "$P/opt/edgeforge/.stamp"
 """
+
+# What a board of each profile sheds when it moves there (the onnx profile has no torch).
+UNUSED = {"torch": "onnxruntime", "onnx": "torch", "both": ""}
 
 PUT = """f={f}
 mkdir -p "$(dirname "$f")"
@@ -261,7 +268,7 @@ def flash(args: argparse.Namespace) -> int:
         raise UsageError(f"--prefix {args.prefix!r}: must be an absolute path on the board")
     manifest, signature, model_sha, vid = release_of(args)
     src, stamp = files.agent_source()
-    stamp = install_stamp(stamp, args.torch, args.extras)
+    stamp = install_stamp(stamp, args.torch, args.extras, args.profile)
     ssh = Ssh(target, args.identity, args.ssh_option)
     q = shlex.quote
 
@@ -277,9 +284,10 @@ def flash(args: argparse.Namespace) -> int:
     changed = []
 
     if facts.get("stamp") != stamp:
-        say(f"installing the agent into {prefix}/opt/edgeforge (venv, torch, edgeforge; "
-            f"minutes on a Pi)")
+        say(f"installing the agent into {prefix}/opt/edgeforge (venv, {args.profile} "
+            f"profile's runtimes, edgeforge; minutes on a Pi)")
         ssh.run(INSTALL.format(p=q(prefix), torch=q(args.torch or ""), stamp=stamp,
+                               profile=q(args.profile), unused=q(UNUSED[args.profile]),
                                package=q(f".[{args.extras}]" if args.extras else ".")), src,
                 "installing the agent")
         changed.append("agent")
@@ -343,7 +351,7 @@ def render(args: argparse.Namespace) -> int:
     prefix = str(args.prefix).rstrip("/")
     manifest, signature, model_sha, vid = release_of(args)
     src, stamp = files.agent_source()
-    stamp = install_stamp(stamp, args.torch, args.extras)
+    stamp = install_stamp(stamp, args.torch, args.extras, args.profile)
     out: Path = args.out
     (out / "bundle").mkdir(parents=True, exist_ok=True)
     _, config_bytes = board_config(args, prefix, args.device_id)
@@ -358,7 +366,7 @@ def render(args: argparse.Namespace) -> int:
             path.write_bytes(data)
     release = {"device": args.device_id, "vid": vid,
                "sha256": model_sha, "version": signature.version, "stamp": stamp,
-               "prefix": prefix, "extras": args.extras}
+               "prefix": prefix, "extras": args.extras, "profile": args.profile}
     (out / "release.json").write_text(json.dumps(release, indent=2) + "\n")
     print(json.dumps(release))
     return 0

@@ -4,13 +4,15 @@
 #
 #   edge-deploy render --device-id pi1 --bundle models --out pi1      # on the workstation
 #   scp -r pi1 pi@pi1:                                                # copy it over
-#   sudo bash pi1/install-agent.sh [--torch SPEC] [--extras LIST] [--no-start]   # on the board
+#   sudo bash pi1/install-agent.sh [--profile torch|onnx|both] [--torch SPEC] [--extras LIST]
+#                                  [--no-start]                                   # on the board
 #
 # The folder holds the agent's source alone (src.tar.gz: agent/ and its pyproject.toml, none
 # of the optimizer or the operator tools), this board's config.yaml, the fleet's signing.pub,
 # edge-agent.service and the signed bundle. The script creates the system user "edgeforge", a
-# virtual environment in /opt/edgeforge/venv with torch (the runtime matrix's pick for this
-# board, agent/torch_matrix.py: torch==2.9.1 on aarch64; or --torch SPEC) and the agent, copies
+# virtual environment in /opt/edgeforge/venv with the profile's runtimes (the runtime matrix's
+# picks for this board, agent/torch_matrix.py: torch==2.9.1 and onnxruntime==1.32.0 on aarch64;
+# --torch SPEC for another torch) and the agent, copies
 # the config to /etc/edgeforge/config.yaml (kept if one exists), activates the bundle into
 # the versioned store /var/lib/edgeforge/models (signature, sha256 and the on-board check
 # before `current` switches: `edge-agent activate`), then installs and starts the unit. It is
@@ -22,9 +24,14 @@ torch_spec="" start=1
 # The board's input libraries (agent extras): what `edge-deploy render --extras` chose, kept
 # in release.json; --extras overrides it (images, video, both comma-separated, or none).
 extras=$(sed -n 's/^ *"extras": "\([a-z,]*\)".*/\1/p' "$here/release.json" 2>/dev/null || true)
+# The board's engines' runtimes: torch (TorchScript), onnx (ONNX Runtime, no torch at all) or
+# both (the agent times them on this board and runs the faster); render --profile, kept in
+# release.json, or --profile.
+profile=$(sed -n 's/^ *"profile": "\([a-z]*\)".*/\1/p' "$here/release.json" 2>/dev/null || true)
 while [ $# -gt 0 ]; do
     case "$1" in
         --torch) torch_spec=$2; shift 2 ;;
+        --profile) profile=$2; shift 2 ;;
         --extras) extras=$2; shift 2 ;;
         --no-start) start=0; shift ;;
         *) echo "install-agent: unknown argument $1 (see the usage at the top of this file)" >&2
@@ -32,6 +39,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 die() { echo "install-agent: $*" >&2; exit 2; }
+profile=${profile:-both}
+case "$profile" in torch|onnx|both) ;; *) die "--profile $profile: one of torch, onnx, both" ;; esac
 [ "$(id -u)" = 0 ] || die "run as root (sudo bash $0 ...)"
 for f in src.tar.gz config.yaml signing.pub edge-agent.service bundle/manifest.json; do
     [ -e "$here/$f" ] || die "$here/$f is missing: run this from the folder edge-deploy render \
@@ -54,12 +63,20 @@ tar xzf "$here/src.tar.gz" -C /opt/edgeforge/src.new
 rm -rf /opt/edgeforge/src && mv /opt/edgeforge/src.new /opt/edgeforge/src
 cd /opt/edgeforge/src
 # PyPI's newest aarch64 torch is a CUDA build (GBs) and 2.10.0 crashes on a Pi 4: take the
-# matrix's pick. agent.torch_matrix is stdlib-only, so it runs before anything is installed.
-[ -n "$torch_spec" ] || torch_spec=$(python3 -m agent.torch_matrix recommend) \
-    || die "no known-good torch for $(uname -m): pass --torch SPEC"
+# matrix's picks. agent.torch_matrix is stdlib-only, so it runs before anything is installed.
+specs=$(python3 -m agent.torch_matrix recommend --profile "$profile" --torch "$torch_spec") \
+    || die "no known-good runtime for $(uname -m): pass --torch SPEC, or --profile onnx"
 [ -x /opt/edgeforge/venv/bin/python ] || python3 -m venv /opt/edgeforge/venv
-/opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check "$torch_spec" numpy
-echo "$torch_spec" >/opt/edgeforge/torch-constraint.txt  # keep that torch while pip resolves
+# shellcheck disable=SC2086  # one pip spec per word
+/opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check $specs numpy
+echo "$specs" >/opt/edgeforge/torch-constraint.txt  # keep those while pip resolves the rest
+# A board moved to another profile sheds the runtime it no longer uses (onnx: no torch at all).
+case "$profile" in
+    onnx) unused=torch ;;
+    torch) unused=onnxruntime ;;
+    *) unused="" ;;
+esac
+[ -z "$unused" ] || /opt/edgeforge/venv/bin/pip uninstall --quiet --yes "$unused" 2>/dev/null || true
 [ "$extras" = none ] && extras=""
 case "$extras" in *[!a-z,]*) die "--extras $extras: a comma-separated list of images, video" ;; esac
 /opt/edgeforge/venv/bin/pip install --quiet --disable-pip-version-check \

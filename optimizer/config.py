@@ -91,6 +91,7 @@ class ExportConfig:
     verify: bool = True  # reload in a fresh process and compare with the in-memory model
     logit_tolerance: float = 1e-4  # max |logit difference| the verification accepts
     sample_size: int = 32  # labelled test images (with host logits) shipped in the bundle
+    onnx: bool = True  # also export int8 QDQ for ONNX Runtime (quantized_cnn.onnx)
 
     def __post_init__(self) -> None:
         require(self.method in ("script", "trace"), "method",

@@ -253,7 +253,7 @@ def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
         x = images[idx]
         if augment:
             x = _augment(x, generator)
-        yield normalize(x, mean, std), labels[idx]
+        yield torch.from_numpy(normalize(x.numpy(), mean, std)), labels[idx]
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

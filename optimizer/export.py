@@ -9,11 +9,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from agent.engines.torchscript import set_engine
 from agent.manifest import METADATA_FILE, embedded_metadata
-from agent.model import set_engine
 from agent.torchwarnings import known_torch_deprecations
 from optimizer.config import ExportConfig
 from optimizer.errors import ExportError, VerificationError
@@ -58,15 +59,16 @@ def verify_in_fresh_process(path: Path, engine: str, inputs: torch.Tensor,
                             tolerance: float) -> dict[str, Any]:
     """Reload `path` in a new Python process with `engine`, compare with `expected` logits.
 
-    The child uses the board's loader (agent.model.load_scripted), so this checks what a
-    board will do. Returns the verification record for the manifest.
+    `engine` is torch's quantized engine for a TorchScript file, or onnxruntime for an ONNX
+    file. The child uses the board's loader (agent/engines), so this checks what a board will
+    do. Returns the verification record for the manifest.
 
     Raises:
         VerificationError: the child fails, or logits or accuracy differ beyond `tolerance`.
     """
     with tempfile.TemporaryDirectory(prefix="edgeforge-verify-") as tmp:
-        inputs_file, out_file = Path(tmp) / "inputs.pt", Path(tmp) / "logits.pt"
-        torch.save(inputs, inputs_file)
+        inputs_file, out_file = Path(tmp) / "inputs.npy", Path(tmp) / "logits.npy"
+        np.save(inputs_file, inputs.numpy(), allow_pickle=False)
         proc = subprocess.run(
             [sys.executable, "-m", "optimizer.verify_worker", str(path), engine,
              str(inputs_file), str(out_file)],
@@ -74,7 +76,7 @@ def verify_in_fresh_process(path: Path, engine: str, inputs: torch.Tensor,
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise VerificationError(f"{path}: reloading in a fresh process failed: {tail}")
-        got = torch.load(out_file, weights_only=True)
+        got = torch.from_numpy(np.load(out_file, allow_pickle=False))
     if got.shape != expected.shape:
         raise VerificationError(f"{path}: reloaded model gives logits of shape "
                                 f"{tuple(got.shape)}, the in-memory model {tuple(expected.shape)}")

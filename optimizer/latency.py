@@ -34,10 +34,11 @@ def measure(make: Callable[[], Model], input_shape: list[int], *,
     try:
         with known_torch_deprecations():  # make() may load or script a module
             single, batched = make(), make()
-        lat = time_passes(single, [x1], iters, warmup)
-        # A fresh module for batch 64: TorchScript specialises on the first shape it runs.
-        throughput = Latency.of(time_passes(batched, [xb], throughput_batches,
-                                            max(1, warmup // 10)))
+        with torch.inference_mode(), known_torch_deprecations():
+            lat = time_passes(single, [x1], iters, warmup)
+            # A fresh module for batch 64: TorchScript specialises on the first shape it runs.
+            throughput = Latency.of(time_passes(batched, [xb], throughput_batches,
+                                                max(1, warmup // 10)))
     finally:
         torch.set_num_threads(previous)
     s = Latency.of(lat)

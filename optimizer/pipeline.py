@@ -1,7 +1,8 @@
 """The optimizer's steps, each reading its inputs from and writing its outputs to `out/`.
 
 train -> baseline_cnn.pth -> prune -> pruned_cnn.pth -> quantize -> quantized_cnn.pt ->
-export -> quantized_cnn_scripted.pt, sample.pt, manifest.json -> report -> report.*
+export -> quantized_cnn_scripted.pt, quantized_cnn.onnx, sample.npz, sample.pt, manifest.json
+-> report -> report.*
 """
 
 from __future__ import annotations
@@ -14,17 +15,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 import agent
+from agent.engines import ONNXRUNTIME, TORCHSCRIPT
+from agent.engines.torchscript import load_scripted, set_engine
 from agent.errors import ConfigError
-from agent.manifest import BOARD_MODEL, SAMPLE_FILE, Manifest, file_entry
-from agent.model import load_scripted, set_engine
+from agent.manifest import (
+    BOARD_MODEL,
+    ONNX_MODEL,
+    SAMPLE_ARRAYS,
+    SAMPLE_FILE,
+    Manifest,
+    file_entry,
+)
 from agent.torchwarnings import known_torch_deprecations
 from optimizer import data as datasets
 from optimizer import export as exporting
-from optimizer import latency, quantize, report
+from optimizer import latency, onnx_export, quantize, report
 from optimizer.config import OptimizerConfig
 from optimizer.data import ImageData
 from optimizer.model import (
@@ -144,7 +154,8 @@ def step_quantize(ctx: Context) -> quantize.GateResult:
 
 
 def step_export(ctx: Context) -> Manifest:
-    """Export the board file, verify it in a fresh process, write sample.pt and the manifest."""
+    """Export the board files (TorchScript, and ONNX for ONNX Runtime), verify each in a fresh
+    process, write the samples and the manifest."""
     e = ctx.cfg.export
     module, payload = quantize.load_quantized(ctx.out / QUANTIZED)
     engine, record = payload["engine"], payload["record"]
@@ -158,15 +169,7 @@ def step_export(ctx: Context) -> Manifest:
     exporting.export(module, e, engine, test_inputs[:1], metadata, board)
     set_engine(engine)
     expected = predict(module, test_inputs)
-    if e.verify:
-        verification = exporting.verify_in_fresh_process(board, engine, test_inputs,
-                                                         d.test_labels, expected,
-                                                         e.logit_tolerance)
-        print(f"verified {board} in a fresh process: {verification['images']} images, max "
-              f"|logit diff| {verification['max_abs_logit_diff']:.3g}, accuracy "
-              f"{verification['accuracy_pct_file']:.2f}%", file=sys.stderr)
-    else:
-        verification = {"status": "skipped (export.verify=false)", "engine": engine}
+    verification = _verify(ctx, board, engine, test_inputs, expected)
     n = min(e.sample_size, d.test_images.shape[0])
     # The sample's logits come from one batch of exactly the sample, as the board computes
     # them: dynamic quantization scales activations per batch, so the same images inside a
@@ -175,7 +178,22 @@ def step_export(ctx: Context) -> Manifest:
     torch.save({"images": d.test_images[:n].clone(), "labels": d.test_labels[:n].clone(),
                 "logits": sample_logits.clone()}, ctx.out / SAMPLE_FILE)
     acc = accuracy_pct(expected, d.test_labels)
-    names = [BASELINE, PRUNED, QUANTIZED, BOARD_MODEL, SAMPLE_FILE]
+    sample_acc = accuracy_pct(sample_logits, d.test_labels[:n])
+    engines = {TORCHSCRIPT: {
+        "file": BOARD_MODEL, "runtime": "torch", "runtime_version": torch.__version__,
+        "quantized_engine": engine, "sample_logits": f"logits.{TORCHSCRIPT}",
+        "sample_accuracy_pct": sample_acc, "logit_tolerance": e.logit_tolerance,
+        "accuracy_pct": acc, "verification": verification}}
+    arrays = {"images": d.test_images[:n].numpy(), "labels": d.test_labels[:n].numpy(),
+              f"logits.{TORCHSCRIPT}": sample_logits.numpy()}
+    onnx_entry = _export_onnx(ctx, record, metadata, test_inputs, n)
+    if onnx_entry is not None:
+        arrays[f"logits.{ONNXRUNTIME}"] = onnx_entry.pop("sample_logits_array")
+        engines[ONNXRUNTIME] = onnx_entry
+    with (ctx.out / SAMPLE_ARRAYS).open("wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy stubs: kwargs may be allow_pickle
+    names = [BASELINE, PRUNED, QUANTIZED, BOARD_MODEL, SAMPLE_FILE, SAMPLE_ARRAYS,
+             *([ONNX_MODEL] if onnx_entry is not None else [])]
     files = {name: file_entry(ctx.out / name) for name in names if (ctx.out / name).is_file()}
     base_bytes = files[BASELINE]["bytes"] if BASELINE in files else None
     fp32 = ctx.fresh_model()
@@ -198,13 +216,72 @@ def step_export(ctx: Context) -> Manifest:
                  "board_model_bytes": files[BOARD_MODEL]["bytes"],
                  "baseline_bytes": base_bytes,
                  "test_images": int(d.test_labels.shape[0])},
-        sample={"file": SAMPLE_FILE, "count": n,
-                "accuracy_pct": accuracy_pct(sample_logits, d.test_labels[:n]),
-                "logit_tolerance": e.logit_tolerance},
-        verification=verification, files=files)
+        sample={"file": SAMPLE_FILE, "arrays": SAMPLE_ARRAYS, "count": n,
+                "accuracy_pct": sample_acc, "logit_tolerance": e.logit_tolerance},
+        verification=verification, files=files, engines=engines)
     manifest.write(ctx.out)
-    print(f"wrote {board} and {ctx.out / 'manifest.json'}", file=sys.stderr)
+    print(f"wrote {board}{' and ' + str(ctx.out / ONNX_MODEL) if onnx_entry else ''} and "
+          f"{ctx.out / 'manifest.json'}", file=sys.stderr)
     return manifest
+
+
+def _verify(ctx: Context, path: Path, engine: str, test_inputs: torch.Tensor,
+            expected: torch.Tensor) -> dict[str, Any]:
+    """The board file at `path` reloaded in a fresh process (export.verify), said in a line."""
+    e = ctx.cfg.export
+    if not e.verify:
+        return {"status": "skipped (export.verify=false)", "engine": engine}
+    verification = exporting.verify_in_fresh_process(path, engine, test_inputs,
+                                                     ctx.data.test_labels, expected,
+                                                     e.logit_tolerance)
+    print(f"verified {path} in a fresh process: {verification['images']} images, max "
+          f"|logit diff| {verification['max_abs_logit_diff']:.3g}, accuracy "
+          f"{verification['accuracy_pct_file']:.2f}%", file=sys.stderr)
+    return verification
+
+
+def _export_onnx(ctx: Context, record: dict[str, Any], metadata: dict[str, Any],
+                 test_inputs: torch.Tensor, n: int) -> dict[str, Any] | None:
+    """quantized_cnn.onnx from the same fp32 source and calibration images as the TorchScript
+    file, verified in a fresh process and gated on accuracy; its manifest entry, or None when
+    export.onnx is off or the model fails the gate (the TorchScript file ships alone)."""
+    e, d = ctx.cfg.export, ctx.data
+    if not e.onnx:
+        return None
+    absent = onnx_export.missing()
+    if absent:
+        raise ConfigError(f"export.onnx: the ONNX export needs onnx, onnxscript and "
+                          f"onnxruntime ({absent}, or pip install 'edgeforge[host]'; or set "
+                          f"export.onnx=false)")
+    source = ctx.load_fp32(PRUNED if record["source"] == "pruned" else BASELINE,
+                           "prune" if record["source"] == "pruned" else "train")
+    path = ctx.out / ONNX_MODEL
+    how = onnx_export.quantize(source, d.input_shape, _calibration(ctx).numpy(),
+                               {k: metadata[k] for k in ("input_shape", "classes",
+                                                         "normalization", "data_source")},
+                               path)
+    expected = torch.from_numpy(onnx_export.run(path, test_inputs.numpy()))
+    acc = accuracy_pct(expected, d.test_labels)
+    base = record["baseline_accuracy_pct"]
+    drop = base - acc
+    if drop > ctx.cfg.quantize.max_accuracy_drop:
+        path.unlink()
+        print(f"ONNX int8 QDQ: accuracy {acc:.2f}% is {drop:.2f} points under the baseline's "
+              f"{base:.2f}% (> quantize.max_accuracy_drop {ctx.cfg.quantize.max_accuracy_drop}):"
+              f" not shipped; the bundle carries the TorchScript file alone", file=sys.stderr)
+        return None
+    verification = _verify(ctx, path, ONNXRUNTIME, test_inputs, expected)
+    sample_logits = onnx_export.run(path, test_inputs[:n].numpy(), batch_size=n)
+    import onnxruntime
+
+    return {"file": ONNX_MODEL, "runtime": "onnxruntime",
+            "runtime_version": onnxruntime.__version__, "quantization": how,
+            "sample_logits": f"logits.{ONNXRUNTIME}",
+            "sample_accuracy_pct": accuracy_pct(torch.from_numpy(sample_logits),
+                                                d.test_labels[:n]),
+            "logit_tolerance": e.logit_tolerance, "accuracy_pct": acc,
+            "accuracy_drop_pts": drop, "verification": verification,
+            "sample_logits_array": sample_logits}
 
 
 def _row(variant: str, file: str | None, payload: bytes, make: Callable[[], Any],
@@ -226,6 +303,14 @@ def _scripted(model: nn.Module, engine: str) -> Any:
     set_engine(engine)
     with known_torch_deprecations():
         return torch.jit.freeze(torch.jit.script(model.eval()))
+
+
+def _ort(path: Path, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ONNX board file through the board's loader, as a tensor-in tensor-out callable."""
+    from agent.engines import onnxrt
+
+    runner = onnxrt.load(path.read_bytes(), path, threads, None)
+    return lambda x: torch.from_numpy(runner(x.numpy()))
 
 
 def step_report(ctx: Context) -> dict[str, Any]:
@@ -259,6 +344,13 @@ def step_report(ctx: Context) -> dict[str, Any]:
     rows.append(_row(f"board file ({chosen})", BOARD_MODEL, board_path.read_bytes(),
                      lambda: load_scripted(board_path, engine), ctx, test_inputs,
                      "TorchScript from disk", manifest.verification["status"]))
+    onnx_entry = manifest.engine_entries.get(ONNXRUNTIME)
+    if onnx_entry is not None:
+        onnx_path = manifest.verified_path(ctx.out, str(onnx_entry["file"]))
+        rows.append(_row("board file (ONNX int8 QDQ)", onnx_path.name, onnx_path.read_bytes(),
+                         lambda: _ort(onnx_path, ctx.cfg.report.threads), ctx, test_inputs,
+                         f"ONNX Runtime {onnx_entry['runtime_version']} from disk",
+                         onnx_entry["verification"]["status"]))
     base = rows[0]
     for r in rows:
         r["size_ratio"] = r["bytes"] / base["bytes"]

@@ -21,7 +21,7 @@ import torch
 import torch.ao.quantization as tq
 from torch import nn
 
-from agent.model import set_engine
+from agent.engines.torchscript import set_engine
 from agent.torchwarnings import known_torch_deprecations
 from optimizer.config import QuantizeConfig
 from optimizer.errors import CheckpointError, QuantizationError

@@ -1,9 +1,10 @@
-"""Child process of the export verification: load a TorchScript file as a board would.
+"""Child process of the export verification: load a board file as a board would.
 
-    python -m optimizer.verify_worker MODEL ENGINE INPUTS.pt OUT.pt
+    python -m optimizer.verify_worker MODEL ENGINE INPUTS.npy OUT.npy
 
-Runs in a fresh interpreter so nothing of the exporting process (engine, cached modules)
-leaks into the check.
+ENGINE is torch's quantized engine for a TorchScript file (qnnpack, x86, fbgemm) or
+`onnxruntime` for an ONNX file. Runs in a fresh interpreter so nothing of the exporting
+process (engine, cached modules, sessions) leaks into the check.
 """
 
 from __future__ import annotations
@@ -11,24 +12,34 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from agent.errors import EdgeforgeError
-from agent.model import load_scripted
-from agent.torchwarnings import known_torch_deprecations
 
 
 def main(argv: list[str]) -> int:
     model_path, engine, inputs_path, out_path = argv
+    inputs = np.load(inputs_path, allow_pickle=False)
     try:
-        module = load_scripted(Path(model_path), engine)
+        if engine == "onnxruntime":
+            from optimizer.onnx_export import run
+
+            logits = run(Path(model_path), inputs)
+        else:
+            import torch
+
+            from agent.engines.torchscript import load_scripted
+            from agent.torchwarnings import known_torch_deprecations
+
+            module = load_scripted(Path(model_path), engine)
+            x = torch.from_numpy(inputs)
+            with torch.inference_mode(), known_torch_deprecations():
+                logits = torch.cat([module(x[i:i + 256])
+                                    for i in range(0, x.shape[0], 256)]).numpy()
     except EdgeforgeError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    inputs = torch.load(inputs_path, weights_only=True)
-    with torch.inference_mode(), known_torch_deprecations():
-        logits = torch.cat([module(inputs[i:i + 256]) for i in range(0, inputs.shape[0], 256)])
-    torch.save(logits, out_path)
+    np.save(out_path, logits, allow_pickle=False)
     return 0
 
 

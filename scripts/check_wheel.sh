@@ -5,15 +5,18 @@
 #
 # 1. builds the wheel and the sdist (python -m build) and fails on any packaging warning;
 # 2. a board: a fresh venv with only the agent's source as `edge-deploy render` ships it
-#    (src.tar.gz: agent/ and its pyproject.toml) imports `agent`, runs `edge-agent --help`, and
-#    has neither `optimizer` nor `deploy`;
+#    (src.tar.gz: agent/ and its pyproject.toml, no engine runtime) imports `agent`, runs
+#    `edge-agent --help`, and has neither `optimizer` nor `deploy`;
 # 3. `pip install edgeforge` (the wheel) into a fresh venv in a temporary folder: `--help` of
 #    all four commands works, and edge-optimize names the extra it lacks in one line;
 # 4. `pip install 'edgeforge[host]'`: the README's main job (edge-optimize run --data
 #    synthetic, every step and file, shortened with --set to 1 epoch on 2,000 images so CI
 #    stays within 25 minutes; then edge-agent run on the bundle for 6 s), edge-deploy keygen,
 #    render and files, edge-monitor --once: all from that folder, with the package data;
-# 5. the sdist's own tests run from its unpacked folder (the config and torch-matrix tests).
+# 5. the torch-free board: the board venv of step 2 (no torch: the agent's own dependencies
+#    do not include it) gets onnxruntime alone, and `edge-agent check` and `run` serve the
+#    bundle of step 4 from its ONNX model;
+# 6. the sdist's own tests run from its unpacked folder (the config and torch-matrix tests).
 # torch is pinned to the CPU wheel with .ci/constraints.txt, as in scripts/setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -95,6 +98,24 @@ if [ "$rc" != 2 ] || grep -q Traceback "$work/monitor.log" \
     cat "$work/monitor.log"; fail "edge-monitor --once exited $rc"
 fi
 echo "main job, render, files and monitor ran from $work with the installed package"
+
+step "board, torch-free (the onnx profile): onnxruntime alone serves that bundle"
+"$work/board/bin/pip" install "${pip_opts[@]}" onnxruntime >>"$pip_log" 2>&1 \
+    || { tail -20 "$pip_log"; fail "pip install onnxruntime"; }
+"$work/board/bin/python" -c "import torch" 2>/dev/null && fail "the onnx-profile board has torch"
+"$work/board/bin/edge-agent" check >"$work/board-check.log" 2>&1 \
+    || { cat "$work/board-check.log"; fail "edge-agent check without torch"; }
+if ! grep -q "^torchscript: not installed" "$work/board-check.log" \
+        || ! grep -q "runs on onnxruntime" "$work/board-check.log"; then
+    cat "$work/board-check.log"; fail "check did not run onnxruntime alone"
+fi
+"$work/board/bin/edge-agent" run --duration 6 --set loop.window_s=2 >"$work/board-agent.log" \
+    2>&1 || { tail -20 "$work/board-agent.log"; fail "edge-agent run without torch"; }
+if ! grep -q "on onnxruntime" "$work/board-agent.log" \
+        || ! grep -q "window 2 seq" "$work/board-agent.log"; then
+    tail -20 "$work/board-agent.log"; fail "the torch-free agent ran no windows"
+fi
+echo "board venv without torch: check proved onnxruntime alone and the agent ran on it"
 
 step "the sdist's tests, from its unpacked folder"
 tar xzf "$sdist" -C "$work"

@@ -1,35 +1,45 @@
-"""The ARM proof: the emulated Raspberry Pi 4 and Pi 5 run the bundle this run built.
+"""The ARM proof: emulated Raspberry Pi 4 and Pi 5 boards, on Debian bookworm and trixie, run
+the bundle this run built on both engines.
 
-    .venv/bin/python -m tests.prove_arm [--root build/arm64-board] [--cpus cortex-a72,cortex-a76]
+    .venv/bin/python -m tests.prove_arm [--roots build] [--cpus cortex-a72,cortex-a76]
+                                        [--suites bookworm,trixie]
 
-1. builds a qnnpack bundle on this x86 host with `edge-optimize run --data synthetic`
-   (ARM_CONFIG, about 30 s);
-2. installs the agent the way the README tells a Pi owner to, on the first CPU:
-   deploy/emulated-board/install-board.sh runs `edge-deploy render` here and the folder's
-   `install-agent.sh` as written inside a Debian bookworm arm64 chroot (qemu-aarch64 through
-   binfmt_misc; the root is kept between runs), which installs the torch matrix's torch from
-   PyPI and the agent alone, and activates the signed bundle (the on-board check included);
-3. for each CPU, with QEMU_CPU set (the default `max` CPU, with 512-bit SVE, gave wrong fp32
-   results) and a fake /proc/cpuinfo and /sys cpu list for 4 cores of that model, runs the
-   installed agent (/opt/edgeforge/venv) in the chroot:
-   - `python -m agent.torch_matrix status` judges the board's torch "ok" against the matrix;
-   - on the first CPU, `edge-agent check` with the installed /etc/edgeforge/config.yaml
-     passes on the store's current version, its signature checked with the fleet's key;
-   - on the first CPU, a bundle for the x86 engine and a manifest from a newer schema are
-     each refused by `edge-agent check` in one line;
-   - with torch 2.10.0's metadata faked in front of the real torch, `edge-agent check`
-     refuses it in one line on the Cortex-A72 (no ARMv8.1 atomics) and only warns on the
-     Cortex-A76;
-   - `edge-agent check` passes: sha256, engine, embedded metadata, the bundled sample
-     reproducing the host's logits (bit-exact for static int8) and accuracy;
-   - `edge-agent run` with a `folder` source classifies FOLDER_IMAGES PNG files of the
-     stand-in test images dropped into a folder (the installer's default `images` extra:
-     Pillow and watchdog from PyPI's aarch64 wheels); every result's top-3 labels and
-     scores equal the host's for the same file, exactly; it publishes at least 3 telemetry
-     windows to a real mosquitto on the host's loopback (a chroot shares the host network)
-     and exits 0 on SIGTERM, after publishing `offline`.
-Prints one row per CPU and exits 1 if any check fails. Timings under emulation mean nothing
-and are not reported.
+1. builds a bundle on this x86 host with `edge-optimize run --data synthetic` (ARM_CONFIG): the
+   TorchScript file for qnnpack and the ONNX int8 QDQ file for ONNX Runtime;
+2. for each Debian release (bookworm: Python 3.11; trixie: Python 3.13, what Raspberry Pi OS
+   is based on now), installs the agent the way the README tells a Pi owner to, on the first
+   CPU: deploy/emulated-board/install-board.sh runs `edge-deploy render` here and the folder's
+   `install-agent.sh` as written, profile `both`, inside a Debian arm64 chroot (qemu-aarch64
+   through binfmt_misc; the roots are kept between runs), which installs the runtime matrix's
+   torch and onnxruntime for that Python and the agent alone, and activates the signed
+   bundle (the on-board check of both engines included);
+3. for each release and CPU, with QEMU_CPU set (the default `max` CPU, with 512-bit SVE, gave
+   wrong fp32 results) and a fake /proc/cpuinfo and /sys cpu list for 4 cores of that model,
+   runs the installed agent (/opt/edgeforge/venv) in the chroot:
+   - `python -m agent.torch_matrix status` judges both runtimes "ok" against the matrix;
+   - on the first release and CPU, `edge-agent check` with the installed config passes on the
+     store's current version, its signature checked with the fleet's key; a TorchScript file
+     for an engine this board lacks and a manifest from a newer schema are each refused in
+     one line;
+   - on bookworm, with torch 2.10.0's metadata faked in front of the real torch,
+     `edge-agent check` refuses it in one line on the Cortex-A72 (no ARMv8.1 atomics) and
+     only warns on the Cortex-A76;
+   - `edge-agent check` proves each engine: sha256, embedded metadata, the bundled sample
+     reproducing that engine's host logits (bit-exact: both are static int8) and accuracy;
+   - `edge-agent run` with a `folder` source and `engine: auto` classifies FOLDER_IMAGES PNG
+     files of the stand-in test images dropped into a folder (the installer's default
+     `images` extra); every result's top-3 labels and scores equal the host's for the same
+     file and the engine the result names, exactly; it publishes at least 3 telemetry windows
+     to a real mosquitto on the host's loopback (a chroot shares the host network) and exits
+     0 on SIGTERM, after publishing `offline`;
+   - on bookworm, the guest instructions per batch-1 inference of each engine, counted by
+     QEMU itself with the project's TCG plugin (deploy/emulated-board/insn_count.c, built
+     here with cc, run by Debian's dynamic qemu-aarch64 copied into the root);
+4. the torch-free profile: the last release's install is run again with `--profile onnx`
+   (the installer sheds torch), `import torch` must fail in the board's venv, and the folder
+   run above serves every file from the ONNX model on the last CPU.
+Prints one row per release and CPU, then the instruction table, and exits 1 if any check
+fails. Timings under emulation mean nothing and are not reported.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -44,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.support import ROOT, bundle_config
@@ -150,30 +161,58 @@ class Board:
 
 
 def refuses_bad_bundles(board: Board, bundle: str) -> str | None:
-    """A bundle for an engine this board lacks, and a newer manifest: one line, exit 2."""
-    cases = {"x86 engine": ({"engine": "x86"}, "quantized engine 'x86' is not available"),
-             "newer schema": ({"schema": "edgeforge.bundle/9"}, "newer than this agent")}
-    for name, (changes, needle) in cases.items():
+    """A TorchScript file for an engine this board lacks, and a newer manifest: one line,
+    exit 2."""
+    cases = {"x86 engine": (lambda m: m["engines"]["torchscript"].update(
+                                quantized_engine="x86"),
+                            ["--set", "model.engine=torchscript"],
+                            "quantized engine 'x86' is not available"),
+             "newer schema": (lambda m: m.update(schema="edgeforge.bundle/9"), [],
+                              "newer than this agent")}
+    for name, (change, args, needle) in cases.items():
         copy = f"{board.workdir}/bundle-{name.replace(' ', '-')}"
         shutil.copytree(board.host(bundle), board.host(copy))
         manifest = json.loads((board.host(copy) / "manifest.json").read_text())
-        manifest.update(changes)
+        change(manifest)
         (board.host(copy) / "manifest.json").write_text(json.dumps(manifest))
-        proc = board.agent("check", "--set", f"model.dir={copy}")
+        proc = board.agent("check", "--set", f"model.dir={copy}", *args)
         lines = proc.stderr.strip().splitlines()
         if proc.returncode != 2 or len(lines) != 1 or needle not in lines[0]:
             return f"{name}: exit {proc.returncode}, stderr {proc.stderr[-300:]!r}"
     return None
 
 
-def prove(board: Board, bundle: str, bad_inputs: bool) -> dict[str, object]:
-    row: dict[str, object] = {"cpu": board.cpu, "ok": False}
-    status = board.run("-m", "agent.torch_matrix", "status")
-    row["runtime"] = status.stdout.strip() or status.stderr.strip()
-    if status.returncode != 0 or not status.stdout.startswith("ok:"):
-        row["failure"] = f"runtime status: {row['runtime']}"
-        return row
-    # A fake of an installed torch 2.10.0 (its metadata only; no such build can run here).
+ENGINE_LINE = re.compile(r"^(torchscript|onnxruntime) (\S+): proven, sample of \d+ "
+                         r"(bit-exact|max \|logit diff\| ([0-9.eE+-]+)) to the host, accuracy "
+                         r"([0-9.]+)%$", re.M)
+
+
+def engines_proven(board: Board, bundle: str, row: dict[str, object],
+                   engines: tuple[str, ...]) -> str | None:
+    """`edge-agent check` proves each of `engines` bit-exact, at the host's sample accuracy."""
+    check = board.agent("check", "--set", f"model.dir={bundle}")
+    row["check"] = (check.stdout.strip() or check.stderr.strip())[-400:]
+    if check.returncode != 0 or check.stderr.strip():
+        return f"edge-agent check (exit {check.returncode}): {check.stderr.strip()[-500:]}"
+    manifest = json.loads((board.host(bundle) / "manifest.json").read_text())
+    proofs = {m.group(1): m for m in ENGINE_LINE.finditer(check.stdout)}
+    for engine in engines:
+        m = proofs.get(engine)
+        if m is None:
+            return f"{engine} not proven: {check.stdout[-400:]}"
+        host = float(manifest["engines"][engine]["sample_accuracy_pct"])
+        row[engine] = {"version": m.group(2), "bit_exact": m.group(3) == "bit-exact",
+                       "sample_accuracy_pct": float(m.group(5)), "host_pct": host}
+        if m.group(3) != "bit-exact":
+            return f"{engine}: logits are not bit-exact to the host's ({m.group(3)})"
+        if abs(float(m.group(5)) - host) > 0.01:
+            return f"{engine}: sample accuracy {m.group(5)}% here, {host:.2f}% on the host"
+    return None
+
+
+def torch_2_10(board: Board, bundle: str, row: dict[str, object]) -> str | None:
+    """A fake of an installed torch 2.10.0 (its metadata only; no such build can run here):
+    refused in one line on a core without ARMv8.1 atomics, a warning on one with them."""
     fake = f"{board.workdir}/fake-torch-2.10"
     (board.host(fake) / "torch-2.10.0.dist-info").mkdir(parents=True)
     (board.host(fake) / "torch-2.10.0.dist-info/METADATA").write_text(
@@ -190,49 +229,23 @@ def prove(board: Board, bundle: str, bad_inputs: bool) -> dict[str, object]:
             f"exit {bad.returncode}: {bad.stderr[-300:]}"
         expected = "refused"
     if row["torch_2_10"] != expected:
-        row["failure"] = (f"torch 2.10.0 on {board.cpu}: expected {expected}, got "
-                          f"{row['torch_2_10']}")
-        return row
-    if bad_inputs:
-        # What the installer left, as the service will run it: the board's own config, the
-        # store's current version, its signature checked with the fleet's public key.
-        installed = board.run("-m", "agent", "check")
-        row["installed_check"] = "pass" if installed.returncode == 0 else \
-            f"exit {installed.returncode}: {installed.stderr[-300:]}"
-        if installed.returncode != 0:
-            row["failure"] = f"edge-agent check of the install: {row['installed_check']}"
-            return row
-        problem = refuses_bad_bundles(board, bundle)
-        row["bad_bundles"] = "refused" if problem is None else problem
-        if problem is not None:
-            row["failure"] = f"bad bundle not refused in one line: {problem}"
-            return row
-    check = board.agent("check", "--set", f"model.dir={bundle}")
-    row["check"] = (check.stdout.strip() or check.stderr.strip())[-300:]
-    if check.returncode != 0 or check.stderr.strip():
-        row["failure"] = f"edge-agent check (exit {check.returncode}): {check.stderr.strip()}"
-        return row
-    diff = re.search(r"max \|logit diff\| ([0-9.eE+-]+), accuracy ([0-9.]+)%", check.stdout)
-    manifest = json.loads((board.host(bundle) / "manifest.json").read_text())
-    assert diff, check.stdout
-    row["max_abs_logit_diff"] = float(diff.group(1))
-    row["sample_accuracy_pct"] = float(diff.group(2))
-    row["host_sample_accuracy_pct"] = float(manifest["sample"]["accuracy_pct"])
-    bit_exact_expected = manifest["quantization"]["mode"].startswith("static")
-    if bit_exact_expected and row["max_abs_logit_diff"] != 0.0:
-        row["failure"] = "static int8 logits are not bit-exact to the host's"
-        return row
+        return f"torch 2.10.0 on {board.cpu}: expected {expected}, got {row['torch_2_10']}"
+    return None
 
-    # Real work: PNG files of the stand-in test images dropped into a folder the agent
-    # watches; each result must carry the host's top-k labels and scores, exactly.
+
+def serves_a_folder(board: Board, bundle: str, row: dict[str, object],
+                    engine: str | None = None) -> str | None:
+    """PNG files dropped into a folder the agent watches (engine: auto): each result carries
+    the host's top-k labels and scores for its engine, exactly; telemetry and a clean stop.
+    With `engine`, every result must come from that engine."""
     inbox = f"{board.workdir}/inbox"
     names = write_pngs(board.host(bundle), board.host(inbox), FOLDER_IMAGES)
     images, _ = sample_images(board.host(bundle))
-    expected = dict(zip(names, host_top(board.host(bundle), [
-        png_bytes(images[i % images.shape[0]]) for i in range(FOLDER_IMAGES)]), strict=True))
+    host = host_top(board.host(bundle), [
+        png_bytes(images[i % images.shape[0]]) for i in range(FOLDER_IMAGES)])
     broker = Broker(board.host(board.workdir) / "broker")
     broker.start()
-    sub = Subscriber(broker.port, client_id=f"prove-{board.cpu}")
+    sub = Subscriber(broker.port, client_id=f"prove-{board.cpu}-{time.monotonic_ns()}")
     agent = board.start("-m", "agent", "run", "--config", board.config,
                         "--set", f"model.dir={bundle}",
                         "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker.port}",
@@ -240,6 +253,8 @@ def prove(board: Board, bundle: str, bad_inputs: bool) -> dict[str, object]:
                         "--set", "source.kind=folder", "--set", f"source.path={inbox}",
                         "--set", "source.poll_s=0.5", "--set", "loop.warmup=2",
                         "--set", f"spool.path={board.workdir}/spool.db")
+    failure = None
+    log = ""
     try:
         sub.wait_for(lambda: (len(sub.seqs()) >= 3 and len(sub.on("/result")) >= FOLDER_IMAGES)
                      or agent.poll() is not None, 600,
@@ -252,8 +267,7 @@ def prove(board: Board, bundle: str, bad_inputs: bool) -> dict[str, object]:
         row["sigterm_s"] = round(time.monotonic() - t0, 1)
         sub.wait_for(lambda: sub.status() == "offline", 30, "offline")
     except AssertionError as exc:
-        row["failure"] = str(exc)
-        return row
+        failure = str(exc)
     finally:
         if agent.poll() is None:
             agent.kill()
@@ -261,31 +275,192 @@ def prove(board: Board, bundle: str, bad_inputs: bool) -> dict[str, object]:
         agent.wait()
         sub.close()
         broker.stop()
-        (board.host(board.workdir) / "agent.log").write_text(log)
-        if "failure" in row:
-            row["failure"] = f"{row['failure']}; agent log: {log[-800:]}"
-    telemetry = sub.telemetry()
-    row["windows"] = len(telemetry)
+        (board.host(board.workdir) / f"agent-{time.monotonic_ns()}.log").write_text(log)
+    if failure is not None:
+        return f"{failure}; agent log: {log[-800:]}"
+    row["windows"] = len(sub.telemetry())
     got = results(sub.on("/result"))
+    expected = {r["source_id"]: dict(zip(names, host[r["engine"]], strict=True))
+                [r["source_id"]] for r in got if r.get("engine") in host}
     same = [r["source_id"] for r in got if r["top"] == expected.get(r["source_id"])]
+    row["served_by"] = ",".join(sorted({str(r.get("engine")) for r in got}))
     row["folder_results"] = f"{len(same)}/{FOLDER_IMAGES} equal to the host's"
     if sorted(same) != sorted(names) or len(got) != FOLDER_IMAGES:
-        differ = [(r["source_id"], r["top"], expected.get(r["source_id"])) for r in got
-                  if r["top"] != expected.get(r["source_id"])]
-        row["failure"] = (f"folder source: {row['folder_results']}, {len(got)} result(s); "
-                          f"board, host: {differ[:3]}")
-        return row
+        differ = [(r["source_id"], r.get("engine"), r["top"], expected.get(r["source_id"]))
+                  for r in got if r["top"] != expected.get(r["source_id"])]
+        return f"folder source: {row['folder_results']}, {len(got)} result(s): {differ[:3]}"
+    if engine is not None and row["served_by"] != engine:
+        return f"folder source: served by {row['served_by']}, expected {engine} alone"
     if row["sigterm_exit"] != 0:
-        row["failure"] = f"SIGTERM exit {row['sigterm_exit']}: {log[-1000:]}"
+        return f"SIGTERM exit {row['sigterm_exit']}: {log[-1000:]}"
+    return None
+
+
+# Runs inside the board's venv under the counting QEMU: each engine loaded from the verified
+# bundle, warmed up, then COUNT_PASSES batch-1 passes between two marks.
+COUNT_PASSES = 10
+COUNT_SCRIPT = f"""
+import os, sys
+import numpy as np
+from pathlib import Path
+from agent.bundle import Bundle
+
+def mark():
+    try:
+        os.close(-7777)  # insn_count.c writes its running count here
+    except OSError:
+        pass
+
+b = Bundle.open(Path(sys.argv[1]))
+x = np.random.default_rng(0).standard_normal((1, *b.manifest.input_shape), dtype=np.float32)
+for engine in b.engines:
+    runner = b.load(engine, 1)
+    with runner.session():
+        for _ in range(5):
+            runner(x)
+        mark()
+        for _ in range({COUNT_PASSES}):
+            runner(x)
+        mark()
+    print(engine)
+"""
+
+
+def count_instructions(board: Board, bundle: str, row: dict[str, object]) -> str | None:
+    """Guest instructions per batch-1 inference of each engine on this CPU (insn_count.c)."""
+    counts = f"{board.workdir}/insn-counts.txt"
+    proc = subprocess.run(
+        ["chroot", str(board.root), f"{COUNTER}/lib/ld-linux-x86-64.so.2", "--library-path",
+         f"{COUNTER}/lib", f"{COUNTER}/qemu-aarch64", "-cpu", board.cpu, "-plugin",
+         f"{COUNTER}/insn_count.so,out={counts}", Board.PYTHON, "-c", COUNT_SCRIPT, bundle],
+        capture_output=True, text=True, timeout=900,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8"})
+    engines = proc.stdout.split()
+    marks = [int(line.split()[1]) for line in board.host(counts).read_text().splitlines()
+             if line.startswith("mark ")] if board.host(counts).is_file() else []
+    if proc.returncode != 0 or len(marks) != 2 * len(engines) or not engines:
+        return f"instruction count (exit {proc.returncode}): {proc.stderr[-500:]}"
+    row["insns_per_inference"] = {
+        engine: (marks[2 * i + 1] - marks[2 * i]) // COUNT_PASSES
+        for i, engine in enumerate(engines)}
+    return None
+
+
+COUNTER = "/opt/qemu-count"  # in the root: Debian's dynamic qemu-aarch64, its libraries, plugin
+
+
+def install_counter(root: Path) -> None:
+    """Build insn_count.c and copy it, /usr/bin/qemu-aarch64 (package qemu-user: the static
+    build cannot load plugins) and every library it links into ROOT/opt/qemu-count, so the
+    x86 QEMU runs inside the chroot through its own loader."""
+    dest = root / COUNTER.lstrip("/")
+    (dest / "lib").mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-Wall", "-o", str(dest / "insn_count.so"),
+                    str(ROOT / "deploy/emulated-board/insn_count.c")], check=True)
+    qemu = shutil.which("qemu-aarch64")
+    if qemu is None:
+        raise RuntimeError("qemu-aarch64 (Debian package qemu-user) is not installed")
+    shutil.copy2(qemu, dest / "qemu-aarch64")
+    ldd = subprocess.run(["ldd", qemu], capture_output=True, text=True, check=True).stdout
+    for line in ldd.splitlines():
+        parts = line.split()
+        lib = parts[2] if "=>" in parts and len(parts) > 3 else \
+            parts[0] if parts and parts[0].startswith("/") else None
+        if lib:
+            shutil.copy(lib, dest / "lib" / Path(lib).name)
+
+
+def prove(board: Board, bundle: str, suite: str, first: bool) -> dict[str, object]:
+    """Every check of one release and CPU, in order; the row says what passed."""
+    row: dict[str, object] = {"suite": suite, "cpu": board.cpu, "ok": False}
+    status = board.run("-m", "agent.torch_matrix", "status")
+    row["runtime"] = status.stdout.strip() or status.stderr.strip()
+    lines = status.stdout.strip().splitlines()
+    steps: list[tuple[str, Callable[[], str | None]]] = []
+    if status.returncode != 0 or len(lines) != 2 or not all(x.startswith("ok:") for x in lines):
+        row["failure"] = f"runtime status: {row['runtime']}"
+        return row
+    if suite == "bookworm":
+        steps.append(("torch 2.10", lambda: torch_2_10(board, bundle, row)))
+    if first:
+        steps.append(("installed check", lambda: installed_check(board, row)))
+        steps.append(("bad bundles", lambda: bad_bundles(board, bundle, row)))
+    steps.append(("engines", lambda: engines_proven(board, bundle, row, ENGINES)))
+    steps.append(("folder", lambda: serves_a_folder(board, bundle, row)))
+    if suite == "bookworm":
+        steps.append(("instructions", lambda: count_instructions(board, bundle, row)))
+    for name, step in steps:
+        problem = step()
+        if problem is not None:
+            row["failure"] = f"{name}: {problem}"
+            return row
+    row["ok"] = True
+    return row
+
+
+def installed_check(board: Board, row: dict[str, object]) -> str | None:
+    """What the installer left, as the service will run it: the board's own config, the
+    store's current version, its signature checked with the fleet's public key."""
+    installed = board.run("-m", "agent", "check")
+    if installed.returncode != 0:
+        return f"exit {installed.returncode}: {installed.stderr[-300:]}"
+    row["installed_check"] = "pass"
+    return None
+
+
+def bad_bundles(board: Board, bundle: str, row: dict[str, object]) -> str | None:
+    problem = refuses_bad_bundles(board, bundle)
+    row["bad_bundles"] = "refused" if problem is None else "NOT refused"
+    return problem
+
+
+def torch_free(root: Path, bundle: Path, cpu: str, suite: str) -> dict[str, object]:
+    """The install again with --profile onnx (torch shed), then the folder run on ONNX alone."""
+    row: dict[str, object] = {"suite": suite, "cpu": cpu, "profile": "onnx", "ok": False}
+    installed = subprocess.run(["bash", str(ROOT / "deploy/emulated-board/install-board.sh"),
+                                str(bundle), cpu, str(root)], cwd=ROOT,
+                               env={**os.environ, "SUITE": suite, "PROFILE": "onnx"})
+    if installed.returncode != 0:
+        row["failure"] = "install-agent.sh --profile onnx failed"
+        return row
+    with board_proc(root, cpu):
+        board = Board(root, cpu, f"/tmp/prove-{cpu}-onnx")
+        probe = board.run("-c", "import torch")
+        row["torch_import"] = "fails" if probe.returncode != 0 else "works"
+        status = board.run("-m", "agent.torch_matrix", "status")
+        row["runtime"] = status.stdout.strip()
+        problem = ("torch is still importable on the onnx profile" if probe.returncode == 0
+                   else f"runtime status: {row['runtime']}" if status.returncode != 0
+                   or not status.stdout.startswith("ok: onnxruntime") else
+                   engines_proven(board, "/root/bundle", row, ("onnxruntime",))
+                   or serves_a_folder(board, "/root/bundle", row, "onnxruntime"))
+    if problem is not None:
+        row["failure"] = problem
         return row
     row["ok"] = True
     return row
 
 
+ENGINES = ("torchscript", "onnxruntime")
+
+
+def install(root: Path, bundle: Path, cpu: str, suite: str) -> tuple[bool, float]:
+    t1 = time.monotonic()
+    ok = subprocess.run(["bash", str(ROOT / "deploy/emulated-board/install-board.sh"),
+                         str(bundle), cpu, str(root)], cwd=ROOT,
+                        env={**os.environ, "SUITE": suite, "PROFILE": "both"}).returncode == 0
+    spent = time.monotonic() - t1
+    print(f"prove_arm: README install {'PASS' if ok else 'FAIL'} on emulated {cpu}, Debian "
+          f"{suite}, in {spent:.0f} s", flush=True)
+    return ok, spent
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--root", type=Path, default=ROOT / "build/arm64-board")
+    p.add_argument("--roots", type=Path, default=ROOT / "build",
+                   help="where the Debian roots are kept (arm64-<suite>)")
     p.add_argument("--cpus", default="cortex-a72,cortex-a76")
+    p.add_argument("--suites", default="bookworm,trixie")
     args = p.parse_args()
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="prove-arm-"))
@@ -299,42 +474,71 @@ def main() -> int:
         print(built.stderr, file=sys.stderr)
         return 1
     print(f"prove_arm: bundle built on the host in {time.monotonic() - t0:.0f} s", flush=True)
-    cpus = args.cpus.split(",")
+    cpus, suites = args.cpus.split(","), args.suites.split(",")
+    rows: list[dict[str, object]] = []
+    installs = []
+    for suite in suites:
+        root = args.roots / f"arm64-{suite}"
+        ok, spent = install(root, bundle, cpus[0], suite)
+        installs.append(f"{suite} {'PASS' if ok else 'FAIL'} ({spent:.0f} s)")
+        if not ok:
+            return 1
+        if suite == "bookworm":
+            install_counter(root)
+        for cpu in cpus:
+            fake_cpu_files(root, cpu)
+            t1 = time.monotonic()
+            with board_proc(root, cpu):
+                row = prove(Board(root, cpu, f"/tmp/prove-{cpu}"), "/root/bundle", suite,
+                            first=not rows)
+            row["wall_s"] = round(time.monotonic() - t1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     t1 = time.monotonic()
-    installed = subprocess.run(["bash", str(ROOT / "deploy/emulated-board/install-board.sh"),
-                                str(bundle), cpus[0], str(args.root)], cwd=ROOT).returncode == 0
-    install_s = time.monotonic() - t1
-    print(f"prove_arm: README install {'PASS' if installed else 'FAIL'} on emulated {cpus[0]} "
-          f"in {install_s:.0f} s", flush=True)
-    if not installed:
-        return 1
-    rows = []
-    for cpu in cpus:
-        fake_cpu_files(args.root, cpu)
-        t1 = time.monotonic()
-        with board_proc(args.root, cpu):
-            row = prove(Board(args.root, cpu, f"/tmp/prove-{cpu}"), "/root/bundle",
-                        bad_inputs=not rows)
-        row["wall_s"] = round(time.monotonic() - t1)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print(f"\n{'cpu':<11} {'result':<6} {'max|dlogit|':>11} {'acc board/host %':>17} "
-          f"{'folder = host':>13} {'windows':>7} {'SIGTERM':>8} {'torch 2.10':>10} "
-          f"{'bad bundles':>11}  torch")
-    for r in rows:
-        acc = (f"{r.get('sample_accuracy_pct', float('nan')):.2f}/"
-               f"{r.get('host_sample_accuracy_pct', float('nan')):.2f}")
-        print(f"{r['cpu']:<11} {'PASS' if r['ok'] else 'FAIL':<6} "
-              f"{r.get('max_abs_logit_diff', float('nan')):>11.3g} {acc:>17} "
+    free = torch_free(args.roots / f"arm64-{suites[-1]}", bundle, cpus[-1], suites[-1])
+    free["wall_s"] = round(time.monotonic() - t1)
+    print(json.dumps(free), flush=True)
+    print_tables(rows, free)
+    print(f"prove_arm: README installs {', '.join(installs)}; {time.monotonic() - t0:.0f} s "
+          f"in all (emulated timings mean nothing)")
+    return 0 if all(r["ok"] for r in [*rows, free]) else 1
+
+
+def print_tables(rows: list[dict[str, object]], free: dict[str, object]) -> None:
+    """One row per release and CPU, the torch-free row, then guest instructions per image."""
+    def engine(r: dict[str, object], name: str) -> str:
+        e = r.get(name)
+        if not isinstance(e, dict):
+            return "-"
+        return (f"{'exact' if e['bit_exact'] else 'DIFF'} {e['sample_accuracy_pct']:.2f}/"
+                f"{e['host_pct']:.2f}")
+
+    print(f"\n{'debian':<9} {'cpu':<11} {'result':<6} {'torchscript (acc board/host %)':>31} "
+          f"{'onnxruntime (acc board/host %)':>31} {'auto ran':>12} {'folder = host':>13} "
+          f"{'windows':>7} {'SIGTERM':>8} {'torch 2.10':>10} {'bad bundles':>11}")
+    for r in [*rows, free]:
+        suite = f"{r['suite']}" + ("*" if r is free else "")
+        print(f"{suite:<9} {r['cpu']:<11} {'PASS' if r['ok'] else 'FAIL':<6} "
+              f"{engine(r, 'torchscript'):>31} {engine(r, 'onnxruntime'):>31} "
+              f"{str(r.get('served_by', '-')):>12} "
               f"{str(r.get('folder_results', '-')).split(' ')[0]:>13} "
               f"{r.get('windows', 0):>7} {('exit ' + str(r.get('sigterm_exit'))):>8} "
-              f"{str(r.get('torch_2_10', '-')):>10} {str(r.get('bad_bundles', '-'))[:11]:>11}  "
-              f"{str(r.get('runtime', ''))[:70]}")
+              f"{str(r.get('torch_2_10', '-')):>10} {str(r.get('bad_bundles', '-'))[:11]:>11}")
         if not r["ok"]:
             print(f"  FAIL: {r.get('failure')}")
-    print(f"prove_arm: README install on {cpus[0]} PASS ({install_s:.0f} s); "
-          f"{time.monotonic() - t0:.0f} s in all (emulated timings mean nothing)")
-    return 0 if all(r["ok"] for r in rows) else 1
+    print("* the torch-free profile (install-agent.sh --profile onnx): import torch "
+          f"{free.get('torch_import', '?')} on the board")
+    counted = [r for r in rows if isinstance(r.get("insns_per_inference"), dict)]
+    if counted:
+        print("\nguest instructions per batch-1 inference (QEMU TCG plugin "
+              "deploy/emulated-board/insn_count.c; a deterministic proxy, not cycles)")
+        print(f"{'cpu':<11} {'torchscript':>12} {'onnxruntime':>12} {'ratio':>6}")
+        for r in counted:
+            n = r["insns_per_inference"]
+            assert isinstance(n, dict)
+            ts, ort = n.get("torchscript"), n.get("onnxruntime")
+            ratio = f"{ort / ts:.2f}" if ts and ort else "-"
+            print(f"{r['cpu']:<11} {ts or '-':>12,} {ort or '-':>12,} {ratio:>6}")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-import torch
 
 from agent.manifest import sha256_of
 from deploy.remote import update_args
@@ -150,9 +150,15 @@ def test_bad_bundle_files_get_one_line_and_exit_2(bundle: Path, tmp_path: Path) 
 
     def resample(name: str, change: Any) -> Path:
         b = damaged(name)
-        torch.save(change(torch.load(b / "sample.pt", weights_only=True)), b / "sample.pt")
+        with np.load(b / "sample.npz") as z:
+            new = change({k: z[k] for k in z.files})
+        with (b / "sample.npz").open("wb") as f:
+            if isinstance(new, bytes):
+                f.write(new)
+            else:
+                np.savez(f, **new)
         m = json.loads((b / "manifest.json").read_text())
-        m["files"]["sample.pt"]["sha256"] = sha256_of(b / "sample.pt")
+        m["files"]["sample.npz"]["sha256"] = sha256_of(b / "sample.npz")
         (b / "manifest.json").write_text(json.dumps(m))
         return b
 
@@ -165,13 +171,16 @@ def test_bad_bundle_files_get_one_line_and_exit_2(bundle: Path, tmp_path: Path) 
     data[len(data) // 2] ^= 0xFF
     (tampered / "quantized_cnn_scripted.pt").write_bytes(bytes(data))
     folder = damaged("sample-folder")
-    (folder / "sample.pt").unlink()
-    (folder / "sample.pt").mkdir()
+    (folder / "sample.npz").unlink()
+    (folder / "sample.npz").mkdir()
     shape = damaged("shape")
     m = json.loads((shape / "manifest.json").read_text())
     edit_manifest(shape, input={**m["input"], "shape": [3, 64, 64]})
     engine = damaged("engine")
     edit_manifest(engine, engine="nosuch")
+    onnx_engine = damaged("onnx-engine")
+    edit_manifest(onnx_engine, engines={**m["engines"], "onnxruntime": {
+        **m["engines"]["onnxruntime"], "file": "nosuch.onnx"}})
     no_tol = damaged("no-tolerance")
     edit_manifest(no_tol, sample={k: v for k, v in m["sample"].items()
                                   if k != "logit_tolerance"})
@@ -181,19 +190,22 @@ def test_bad_bundle_files_get_one_line_and_exit_2(bundle: Path, tmp_path: Path) 
         "no manifest": (no_manifest, "manifest"),
         "manifest not JSON": (not_json, "unreadable manifest"),
         "model tampered": (tampered, "does not match the manifest"),
-        "sample is a folder": (folder, "sample.pt"),
+        "sample is a folder": (folder, "sample.npz"),
         "input shape": (shape, "input shape"),
         "engine": (engine, "nosuch"),
+        "onnx file not listed": (onnx_engine, "engines.onnxruntime needs file (listed in "
+                                              "files)"),
         "no logit_tolerance": (no_tol, "logit_tolerance"),
         "newer schema": (newer, "newer"),
         "sample other keys": (resample("keys", lambda s: {"imgs": s["images"]}),
-                              "lacks the tensor(s) images, labels, logits"),
+                              "lacks the array(s) images, labels, logits.onnxruntime, "
+                              "logits.torchscript"),
         "sample fewer labels": (resample("labels", lambda s: {**s, "labels": s["labels"][:-3]}),
                                 "one per image"),
-        "sample float labels": (resample("flabels", lambda s: {**s,
-                                                               "labels": s["labels"].float()}),
-                                "int64"),
-        "sample not a dict": (resample("list", lambda s: [s["images"]]), "dict of tensors"),
+        "sample float labels": (resample("flabels", lambda s: {
+            **s, "labels": s["labels"].astype(np.float32)}), "int64"),
+        "sample not an npz": (resample("garbage", lambda s: b"not a zip"),
+                              "cannot read the sample"),
         "sample label range": (resample("range", lambda s: {**s, "labels": s["labels"] + 50}),
                                "labels must be 0-9"),
     }
@@ -249,7 +261,7 @@ def test_bad_mqtt_commands_are_refused_and_the_agent_keeps_publishing_without_a_
         print("\n".join(f"{rid:14} {got[rid]['result']:8} {got[rid]['code']:15} "
                         f"{got[rid]['reason'][:90]}" for rid in cases))
         # The malformed sample was staged, failed, removed, and is listed as rejected.
-        assert "lacks the tensor(s)" in got["upd-sample"]["reason"]
+        assert "lacks the array(s)" in got["upd-sample"]["reason"]
         assert sorted(p.name for p in (current.parent / "versions").iterdir()) \
             == [current.resolve().name]
         send(broker.port, "diagnostics", request("diag", {}))

@@ -1,30 +1,39 @@
 #!/usr/bin/env bash
 # Run the README's Pi install (edge-deploy render, then its install-agent.sh) as written, on
-# an emulated board: a full Debian bookworm arm64 root entered with chroot, qemu-aarch64
-# registered with binfmt_misc, QEMU_CPU set to the board's core.
+# an emulated board: a full Debian arm64 root entered with chroot, qemu-aarch64 registered
+# with binfmt_misc, QEMU_CPU set to the board's core.
 #
 #   bash deploy/emulated-board/install-board.sh BUNDLE [CPU] [ROOT]
-#        (CPU: cortex-a72 (default) or cortex-a76; ROOT: default build/arm64-board)
+#        (CPU: cortex-a72 (default) or cortex-a76; ROOT: default build/arm64-$SUITE)
 #   bash deploy/emulated-board/install-board.sh --root-only [ROOT]
 #        (only make the Debian root: CI starts this first, beside the setup and the tests;
 #        a second run waits for it on ROOT.lock instead of making the root again)
 #
+# Environment: SUITE=bookworm (Python 3.11; the default) or trixie (Python 3.13, what
+# Raspberry Pi OS is based on now); PROFILE=both (default), torch or onnx, the installer's
+# --profile.
+#
 # The Debian root is kept between runs; the rendered folder and the bundle are copied in
-# afresh and the installer runs every time (it is idempotent). Two things are this workplace's, not a
-# Pi's: the host's CA bundle is copied in (PyPI is reached through a TLS proxy here), and
-# /proc/cpuinfo and /sys/devices/system/cpu are faked for the core (tests/prove_arm.py).
+# afresh and the installer runs every time (it is idempotent). Three things are this
+# workplace's, not a Pi's: the host's CA bundle is copied in (PyPI is reached through a TLS
+# proxy here); the board's pip installs from ROOT/root/wheels, the wheels PyPI has for the
+# root's Python and aarch64, downloaded by the host's pip (natively: the same files, without
+# hours of emulated TLS); and /proc/cpuinfo and /sys/devices/system/cpu are faked for the
+# core (tests/prove_arm.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root_only=0
 if [ "${1:-}" = --root-only ]; then
     root_only=1
     shift
-    set -- "" cortex-a72 "${1:-build/arm64-board}"
+    set -- "" cortex-a72 "${1:-}"
 fi
 bundle=${1:+$(realpath "$1")}
 cpu=${2:-cortex-a72}
-root=$(realpath -m "${3:-build/arm64-board}")
+root=$(realpath -m "${3:-build/arm64-${SUITE:-bookworm}}")
 python=${PYTHON:-.venv/bin/python}
+suite=${SUITE:-bookworm}
+profile=${PROFILE:-both}
 
 missing=()
 command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
@@ -47,10 +56,10 @@ mkdir -p "$(dirname "$root")"
 exec 9>"$root.lock"
 flock 9  # another run making this root: wait for it
 if [ ! -e "$root/.edgeforge-board" ]; then
-    echo "install-board: debootstrap arm64 bookworm into $root (emulated second stage)"
+    echo "install-board: debootstrap arm64 $suite into $root (emulated second stage)"
     rm -rf "$root"
     debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,ca-certificates \
-        bookworm "$root" http://deb.debian.org/debian >"$root.debootstrap.log" 2>&1 \
+        "$suite" "$root" http://deb.debian.org/debian >"$root.debootstrap.log" 2>&1 \
         || { tail -20 "$root.debootstrap.log" >&2; exit 1; }
     touch "$root/.edgeforge-board"
 fi
@@ -64,6 +73,16 @@ cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
 "$python" -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; \
 from tests.prove_arm import fake_cpu_files; fake_cpu_files(Path('$root'), '$cpu')"
 
+# The board's wheels, fetched by the host's pip for the root's Python (see the top).
+pyver=$(chroot "$root" /usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+mapfile -t specs < <("$python" -m agent.torch_matrix recommend --profile both --machine aarch64)
+"$python" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
+    --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 \
+    --platform manylinux2014_aarch64 --python-version "$pyver" --implementation cp \
+    -d "$root/root/wheels" "${specs[@]}" numpy pyyaml psutil 'paho-mqtt>=2,<3' cryptography \
+    pillow watchdog 'setuptools>=77' \
+    || { echo "install-board: cannot download the board's wheels for Python $pyver" >&2; exit 1; }
+
 rm -rf "$root/root/edgeforge" "$root/root/bundle"
 # The proof's own checks get the bundle as built (unsigned, no key on the board's command
 # line); the install gets it signed by the emulated fleet's key, as render does for a Pi.
@@ -71,15 +90,16 @@ cp -r "$bundle" "$root/root/bundle"
 key="$root.signing.key"
 [ -f "$key" ] || "$python" -m deploy.cli keygen --key "$key" >/dev/null
 "$python" -m deploy.cli render --device-id "emulated-$cpu" --bundle "$bundle" --key "$key" \
-    --out "$root/root/edgeforge" >/dev/null
+    --profile "$profile" --out "$root/root/edgeforge" >/dev/null
 
-echo "install-board: sudo bash install-agent.sh (from edge-deploy render) on $cpu, as written"
+echo "install-board: sudo bash install-agent.sh (from edge-deploy render) on $cpu, Debian" \
+    "$suite (Python $pyver), profile $profile, as written"
 chroot "$root" /usr/bin/env -i QEMU_CPU="$cpu" PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-    LANG=C.UTF-8 PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
-    bash /root/edgeforge/install-agent.sh --no-start
+    LANG=C.UTF-8 PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_NO_INDEX=1 \
+    PIP_FIND_LINKS=/root/wheels bash /root/edgeforge/install-agent.sh --no-start
 for f in /etc/edgeforge/config.yaml /var/lib/edgeforge/models/current/manifest.json \
          /etc/systemd/system/multi-user.target.wants/edge-agent.service \
          /opt/edgeforge/venv/bin/edge-agent; do
     [ -e "$root$f" ] || { echo "install-board: FAIL: $f missing after the install" >&2; exit 1; }
 done
-echo "install-board: PASS: installed, checked and enabled on emulated $cpu"
+echo "install-board: PASS: installed, checked and enabled on emulated $cpu ($suite, $profile)"

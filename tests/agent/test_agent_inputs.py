@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.manifest import BOARD_MODEL, sha256_of
+from agent.manifest import BOARD_MODEL, ONNX_MODEL, sha256_of
 from agent.stats import ResourceStats
 from tests.support import copy_bundle, edit_manifest, run_cli
 
@@ -50,13 +50,46 @@ def test_sha256_mismatch_is_refused_before_loading(bundle: Path, tmp_path: Path)
     one_line_exit_2(run(b, tmp_path), "BundleError", "sha256", "refusing to load")
 
 
+def replace_file(bundle: Path, name: str, data: bytes) -> None:
+    """Overwrite a bundle file and give the manifest its new sha256 (a host-side bug)."""
+    (bundle / name).write_bytes(data)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["files"][name]["sha256"] = sha256_of(bundle / name)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
 def test_a_file_that_is_not_torchscript(bundle: Path, tmp_path: Path) -> None:
     b = copy_bundle(bundle, tmp_path)
-    (b / BOARD_MODEL).write_bytes(b"PK\x03\x04 not a TorchScript archive")
+    replace_file(b, BOARD_MODEL, b"PK\x03\x04 not a TorchScript archive")
+    one_line_exit_2(run(b, tmp_path, "model.engine=torchscript"), "BundleError",
+                    "not a loadable TorchScript file")
+
+
+def test_a_file_that_is_not_onnx(bundle: Path, tmp_path: Path) -> None:
+    b = copy_bundle(bundle, tmp_path)
+    replace_file(b, ONNX_MODEL, b"\x08\x07 not an ONNX model")
+    one_line_exit_2(run(b, tmp_path, "model.engine=onnxruntime"), "BundleError",
+                    "engine onnxruntime cannot run", "not a loadable ONNX model")
+
+
+def test_auto_runs_the_engine_that_passes_and_says_why_the_other_failed(
+        bundle: Path, tmp_path: Path) -> None:
+    b = copy_bundle(bundle, tmp_path)
+    replace_file(b, ONNX_MODEL, b"\x08\x07 not an ONNX model")
+    proc = run(b, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "engine onnxruntime 1." in proc.stderr and "failed" in proc.stderr
+    assert "not a loadable ONNX model" in proc.stderr
+    assert "running torchscript" in proc.stderr and "the only proven engine" in proc.stderr
+
+
+def test_an_engine_the_bundle_lacks_is_named(bundle: Path, tmp_path: Path) -> None:
+    b = copy_bundle(bundle, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
-    m["files"][BOARD_MODEL]["sha256"] = sha256_of(b / BOARD_MODEL)
+    del m["engines"]["onnxruntime"]
     (b / "manifest.json").write_text(json.dumps(m))
-    one_line_exit_2(run(b, tmp_path), "BundleError", "not a loadable TorchScript file")
+    one_line_exit_2(run(b, tmp_path, "model.engine=onnxruntime"), "BundleError",
+                    "has no onnxruntime model", "set model.engine to auto")
 
 
 def test_wrong_input_shape(bundle: Path, tmp_path: Path) -> None:
@@ -68,8 +101,11 @@ def test_wrong_input_shape(bundle: Path, tmp_path: Path) -> None:
 
 def test_engine_not_available(bundle: Path, tmp_path: Path) -> None:
     b = copy_bundle(bundle, tmp_path)
-    edit_manifest(b, engine="armcl")
-    one_line_exit_2(run(b, tmp_path), "BundleError", "'armcl' is not available", "qnnpack")
+    m = json.loads((b / "manifest.json").read_text())
+    m["engines"]["torchscript"]["quantized_engine"] = "armcl"
+    (b / "manifest.json").write_text(json.dumps(m))
+    one_line_exit_2(run(b, tmp_path, "model.engine=torchscript"), "BundleError",
+                    "'armcl' is not available", "qnnpack")
 
 
 def test_tls_files_that_do_not_exist(bundle: Path, tmp_path: Path) -> None:
@@ -88,13 +124,20 @@ def test_bench_prints_a_table_and_json(bundle: Path) -> None:
                    "--iters", "30", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert [r["batch_size"] for r in result["rows"]] == [1, 4]
+    assert [(r["batch_size"], r["engine"]) for r in result["rows"]] == [
+        (1, "torchscript"), (1, "onnxruntime"), (4, "torchscript"), (4, "onnxruntime")]
     for r in result["rows"]:
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
         assert r["throughput_ips"] == pytest.approx(r["batch_size"] * 1000 / r["mean_ms"])
+    assert {r["engine"] for r in result["rows"]} == {"torchscript", "onnxruntime"}
+    assert [e["status"] for e in result["engines"]] == ["proven", "proven"]
+    assert result["engine"] in ("torchscript", "onnxruntime")
     table = run_cli("agent", "bench", "--set", f"model.dir={bundle}", "--iters", "20")
     assert table.returncode == 0 and "p50 ms" in table.stdout
-    assert len(table.stdout.strip().splitlines()) == 3
+    lines = table.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == ["torchscript", "onnxruntime"]
+    assert "proven" in lines[1] and "bit-exact" in lines[2]
+    assert len(lines) == 7 and lines[-1].startswith(f"runs: {result['engine']}")
 
 
 def fake_pi_sysfs(root: Path, throttled: str) -> Path:

@@ -62,11 +62,11 @@ def test_folder_source_classifies_each_image_once_as_the_host_does_and_moves_it(
     assert sorted(r["source_id"] for r in got) == sorted(names)
     assert [r["seq"] for r in got] == list(range(got[0]["seq"], got[0]["seq"] + 10))
     images, _ = sample_images(bundle)
-    expected = dict(zip(names, host_top(bundle, [png_bytes(images[i]) for i in range(6)]
-                                        + [png_bytes(images[i]) for i in range(4)]),
-                        strict=True))
+    host = host_top(bundle, [png_bytes(images[i]) for i in range(6)]
+                    + [png_bytes(images[i]) for i in range(4)])
     for r in got:
         assert r["schema"] == RESULT_SCHEMA and r["source"] == "folder"
+        expected = dict(zip(names, host[r["engine"]], strict=True))
         assert r["top"] == expected[r["source_id"]], r["source_id"]  # labels and scores
         assert r["total_ms"] >= r["infer_ms"] > 0 and r["preprocess_ms"] > 0
     assert sorted(p.name for p in (inbox / "done").iterdir()) == sorted(names)
@@ -97,7 +97,7 @@ def test_video_file_frames_get_the_hosts_prediction_frame_by_frame(
     assert [r["source_id"] for r in got] == [str(i) for i in range(24)]
     expected = host_top(bundle, frames)
     for r in got:
-        assert r["top"] == expected[int(r["source_id"])], r["source_id"]
+        assert r["top"] == expected[r["engine"]][int(r["source_id"])], r["source_id"]
     assert "ended after 24 frame(s)" in agent.output()
     assert served(sub)["frames_dropped"] == 0
 
@@ -220,6 +220,9 @@ def test_mqtt_requests_from_3_1_1_and_5_clients_get_their_results_and_garbage_an
     stop(agent)
     sub.close()
     by_id = {r["request_id"]: r for r in results(sub.on("/result"))}
+    engine = by_id["r-1"]["engine"]
+    assert engine in expected and "engine" not in by_id["junk"]  # junk never ran
+    expected = expected[engine]  # type: ignore[assignment]
     assert by_id["r-1"]["top"] == expected[0] and by_id["r-2"]["top"] == expected[2]
     assert by_id["junk"]["top"] == [] and "not an image" in by_id["junk"]["error"]
     assert by_id["big"]["top"] == [] and "over source.max_image_mb" in by_id["big"]["error"]

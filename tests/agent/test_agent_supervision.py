@@ -3,6 +3,7 @@ depend on the working directory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -17,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
+import numpy as np
 
 from agent.command_inbox import CommandInbox
 from agent.config import LoopConfig, MqttConfig
@@ -162,17 +163,23 @@ def test_the_default_spool_is_the_same_from_any_working_directory(
 
 
 class FailingModule:
-    """A named fault injection: a module whose forward pass raises from its `after`-th call
-    on, the way a model that passed its smoke test and then hit a bad kernel would."""
+    """A named fault injection: an engine runner whose forward pass raises from its
+    `after`-th call on, the way a model that passed its smoke test and then hit a bad kernel
+    would."""
+
+    engine, version = "fake", "0"
 
     def __init__(self, after: int) -> None:
         self.calls, self.after = 0, after
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: np.ndarray) -> np.ndarray:
         self.calls += 1
         if self.calls > self.after:
             raise RuntimeError("injected failure\nsecond line")
-        return x.flatten(1)[:, :10]
+        return x.reshape(x.shape[0], -1)[:, :10]
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
 
 def test_the_loop_falls_back_by_itself_and_never_takes_the_failed_model_back() -> None:

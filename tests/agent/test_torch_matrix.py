@@ -56,3 +56,15 @@ def test_recommend_prints_a_pip_spec() -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "torch==2.9.1"
     proc = run_cli("agent.torch_matrix", "recommend", "--machine", "riscv64")
     assert proc.returncode == 2 and "no board torch known for riscv64" in proc.stderr
+
+
+def test_onnxruntime_is_judged_by_its_own_entries() -> None:
+    verdict, message = assess("1.32.0", A72, "onnxruntime")
+    assert verdict == "ok" and "onnxruntime 1.32.0 on Cortex-A72 (Pi 4)" in message
+    verdict, message = assess("1.20.0", A76, "onnxruntime")
+    assert verdict == "unproven" and "pip install 'onnxruntime==1.32.0'" in message
+    # torch's entries say nothing about an onnxruntime of the same number
+    assert entry_for("2.9.1", "aarch64", "onnxruntime") is None
+    proc = run_cli("agent.torch_matrix", "recommend", "--runtime", "onnxruntime",
+                   "--machine", "aarch64")
+    assert proc.returncode == 0 and proc.stdout.strip() == "onnxruntime==1.32.0"

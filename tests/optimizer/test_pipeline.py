@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from agent.engines.torchscript import load_scripted
 from agent.manifest import BOARD_MODEL, Manifest, sha256_of
-from agent.model import load_scripted
 from agent.preprocess import normalize
 from optimizer import export as exporting
 from optimizer import quantize
@@ -48,7 +49,9 @@ def test_reports_say_which_data_was_used(bundle: Path) -> None:
     report = json.loads((bundle / "report.json").read_text())
     assert report["data"]["source"] == "synthetic"
     assert [r["variant"].split(" (")[0] for r in report["rows"]] == [
-        "fp32 baseline", "pruned fp32", "dynamic int8", "static int8", "board file"]
+        "fp32 baseline", "pruned fp32", "dynamic int8", "static int8", "board file",
+        "board file"]
+    assert report["rows"][-1]["runtime"].startswith("ONNX Runtime")
     for row in report["rows"]:
         assert row["p50_us"] <= row["p90_us"] <= row["p99_us"]
         assert row["threads"] == 1 and row["throughput_ips"] > 0
@@ -82,27 +85,52 @@ def test_project_loader_rebuilds_the_same_model_as_the_board_file(bundle: Path) 
     module, payload = quantize.load_quantized(bundle / "quantized_cnn.pt")
     m = Manifest.read(bundle)
     sample = m.load_sample(bundle)
-    x = normalize(sample["images"], m.mean, m.std)
+    x = torch.from_numpy(normalize(sample["images"], m.mean, m.std))
     board = load_scripted(bundle / BOARD_MODEL, payload["engine"])
     assert torch.equal(predict(module, x), predict(board, x))
-    assert torch.equal(predict(board, x), sample["logits"])
+    assert torch.equal(predict(board, x), torch.from_numpy(sample["logits"]["logits.torchscript"]))
+    # the sample for agents that predate sample.npz holds the same images, labels and logits
+    legacy = torch.load(bundle / "sample.pt", weights_only=True)
+    assert np.array_equal(legacy["images"].numpy(), sample["images"])
+    assert np.array_equal(legacy["logits"].numpy(), sample["logits"]["logits.torchscript"])
+
+
+def test_the_onnx_file_is_int8_qdq_and_reproduces_its_sample_in_a_fresh_process(
+        bundle: Path) -> None:
+    import onnx
+
+    m = Manifest.read(bundle)
+    entry = m.engine_entries["onnxruntime"]
+    assert entry["file"] == "quantized_cnn.onnx" and entry["verification"]["status"] == "passed"
+    assert entry["quantization"]["format"] == "QDQ"
+    ops = {n.op_type for n in onnx.load(str(bundle / entry["file"])).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    sample = m.load_sample(bundle)
+    x = torch.from_numpy(normalize(sample["images"], m.mean, m.std))
+    logits = torch.from_numpy(sample["logits"][entry["sample_logits"]])
+    good = exporting.verify_in_fresh_process(bundle / entry["file"], "onnxruntime", x,
+                                             torch.from_numpy(sample["labels"]), logits, 0.0)
+    assert good["bit_exact"]
+    assert abs(entry["accuracy_pct"] - m.metrics["accuracy_pct"]) <= 5.0
 
 
 def test_fresh_process_verification_catches_a_mismatch(bundle: Path) -> None:
     m = Manifest.read(bundle)
     sample = m.load_sample(bundle)
-    x = normalize(sample["images"], m.mean, m.std)
-    good = exporting.verify_in_fresh_process(bundle / BOARD_MODEL, m.engine, x,
-                                             sample["labels"], sample["logits"], 1e-4)
+    x = torch.from_numpy(normalize(sample["images"], m.mean, m.std))
+    labels = torch.from_numpy(sample["labels"])
+    logits = torch.from_numpy(sample["logits"]["logits.torchscript"])
+    good = exporting.verify_in_fresh_process(bundle / BOARD_MODEL, m.engine, x, labels, logits,
+                                             1e-4)
     assert good["status"] == "passed" and good["bit_exact"]
     with pytest.raises(VerificationError, match="disagrees with the in-memory model"):
-        exporting.verify_in_fresh_process(bundle / BOARD_MODEL, m.engine, x, sample["labels"],
-                                          sample["logits"] + 0.5, 1e-4)
+        exporting.verify_in_fresh_process(bundle / BOARD_MODEL, m.engine, x, labels,
+                                          logits + 0.5, 1e-4)
 
 
 def test_gate_falls_back_in_order_and_records_why() -> None:
     d = synthetic(200, 100)
-    x = normalize(d.test_images, d.mean, d.std)
+    x = torch.from_numpy(normalize(d.test_images.numpy(), d.mean, d.std))
     model = SimpleCNN()
     cfg = QuantizeConfig(engine="qnnpack", max_accuracy_drop=1.0)
     result = quantize.gate(model, cfg, x[:32], (x, d.test_labels),

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-import torch
 
 from agent.manifest import sha256_of
 
@@ -81,15 +81,17 @@ def signed_copy(bundle: Path, dest: Path, key: Path, version: int) -> Path:
 
 def resampled_copy(bundle: Path, dest: Path, key: Path, version: int,
                    change: Callable[[dict[str, Any]], dict[str, Any]]) -> Path:
-    """A signed copy whose sample.pt is change(sample), with the manifest's sha256 of it
+    """A signed copy whose sample.npz is change(arrays), with the manifest's sha256 of it
     updated and signed again: every sha256 and the signature are right, so only the
     on-board check (or the smoke test, or edge-deploy's own check) can refuse it."""
     signed_copy(bundle, dest, key, version)
-    sample = torch.load(dest / "sample.pt", weights_only=True)
-    torch.save(change(sample), dest / "sample.pt")
+    with np.load(dest / "sample.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    with (dest / "sample.npz").open("wb") as f:
+        np.savez(f, **change(arrays))
     m = json.loads((dest / "manifest.json").read_text())
-    m["files"]["sample.pt"] = {"bytes": (dest / "sample.pt").stat().st_size,
-                               "sha256": sha256_of(dest / "sample.pt")}
+    m["files"]["sample.npz"] = {"bytes": (dest / "sample.npz").stat().st_size,
+                                "sha256": sha256_of(dest / "sample.npz")}
     (dest / "manifest.json").write_text(json.dumps(m))
     proc = run_cli("deploy.cli", "sign", dest, "--key", key, "--version", str(version))
     assert proc.returncode == 0, proc.stderr
@@ -97,9 +99,9 @@ def resampled_copy(bundle: Path, dest: Path, key: Path, version: int,
 
 
 def wrong_logits_copy(bundle: Path, dest: Path, key: Path, version: int) -> Path:
-    """A signed copy whose sample logits are not what its model computes."""
-    return resampled_copy(bundle, dest, key, version,
-                          lambda s: {**s, "logits": s["logits"] + 1.0})
+    """A signed copy whose sample logits (every engine's) are not what its models compute."""
+    return resampled_copy(bundle, dest, key, version, lambda s: {
+        k: v + 1.0 if k.startswith("logits.") else v for k, v in s.items()})
 
 
 def tree(root: Path, parts: tuple[str, ...] = ("",)) -> dict[str, str]:
@@ -136,9 +138,15 @@ class Agent:
     """`python -m agent run` as a real subprocess, its log captured to a file."""
 
     def __init__(self, bundle: Path, port: int, workdir: Path, *overrides: str,
-                 duration: float | None = None, env: dict[str, str] | None = None) -> None:
+                 duration: float | None = None, env: dict[str, str] | None = None,
+                 without: tuple[str, ...] = ()) -> None:
+        """`without`: packages this agent process finds not installed (sys.modules[name] =
+        None makes both `import` and importlib.util.find_spec see no such package)."""
         self.log = workdir / f"agent-{time.monotonic_ns()}.log"
-        args = [sys.executable, "-m", "agent", "run", "--set", f"model.dir={bundle}",
+        start = ["-c", f"import sys; sys.modules.update(dict.fromkeys({list(without)!r})); "
+                       f"from agent.cli import main; raise SystemExit(main(sys.argv[1:]))"] \
+            if without else ["-m", "agent"]
+        args = [sys.executable, *start, "run", "--set", f"model.dir={bundle}",
                 "--set", f"mqtt.port={port}", "--set", "mqtt.host=127.0.0.1",
                 "--set", "device.id=testboard", "--set", f"spool.path={workdir / 'spool.db'}",
                 "--set", "loop.window_s=0.5", "--set", "loop.warmup=2"]

@@ -16,9 +16,8 @@ import psutil
 import torch
 from PIL import Image
 
+from agent.bundle import Bundle
 from agent.config import SourceConfig
-from agent.manifest import Manifest
-from agent.model import load_scripted
 from agent.predictions import Predictor, softmax
 from tests.support.broker import free_port
 
@@ -51,16 +50,21 @@ def write_pngs(bundle: Path, folder: Path, count: int, prefix: str = "img") -> l
     return names
 
 
-def host_top(bundle: Path, encoded: list[bytes], k: int = 3) -> list[list[dict[str, Any]]]:
-    """What the host computes for each encoded image: the manifest's preprocessing, the board
-    file at batch 1, and the agent's own softmax and top-k (agent/predictions.py)."""
-    manifest = Manifest.read(bundle)
-    module = load_scripted(bundle / manifest.board_model, manifest.engine)
-    prep = manifest.preprocess
+def host_top(bundle: Path, encoded: list[bytes], k: int = 3
+             ) -> dict[str, list[list[dict[str, Any]]]]:
+    """What the host computes for each encoded image, per engine of the bundle: the
+    manifest's preprocessing, the engine's board file at batch 1 (agent/engines), and the
+    agent's own softmax and top-k (agent/predictions.py). Results name their engine."""
+    b = Bundle.open(bundle)
+    prep = b.manifest.preprocess
     predictor = Predictor(SourceConfig(kind="folder", path="-", top_k=k))
-    with torch.inference_mode():
-        return [predictor.top(softmax(module(prep.encoded(data).unsqueeze(0)))[0],
-                              tuple(manifest.classes)) for data in encoded]
+    out = {}
+    for engine in b.engines:
+        runner = b.load(engine)
+        with runner.session():
+            out[engine] = [predictor.top(softmax(runner(prep.encoded(data)[None]))[0],
+                                         tuple(b.manifest.classes)) for data in encoded]
+    return out
 
 
 def make_video(bundle: Path, path: Path, count: int, fps: int = 30) -> list[bytes]:

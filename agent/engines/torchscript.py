@@ -1,14 +1,46 @@
-"""Loading the board model: engine selection and the TorchScript load."""
+"""The TorchScript engine: torch's quantized engine (qnnpack on ARM) runs the int8 file.
+
+The only agent module that imports torch at the top: a board without torch never loads it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from agent.errors import BundleError
 from agent.torchwarnings import known_torch_deprecations
+
+ENGINE = "torchscript"
+
+
+class TorchScriptRunner:
+    """A loaded TorchScript module behind the engine interface (agent/engines)."""
+
+    engine = ENGINE
+
+    def __init__(self, module: torch.jit.ScriptModule) -> None:
+        self.module = module
+        self.version = str(torch.__version__)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.module(torch.from_numpy(batch)).numpy()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        with torch.inference_mode(), known_torch_deprecations():
+            yield
+
+
+def load(data: bytes, path: Path, quantized_engine: str, threads: int) -> TorchScriptRunner:
+    """A fresh runner for the verified TorchScript bytes, on `threads` intra-op threads."""
+    torch.set_num_threads(threads)
+    return TorchScriptRunner(load_scripted(path, quantized_engine, data))
 
 
 def set_engine(engine: str) -> None:

@@ -1,0 +1,84 @@
+"""The engines that run a bundle's model on the board, behind one small interface.
+
+A bundle carries one model file per engine (agent/manifest.py, `engines`): TorchScript int8
+for torch's qnnpack, always built, and ONNX int8 QDQ for ONNX Runtime. An engine takes the
+file's verified bytes and gives a `Runner`: float32 NCHW numpy batch in, float32 logits out.
+Each engine's runtime is imported only when that engine is loaded, so a board without torch
+runs the ONNX model and never imports torch.
+
+    engine        runtime       module
+    torchscript   torch         agent/engines/torchscript.py
+    onnxruntime   onnxruntime   agent/engines/onnxrt.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from agent.errors import BundleError
+
+TORCHSCRIPT, ONNXRUNTIME = "torchscript", "onnxruntime"
+ENGINES = (TORCHSCRIPT, ONNXRUNTIME)
+RUNTIMES = {TORCHSCRIPT: "torch", ONNXRUNTIME: "onnxruntime"}  # the package each one imports
+
+
+class Runner(Protocol):
+    """A loaded model: one forward pass per call.
+
+    Raises RuntimeError when a pass fails (the loop's fallback catches exactly that).
+    """
+
+    engine: str
+    version: str
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        """A context to run many passes in (torch's inference mode; nothing for ORT)."""
+        ...
+
+
+def installed(engine: str) -> str | None:
+    """The version of `engine`'s runtime on this machine, or None; nothing is imported."""
+    runtime = RUNTIMES[engine]
+    if importlib.util.find_spec(runtime) is None:
+        return None
+    for dist in (runtime, f"{runtime}-gpu"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(dist)
+    return "unknown"
+
+
+def load(engine: str, data: bytes, path: Path, entry: dict[str, Any], threads: int,
+         expect: dict[str, Any] | None) -> Runner:
+    """A fresh Runner of `engine` for the verified model bytes `data`.
+
+    `entry` is the manifest's record of the engine, `expect` what the model must agree with
+    (input_shape, classes) before it is run.
+
+    Raises:
+        BundleError: the runtime is missing, or the file is not a model it can load.
+    """
+    if installed(engine) is None:
+        raise BundleError(f"{path}: engine {engine} needs {RUNTIMES[engine]}, which is not "
+                          f"installed on this board (install it, or set model.engine to an "
+                          f"installed one)")
+    if engine == TORCHSCRIPT:
+        from agent.engines import torchscript
+        return torchscript.load(data, path, str(entry.get("quantized_engine", "qnnpack")),
+                                threads)
+    from agent.engines import onnxrt
+    return onnxrt.load(data, path, threads, expect)
+
+
+@contextlib.contextmanager
+def no_session() -> Iterator[None]:
+    """The session of a runner that needs none."""
+    yield

@@ -1,0 +1,284 @@
+"""Benchmark: the engines' targets, each a ratio or a figure measured in one run on this machine.
+
+    .venv/bin/python benchmarks/engine_targets.py [--bundle models] [--rounds 21]
+                                                  [--slice-s 1.0] [--starts 5]
+
+Uses the bundle in --bundle (built with `edge-optimize run --data synthetic` when missing) and
+a real mosquitto on a free loopback port, then measures:
+  1. speed: ONNX Runtime int8 batch-1 p50 <= 0.35 x TorchScript/qnnpack p50, both loaded from
+     the bundle's verified bytes in this process and timed in interleaved rounds (the agent's
+     own `race`, agent/timing.py), 1 thread;
+  2. the torch-free profile: `edge-agent run` in a process where torch is not importable
+     (sys.modules["torch"] = None: how a venv of the onnx profile looks to Python), median of
+     --starts starts: cold start (process start to the end of the first inference, the
+     agent's own `cold_start_ms` in its info) <= 0.5 s, and RSS (its telemetry's rss_mb,
+     largest window) <= 100 MB;
+  3. download: what pip downloads for a Pi (PyPI's manylinux aarch64 wheels, Python 3.11) for
+     the onnx profile's runtime (onnxruntime, numpy and their dependencies) <= 45 MB; the
+     torch profile's for comparison;
+  4. the agent's overhead, per engine: its inference loop (InferenceLoop handing every window
+     to a running Publisher: telemetry through the spool to the broker) >= 0.97 x a bare loop
+     of the same engine (an InferenceSession.run / a TorchScript module call, nothing else),
+     both in this process on the same model bytes, in --rounds rounds of one --slice-s slice
+     each, the order turning every round; the median of the per-round ratios. In one
+     process and paired by round, the drift of a shared machine moves both sides alike.
+Prints a table, writes build/bench-engines/results.json and engines.png, exits 1 if a target
+is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.bundle import Bundle  # noqa: E402
+from agent.config import AgentConfig, load_config  # noqa: E402
+from agent.loop import InferenceLoop, Inputs, LoopControl, Model, warm_up  # noqa: E402
+from agent.publisher import Publisher  # noqa: E402
+from agent.sdnotify import Notifier  # noqa: E402
+from agent.spool import Spool  # noqa: E402
+from agent.stats import ResourceStats  # noqa: E402
+from agent.telemetry import Window  # noqa: E402
+from agent.timing import race  # noqa: E402
+from tests.support.broker import Broker, Subscriber  # noqa: E402
+
+PLATFORM = ["--platform", "manylinux_2_28_aarch64", "--platform", "manylinux_2_17_aarch64",
+            "--platform", "manylinux2014_aarch64", "--python-version", "3.11",
+            "--implementation", "cp", "--only-binary=:all:"]
+
+
+def speed(bundle: Bundle, rounds: int) -> dict[str, float]:
+    """Batch-1 p50 of each engine, interleaved rounds in this process (ms)."""
+    runners = {e: bundle.load(e, 1) for e in bundle.engines}
+    x = Inputs.random(1, bundle.manifest.input_shape).batches
+    timed = race(runners, x, rounds, 200, warmup=50)
+    return {e: s.p50_s * 1000 for e, s in timed.items()}
+
+
+def bare_loop(bundle: Bundle, engine: str) -> Any:
+    """What an engineer writes by hand: the runtime's own call on a prepared input, in a
+    closure that runs passes for `seconds` and returns how many it ran."""
+    x = Inputs.random(1, bundle.manifest.input_shape).batches[0]
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+
+        from agent.engines.onnxrt import options
+
+        session = ort.InferenceSession(bundle.files[engine], options(1),
+                                       providers=["CPUExecutionProvider"])
+        run, feed = session.run, {session.get_inputs()[0].name: x}
+
+        def passes(seconds: float) -> int:
+            n, end = 0, time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                run(None, feed)
+                n += 1
+            return n
+        return passes
+    import torch
+
+    from agent.engines.torchscript import load_scripted
+    from agent.torchwarnings import known_torch_deprecations
+
+    module = load_scripted(bundle.path_of(engine), bundle.manifest.engine,
+                           bundle.files[engine])
+    tx = torch.from_numpy(x)
+
+    def torch_passes(seconds: float) -> int:
+        n, end = 0, time.perf_counter() + seconds
+        with torch.inference_mode(), known_torch_deprecations():
+            while time.perf_counter() < end:
+                module(tx)
+                n += 1
+        return n
+    return torch_passes
+
+
+def overhead(bundle: Bundle, engine: str, port: int, work: Path, rounds: int,
+             slice_s: float) -> dict[str, Any]:
+    """Agent loop vs bare loop of `engine`, alternating slices in this process."""
+    cfg = load_config(None, [f"mqtt.port={port}", "mqtt.host=127.0.0.1", "loop.window_s=1",
+                             f"spool.path={work / engine}.db"], AgentConfig)
+    spool = Spool(work / f"{engine}.db", int(cfg.spool.max_mb * 1e6), cfg.spool.max_age_s)
+    publisher = Publisher(cfg.mqtt, f"bench-{engine}", spool, ResourceStats(), {},
+                          bundle.sha256)
+    publisher.start()
+    counted = [0]
+
+    def emit(item: Any) -> bool:
+        if isinstance(item, Window):
+            counted[0] += len(item.latencies_s) * item.batch_size
+        return publisher.submit(item)
+
+    import torch  # the TorchScript engine's threads, and the bare loop's
+
+    torch.set_num_threads(1)
+    model = Model.of(bundle, bundle.load(engine, 1), "random", 1)
+    warm_up(model, 50)
+    loop = InferenceLoop(model, cfg.loop, LoopControl(), emit, Notifier())
+    bare = bare_loop(bundle, engine)
+    bare(0.5)
+    agent_ips: list[float] = []
+    bare_ips: list[float] = []
+    try:
+        for r in range(rounds):
+            for side in ("bare", "agent") if r % 2 == 0 else ("agent", "bare"):
+                t0 = time.perf_counter()
+                if side == "bare":
+                    n = bare(slice_s)
+                else:
+                    before = counted[0]
+                    loop.run(slice_s)
+                    n = counted[0] - before
+                ips = n / (time.perf_counter() - t0)
+                (bare_ips if side == "bare" else agent_ips).append(ips)
+    finally:
+        publisher.close(5.0)
+        spool.close()
+    ratios = [a / b for a, b in zip(agent_ips, bare_ips, strict=True)]
+    return {"agent_ips": agent_ips, "bare_ips": bare_ips, "ratios": ratios,
+            "ratio": statistics.median(ratios)}
+
+
+def torch_free(bundle_dir: Path, port: int, work: Path, starts: int) -> dict[str, Any]:
+    """`edge-agent run` without torch: cold start and RSS, median of `starts` starts."""
+    code = ("import sys; sys.modules['torch'] = None; from agent.cli import main; "
+            "raise SystemExit(main(sys.argv[1:]))")
+    cold, rss = [], []
+    for i in range(starts):
+        sub = Subscriber(port, client_id=f"bench-free-{i}")
+        device = f"free{i}"
+        proc = subprocess.run(
+            [sys.executable, "-c", code, "run", "--duration", "4", "--set",
+             f"model.dir={bundle_dir}", "--set", f"mqtt.port={port}", "--set",
+             "mqtt.host=127.0.0.1", "--set", f"device.id={device}", "--set",
+             f"spool.path={work / device}.db", "--set", "loop.window_s=1"],
+            cwd=work, capture_output=True, text=True, timeout=120)
+        time.sleep(0.5)
+        sub.close()
+        if proc.returncode != 0:
+            raise SystemExit(f"torch-free edge-agent run failed:\n{proc.stderr[-2000:]}")
+        infos = [json.loads(p) for p, _ in sub.on(f"{device}/info")]
+        info = infos[-1]
+        if info["engine"] != "onnxruntime" or "import torch" in proc.stderr:
+            raise SystemExit(f"the torch-free run did not run onnxruntime: {info['engine']}")
+        cold.append(info["cold_start_ms"])
+        rss.append(max(m["rss_mb"] for m in sub.telemetry()))
+    return {"cold_start_ms": cold, "rss_mb": rss, "cold_start_ms_median":
+            statistics.median(cold), "rss_mb_median": statistics.median(rss)}
+
+
+def download_mb(specs: list[str], work: Path) -> dict[str, Any]:
+    """What pip downloads for `specs` on a Pi (aarch64, Python 3.11), in MB."""
+    dest = work / ("wheels-" + "-".join(re.sub(r"\W", "", s) for s in specs))
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet",
+                    "--disable-pip-version-check", *PLATFORM, "-d", str(dest), *specs],
+                   check=True)
+    files = sorted(dest.iterdir())
+    return {"mb": sum(f.stat().st_size for f in files) / 1e6,
+            "files": {f.name: round(f.stat().st_size / 1e6, 2) for f in files}}
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Per-round agent/bare ratio per engine, and the two engines' p50."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for engine, o in results["overhead"].items():
+        ax1.plot(range(1, len(o["ratios"]) + 1), o["ratios"], "o-",
+                 label=f"{engine} (median {o['ratio']:.3f})")
+    ax1.axhline(0.97, color="tab:red", linestyle="--", label="target 0.97")
+    ax1.set(xlabel="round", ylabel="agent img/s / bare img/s",
+            title="the agent's loop against a bare loop, same process")
+    ax1.legend(loc="lower right")
+    speeds = results["speed_p50_ms"]
+    ax2.bar(list(speeds), [v * 1000 for v in speeds.values()], color=["tab:gray", "tab:blue"])
+    ax2.set(ylabel="batch-1 p50, us", title="engines, interleaved rounds, 1 thread")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bundle", type=Path, default=Path("models"))
+    p.add_argument("--rounds", type=int, default=21)
+    p.add_argument("--slice-s", type=float, default=1.0)
+    p.add_argument("--starts", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("build/bench-engines"))
+    args = p.parse_args()
+    bundle_dir = args.bundle.resolve()
+    if not (bundle_dir / "manifest.json").exists():
+        cmd = [sys.executable, "-m", "optimizer", "run", "--data", "synthetic", "--out",
+               str(bundle_dir)]
+        print("$", " ".join(cmd), file=sys.stderr)
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            return 2
+    bundle = Bundle.open(bundle_dir)
+    if set(bundle.engines) != {"torchscript", "onnxruntime"}:
+        raise SystemExit(f"{bundle_dir}: the bundle needs both engines, it has {bundle.engines}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-engines-"))
+    broker = Broker(work / "broker")
+    broker.start()
+    try:
+        print("speed: both engines, interleaved rounds ...", file=sys.stderr, flush=True)
+        p50 = speed(bundle, 15)
+        print("overhead: agent loop vs bare loop, per engine ...", file=sys.stderr, flush=True)
+        over = {e: overhead(bundle, e, broker.port, work, args.rounds, args.slice_s)
+                for e in ("onnxruntime", "torchscript")}
+        print("torch-free starts ...", file=sys.stderr, flush=True)
+        free = torch_free(bundle_dir, broker.port, work, args.starts)
+    finally:
+        broker.stop()
+    print("downloads for aarch64 ...", file=sys.stderr, flush=True)
+    onnx = download_mb(["onnxruntime==1.32.0", "numpy"], work)
+    torch_dl = download_mb(["torch==2.9.1", "numpy"], work)
+    ratio = p50["onnxruntime"] / p50["torchscript"]
+    checks = [
+        ("ONNX Runtime p50 / TorchScript-qnnpack p50, batch 1, same run", ratio, 0.35, "<="),
+        ("torch-free: cold start to the first inference, s (median)",
+         free["cold_start_ms_median"] / 1000, 0.5, "<="),
+        ("torch-free: agent RSS, MB (median of largest window)", free["rss_mb_median"], 100.0,
+         "<="),
+        ("torch-free: aarch64 download, onnxruntime + numpy + deps, MB", onnx["mb"], 45.0, "<="),
+        *((f"agent loop / bare {e} loop, img/s (median of paired rounds)", o["ratio"], 0.97,
+           ">=") for e, o in over.items()),
+    ]
+    results = {"speed_p50_ms": p50, "overhead": over, "torch_free": free,
+               "download_onnx": onnx, "download_torch": torch_dl,
+               "checks": [{"target": n, "measured": v, "limit": lim, "op": op}
+                          for n, v, lim, op in checks]}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, args.out / "engines.png")
+    print(f"\np50 batch 1: torchscript {p50['torchscript'] * 1000:.0f} us, onnxruntime "
+          f"{p50['onnxruntime'] * 1000:.0f} us; downloads: onnx {onnx['mb']:.1f} MB, torch "
+          f"{torch_dl['mb']:.1f} MB; torch-free cold starts {free['cold_start_ms']} ms")
+    for e, o in over.items():
+        print(f"{e}: agent median {statistics.median(o['agent_ips']):,.0f} img/s, bare "
+              f"{statistics.median(o['bare_ips']):,.0f} img/s")
+    print(f"{'target':<66} {'measured':>9} {'limit':>8}  result")
+    ok = True
+    for name, value, limit, op in checks:
+        passed = value >= limit if op == ">=" else value <= limit
+        ok &= passed
+        print(f"{name:<66} {value:>9.3f} {op:>2}{limit:>6}  {'PASS' if passed else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
