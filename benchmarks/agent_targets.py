@@ -2,14 +2,17 @@
 
     .venv/bin/python benchmarks/agent_targets.py [--bundle models] [--round-s 20]
                                                  [--rounds 3] [--soak-s 600]
+                                                 [--engine onnxruntime|torchscript]
 
 Uses the bundle in --bundle (built with `edge-optimize run --data synthetic` when missing)
 and a real mosquitto on a free loopback port, then measures, in one run:
-  1. throughput: `edge-agent run` (telemetry and spool on, full rate, batch 1, 1 thread)
-     >= 0.97 x a bare `model(x)` loop on the same model, same inputs, same settings.
-     Rounds alternate bare / agent; each side's median of --rounds rounds of --round-s.
+  1. throughput, between processes (informational since issue 14: benchmarks/engine_targets.py
+     decides the 0.97 target in one process, where the spread between processes cannot
+     swamp it): `edge-agent run` (telemetry and spool on, full rate, batch 1, 1 thread,
+     model.engine=--engine) against a bare loop of the same engine's runner in its own
+     process. Rounds alternate bare / agent; each side's median of --rounds rounds.
   2. memory: the agent's RSS (its own telemetry, largest window) <= the RSS of a bare
-     process holding torch and the warmed-up model + 30 MB.
+     process holding the same engine's warmed-up model + 30 MB.
   3. growth: RSS at the last window of a --soak-s agent run at full rate minus RSS at its
      second window < 5 MB.
 Prints a table, writes build/bench-agent/results.json and agent.png (throughput per round,
@@ -41,17 +44,15 @@ from tests.support.broker import Broker  # noqa: E402  (the tests' real-mosquitt
 # The bare loop: what an engineer would write by hand, nothing else in the process.
 BARE = """
 import json, sys, time
-import psutil, torch
+import psutil
 from pathlib import Path
 from agent.bundle import Bundle
 from agent.loop import Inputs
-from agent.torchwarnings import known_torch_deprecations
 seconds, warmup = float(sys.argv[2]), int(sys.argv[3])
-torch.set_num_threads(1)
 bundle = Bundle.open(Path(sys.argv[1]))
-model = bundle.load()
+model = bundle.load(sys.argv[4], 1)
 xs = Inputs.random(1, bundle.manifest.input_shape).batches
-with torch.inference_mode(), known_torch_deprecations():
+with model.session():
     for i in range(warmup):
         model(xs[i % len(xs)])
     n, t0 = 0, time.perf_counter()
@@ -98,8 +99,9 @@ class Telemetry:
 
 
 def run_agent(bundle: Path, port: int, work: Path, device: str, seconds: float,
-              window_s: float, telemetry: Telemetry) -> list[dict[str, Any]]:
+              window_s: float, telemetry: Telemetry, engine: str) -> list[dict[str, Any]]:
     cmd = [sys.executable, "-m", "agent", "run", "--duration", str(seconds),
+           "--set", f"model.engine={engine}",
            "--set", f"model.dir={bundle}", "--set", f"mqtt.port={port}",
            "--set", "mqtt.host=127.0.0.1", "--set", f"device.id={device}",
            "--set", f"spool.path={work / device}.db", "--set", f"loop.window_s={window_s}"]
@@ -149,6 +151,7 @@ def main() -> int:
     p.add_argument("--round-s", type=float, default=20.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--soak-s", type=float, default=600.0)
+    p.add_argument("--engine", choices=("onnxruntime", "torchscript"), default="onnxruntime")
     p.add_argument("--out", type=Path, default=Path("build/bench-agent"))
     args = p.parse_args()
     bundle = args.bundle.resolve()
@@ -168,14 +171,15 @@ def main() -> int:
     try:
         for r in range(args.rounds):
             out = subprocess.run([sys.executable, "-c", BARE, str(bundle), str(args.round_s),
-                                  str(warmup)], cwd=ROOT, capture_output=True, text=True,
+                                  str(warmup), args.engine], cwd=ROOT, capture_output=True,
+                                 text=True,
                                  check=True).stdout
             b = json.loads(out)
             bare.append(b["ips"])
             rss_bare.append(b["rss_mb"])
             window = args.round_s / 4
             msgs = full_windows(run_agent(bundle, broker.port, work, f"round{r}", args.round_s,
-                                          window, telemetry), window)
+                                          window, telemetry, args.engine), window)
             agent.append(sum(m["inferences"] for m in msgs) / sum(m["window_s"] for m in msgs))
             rss_agent.append(max(m["rss_mb"] for m in msgs))
             print(f"round {r + 1}/{args.rounds}: bare {bare[-1]:,.0f} img/s, agent "
@@ -184,7 +188,7 @@ def main() -> int:
         print(f"soak: edge-agent run for {args.soak_s:g} s at full rate ...", file=sys.stderr,
               flush=True)
         soak = full_windows(run_agent(bundle, broker.port, work, "soak", args.soak_s, 10.0,
-                                      telemetry), 10.0)
+                                      telemetry, args.engine), 10.0)
     finally:
         telemetry.close()
         broker.stop()
@@ -192,12 +196,14 @@ def main() -> int:
     ratio = statistics.median(agent) / statistics.median(bare)
     rss_margin = max(rss_agent) - statistics.median(rss_bare)
     growth = soak[-1]["rss_mb"] - soak[1]["rss_mb"]
+    print(f"between processes (informational; engine_targets.py decides 0.97 in one "
+          f"process): agent / bare {args.engine} img/s, medians of rounds: {ratio:.3f}")
     checks = [
-        ("agent loop img/s / bare model(x) loop img/s (median of rounds)", ratio, 0.97, ">="),
         ("agent RSS - bare torch+model process RSS, MB", rss_margin, 30.0, "<="),
         (f"agent RSS growth over a {args.soak_s:g} s full-rate run, MB", growth, 5.0, "<"),
     ]
-    results = {"bare_ips": bare, "agent_ips": agent, "rss_bare_mb": rss_bare,
+    results = {"engine": args.engine, "ratio_between_processes": ratio,
+               "bare_ips": bare, "agent_ips": agent, "rss_bare_mb": rss_bare,
                "rss_agent_mb": rss_agent, "soak_rss_mb": [m["rss_mb"] for m in soak],
                "soak_ips": [m["throughput_ips"] for m in soak],
                "checks": [{"target": n, "measured": v, "limit": lim, "op": op}

@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +47,6 @@ sys.path.insert(0, str(ROOT))
 from agent.bundle import Bundle  # noqa: E402
 from agent.telemetry import percentile  # noqa: E402
 from agent.timing import time_passes  # noqa: E402
-from agent.torchwarnings import known_torch_deprecations  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402  (the tests' real-mosquitto helper)
 
 OUT = ROOT / "build/bench-serving"
@@ -90,8 +88,13 @@ class Listener:
         self.client.loop_stop()
 
 
+# The agent and the forward pass measured alone run the same engine (agent/engines).
+ENGINE = "onnxruntime"
+
+
 def agent(bundle: Path, port: int, work: Path, *overrides: str) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "agent", "run", "--set", f"model.dir={bundle}",
+            "--set", f"model.engine={ENGINE}",
             "--set", f"mqtt.port={port}", "--set", "mqtt.host=127.0.0.1",
             "--set", "device.id=bench", "--set", f"spool.path={work / 'spool.db'}",
             "--set", "loop.window_s=2"]
@@ -123,16 +126,14 @@ def camera_jpegs(bundle: Bundle, count: int) -> list[bytes]:
 def alone(bundle: Bundle, jpegs: list[bytes]) -> tuple[float, float]:
     """(forward p50, decode+preprocess p50) in seconds, measured in this process."""
     prep = bundle.manifest.preprocess
-    module = bundle.load()
-    torch.set_num_threads(1)
+    runner = bundle.load(ENGINE, 1)
     decode = []
-    tensors = []
+    arrays = []
     for data in jpegs:
         t0 = time.perf_counter()
-        tensors.append(prep.encoded(data).unsqueeze(0))
+        arrays.append(prep.encoded(data)[None])
         decode.append(time.perf_counter() - t0)
-    with torch.inference_mode(), known_torch_deprecations():
-        forward = time_passes(module, tensors[:50], 500)
+    forward = time_passes(runner, arrays[:50], 500)
     return statistics.median(forward), statistics.median(decode)
 
 

@@ -73,15 +73,21 @@ cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
 "$python" -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; \
 from tests.prove_arm import fake_cpu_files; fake_cpu_files(Path('$root'), '$cpu')"
 
-# The board's wheels, fetched by the host's pip for the root's Python (see the top).
+# The board's wheels, fetched by the host's pip for the root's Python (see the top). pip
+# judges dependency markers by the host it runs on (x86: torch's CUDA wheels), so the list is
+# explicit, --no-deps: the runtimes, their dependencies, the agent's and its extras', and
+# setuptools to build the agent. A missing one stops the board's pip with its name.
 pyver=$(chroot "$root" /usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 mapfile -t specs < <("$python" -m agent.torch_matrix recommend --profile both --machine aarch64)
-"$python" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
+"$python" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
     --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 \
-    --platform manylinux2014_aarch64 --python-version "$pyver" --implementation cp \
-    -d "$root/root/wheels" "${specs[@]}" numpy pyyaml psutil 'paho-mqtt>=2,<3' cryptography \
-    pillow watchdog 'setuptools>=77' \
-    || { echo "install-board: cannot download the board's wheels for Python $pyver" >&2; exit 1; }
+    --platform manylinux2014_aarch64 --platform any --python-version "$pyver" \
+    --implementation cp --abi "cp${pyver/./}" --abi abi3 --abi none -d "$root/root/wheels" \
+    "${specs[@]}" filelock typing-extensions sympy mpmath networkx jinja2 markupsafe fsspec \
+    flatbuffers packaging protobuf numpy pyyaml psutil 'paho-mqtt>=2,<3' cryptography cffi \
+    pycparser pillow watchdog 'setuptools>=77' 2>"$root.pip.log" \
+    || { grep -v "^WARNING: Location" "$root.pip.log" >&2
+         echo "install-board: cannot download the board's wheels for Python $pyver" >&2; exit 1; }
 
 rm -rf "$root/root/edgeforge" "$root/root/bundle"
 # The proof's own checks get the bundle as built (unsigned, no key on the board's command

@@ -55,7 +55,8 @@ def test_flash_installs_through_ssh_then_changes_nothing_and_ansible_rolls_out_a
             "--set", "loop.window_s=1"]
     flash = ["deploy.cli", "flash", sshd.target, "--bundle", v1, "--key", fleet_key,
              "--prefix", prefix, "--torch", f"torch=={torch.__version__.split('+')[0]}",
-             "--identity", sshd.identity, *[a for o in sshd.options for a in ("--ssh-option", o)],
+             "--profile", "onnx", "--identity", sshd.identity,
+             *[a for o in sshd.options for a in ("--ssh-option", o)],
              "--device-id", "board1", "--restart-command", fake_systemctl_restart(prefix),
              "--timeout", "90", *mqtt]
     sub = Subscriber(broker.port)
@@ -73,6 +74,11 @@ def test_flash_installs_through_ssh_then_changes_nothing_and_ansible_rolls_out_a
                 ).is_symlink()
         info = json.loads(sub.on("board1/info")[-1][0])
         assert info["model_sha256"] == model_sha(bundle) and info["model_version"] == 1
+        # The onnx profile: a board without torch, serving from the ONNX model.
+        venv_python = prefix / "opt/edgeforge/venv/bin/python"
+        assert subprocess.run([venv_python, "-c", "import torch"],
+                              capture_output=True).returncode != 0
+        assert info["engine"] == "onnxruntime" and info["runtimes"]["torchscript"] is None
         state = json.loads((prefix / "var/lib/edgeforge/models/state.json").read_text())
         assert state["pending"] is None  # confirmed after the birth message
 
@@ -101,6 +107,7 @@ def test_flash_installs_through_ssh_then_changes_nothing_and_ansible_rolls_out_a
             "edgeforge_prefix": str(prefix), "edgeforge_bundle": str(v2),
             "edgeforge_key": str(fleet_key), "edgeforge_device_id": "board1",
             "edgeforge_torch": f"torch=={torch.__version__.split('+')[0]}",
+            "edgeforge_profile": "both",
             "edgeforge_set": [f"mqtt.port={broker.port}", "mqtt.host=127.0.0.1",
                               "loop.window_s=1"],
             "edgeforge_restart_command": fake_systemctl_restart(prefix),
@@ -115,6 +122,9 @@ def test_flash_installs_through_ssh_then_changes_nothing_and_ansible_rolls_out_a
         assert os.readlink(prefix / "var/lib/edgeforge/models/current") == f"versions/{vid2}"
         sub.wait_for(lambda: json.loads(sub.on("board1/info")[-1][0])["model_sha256"]
                      == model_sha(bundle_v2), 10, "board1 running the Ansible release")
+        # profile both: torch joined onnxruntime, and the agent proved and timed both
+        choice = json.loads(sub.on("board1/info")[-1][0])["engine_choice"]
+        assert [e["status"] for e in choice["engines"]] == ["proven", "proven"]
     finally:
         sub.close()
         pid = prefix / "agent.pid"
