@@ -93,7 +93,7 @@ rm -rf "$root/root/edgeforge" "$root/root/bundle"
 # The proof's own checks get the bundle as built (unsigned, no key on the board's command
 # line); the install gets it signed by the emulated fleet's key, as render does for a Pi.
 cp -r "$bundle" "$root/root/bundle"
-key="$root.signing.key"
+key="$(dirname "$root")/emulated-fleet.signing.key"  # one fleet: every root trusts it
 [ -f "$key" ] || "$python" -m deploy.cli keygen --key "$key" >/dev/null
 "$python" -m deploy.cli render --device-id "emulated-$cpu" --bundle "$bundle" --key "$key" \
     --profile "$profile" --out "$root/root/edgeforge" >/dev/null
