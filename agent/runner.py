@@ -39,7 +39,7 @@ from agent.homeassistant import discovery_messages
 from agent.loop import Feed, InferenceLoop, LoopControl, Model, warm_up
 from agent.predictions import Predictor
 from agent.publisher import STALL_S as PUBLISHER_STALL_S
-from agent.publisher import ModelChange, Publisher
+from agent.publisher import Publisher
 from agent.remote_commands import STALL_S as COMMANDS_STALL_S
 from agent.remote_commands import Commands, RecentErrors, config_sha256, recover_trial
 from agent.sdnotify import Notifier
@@ -94,6 +94,18 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
                  f"{row['max_abs_logit_diff']:.3g})")
     log.info("bundle %s verified: sha256 %s...; running %s", bundle.dir, bundle.sha256[:12],
              describe(checked))
+    # The model first, then the spool and the network: the first inference ends as early as
+    # the process can manage (cold_start_ms), and a model that cannot run never counts as a
+    # start in the spool.
+    t0 = time.perf_counter()
+    runner = bundle.load(checked["engine"], loop_cfg.threads)
+    load_ms = (time.perf_counter() - t0) * 1000
+    model = Model.of(bundle, runner, cfg.source.kind, loop_cfg.batch_size)
+    first_ms = warm_up(model, 1) * 1000
+    age = process_age_s()  # the first inference is done: the cold start, from exec
+    cold_ms = age * 1000 if age is not None else None
+    if loop_cfg.warmup > 1:
+        warm_up(model, loop_cfg.warmup - 1)
 
     spool_cfg = cfg.spool
     spool = Spool(spool_path(spool_cfg.path, os.environ, os.geteuid() == 0),
@@ -112,9 +124,6 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
                  discovery_messages(ha.discovery_prefix, device,
                                     Topics.for_device(cfg.mqtt.topic_prefix, device))) \
         if ha.enabled else None
-    load_ms = first_ms = 0.0  # measured once the publisher exists; info is sent again then
-    cold_ms: float | None = None
-
     def make_info(b: Bundle, c: dict[str, Any]) -> dict[str, Any]:
         return {**birth_info(cfg, device, b, c, starts, last_exit, load_ms, first_ms),
                 "cold_start_ms": None if cold_ms is None else round(cold_ms, 1)}
@@ -152,19 +161,8 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
         control.stop()
 
     try:
-        t0 = time.perf_counter()
-        runner = bundle.load(checked["engine"], loop_cfg.threads)
-        load_ms = (time.perf_counter() - t0) * 1000
-        model = Model.of(bundle, runner, src.kind, loop_cfg.batch_size)
-        first_ms = warm_up(model, 1) * 1000
-        age = process_age_s()  # the first inference is done: the cold start, from exec
-        cold_ms = age * 1000 if age is not None else None
-        if loop_cfg.warmup > 1:
-            warm_up(model, loop_cfg.warmup - 1)
         if src.serving:
             warm_images(model)
-        # The birth message names the load and first-inference times just measured.
-        publisher.submit(ModelChange(bundle.sha256, make_info(bundle, checked)))
         commands = Commands(cfg.update, loop_cfg, store, public_key, publisher.submit, bundle,
                             checked, model, inbox, control, make_info, config_sha256(cfg),
                             recent, source_kind=src.kind, engine=cfg.model.engine)

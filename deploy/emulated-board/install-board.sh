@@ -14,12 +14,12 @@
 # --profile.
 #
 # The Debian root is kept between runs; the rendered folder and the bundle are copied in
-# afresh and the installer runs every time (it is idempotent). Three things are this
-# workplace's, not a Pi's: the host's CA bundle is copied in (PyPI is reached through a TLS
-# proxy here); the board's pip installs from ROOT/root/wheels, the wheels PyPI has for the
-# root's Python and aarch64, downloaded by the host's pip (natively: the same files, without
-# hours of emulated TLS); and /proc/cpuinfo and /sys/devices/system/cpu are faked for the
-# core (tests/prove_arm.py).
+# afresh and the installer runs every time (it is idempotent). Two things are this
+# workplace's, not a Pi's: the board's pip installs from ROOT/root/wheels, the wheels PyPI has
+# for the root's Python and aarch64, downloaded by the host's pip (natively: the same files,
+# without minutes of emulated TLS; so the root needs no CA certificates, and debootstrap
+# skips configuring them under emulation); and /proc/cpuinfo and /sys/devices/system/cpu are
+# faked for the core (tests/prove_arm.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root_only=0
@@ -58,7 +58,7 @@ flock 9  # another run making this root: wait for it
 if [ ! -e "$root/.edgeforge-board" ]; then
     echo "install-board: debootstrap arm64 $suite into $root (emulated second stage)"
     rm -rf "$root"
-    debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,ca-certificates \
+    debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv \
         "$suite" "$root" http://deb.debian.org/debian >"$root.debootstrap.log" 2>&1 \
         || { tail -20 "$root.debootstrap.log" >&2; exit 1; }
     touch "$root/.edgeforge-board"
@@ -68,8 +68,6 @@ if [ "$root_only" = 1 ]; then
     echo "install-board: the Debian root $root is ready"
     exit 0
 fi
-cp /etc/resolv.conf "$root/etc/resolv.conf"
-cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
 "$python" -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; \
 from tests.prove_arm import fake_cpu_files; fake_cpu_files(Path('$root'), '$cpu')"
 
@@ -101,7 +99,7 @@ key="$(dirname "$root")/emulated-fleet.signing.key"  # one fleet: every root tru
 echo "install-board: sudo bash install-agent.sh (from edge-deploy render) on $cpu, Debian" \
     "$suite (Python $pyver), profile $profile, as written"
 chroot "$root" /usr/bin/env -i QEMU_CPU="$cpu" PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-    LANG=C.UTF-8 PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_NO_INDEX=1 \
+    LANG=C.UTF-8 PIP_NO_INDEX=1 \
     PIP_FIND_LINKS=/root/wheels bash /root/edgeforge/install-agent.sh --no-start
 for f in /etc/edgeforge/config.yaml /var/lib/edgeforge/models/current/manifest.json \
          /etc/systemd/system/multi-user.target.wants/edge-agent.service \

@@ -186,9 +186,11 @@ def test_a_smoke_test_failure_keeps_the_old_model(bundle: Path, fleet_key: Path,
 def test_a_latency_regression_rolls_back_by_itself(bundle: Path, slow_bundle: Path,
                                                    fleet_key: Path, broker: Broker,
                                                    tmp_path: Path, cpu_hog: None) -> None:
-    """Judged on the old and new model's paired passes, so it holds on a busy board."""
+    """Judged on the old and new model's paired passes, so it holds on a busy board. Run on
+    the TorchScript engine (model.engine forces it): the other update tests run auto's
+    choice, ONNX Runtime on this machine, so updates and rollback are proven on both."""
     current = make_store(bundle, tmp_path, fleet_key, version=1)
-    agent, sub = start_agent(current, broker, tmp_path, fleet_key)
+    agent, sub = start_agent(current, broker, tmp_path, fleet_key, "model.engine=torchscript")
     old = os.readlink(current)
     try:
         sub.wait_for(lambda: len(sub.telemetry()) >= 4, 30, "a baseline of old windows")
@@ -198,7 +200,7 @@ def test_a_latency_regression_rolls_back_by_itself(bundle: Path, slow_bundle: Pa
         assert proc.returncode == 1, proc.stdout + proc.stderr
         print(proc.stdout)  # the table the README shows (pytest -s)
         applied, rolled = results(sub)
-        assert applied["result"] == "applied"
+        assert applied["result"] == "applied" and applied["data"]["engine"] == "torchscript"
         assert rolled["result"] == "rolled_back" and "median latency" in rolled["reason"]
         assert rolled["data"]["new_p50_ms"] > 2 * rolled["data"]["old_p50_ms"]
         assert rolled["data"]["mann_whitney_p"] < 0.01
@@ -210,6 +212,7 @@ def test_a_latency_regression_rolls_back_by_itself(bundle: Path, slow_bundle: Pa
         assert state["rejected"][-1]["id"].startswith("2-")
         sub.wait_for(lambda: sub.telemetry()[-1]["model_sha256"] == model_sha(bundle), 10,
                      "telemetry from the old model again")
+        assert {m["engine"] for m in sub.telemetry()} == {"torchscript"}
     finally:
         agent.kill()
         sub.close()
