@@ -66,7 +66,7 @@ PLATFORM = ["--platform", "manylinux_2_28_aarch64", "--platform", "manylinux_2_1
 # Each profile's runtime with its dependencies on aarch64 (their Requires-Dist, read off the
 # wheels), and numpy, which the agent needs either way.
 ONNX_RUNTIME = ["onnxruntime==1.32.0", "numpy", "flatbuffers", "packaging", "protobuf"]
-TORCH_RUNTIME = ["torch==2.9.1", "numpy", "filelock", "typing-extensions", "sympy", "mpmath",
+TORCH_RUNTIME = ["torch==2.9.1", "numpy", "filelock", "typing-extensions", "sympy", "mpmath<1.4",
                  "networkx", "jinja2", "markupsafe", "fsspec"]
 
 

@@ -18,8 +18,10 @@
 # workplace's, not a Pi's: the board's pip installs from ROOT/root/wheels, the wheels PyPI has
 # for the root's Python and aarch64, downloaded by the host's pip (natively: the same files,
 # without minutes of emulated TLS; so the root needs no CA certificates, and debootstrap
-# skips configuring them under emulation); and /proc/cpuinfo and /sys/devices/system/cpu are
-# faked for the core (tests/prove_arm.py).
+# skips configuring them under emulation), and without byte-compiling every file it
+# installs (PIP_NO_COMPILE: Python compiles what it imports, once, on first use; pip's
+# up-front pass over torch's thousands of files took minutes of emulated time); and
+# /proc/cpuinfo and /sys/devices/system/cpu are faked for the core (tests/prove_arm.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root_only=0
@@ -81,7 +83,7 @@ mapfile -t specs < <("$python" -m agent.torch_matrix recommend --profile both --
     --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 \
     --platform manylinux2014_aarch64 --platform any --python-version "$pyver" \
     --implementation cp --abi "cp${pyver/./}" --abi abi3 --abi none -d "$root/root/wheels" \
-    "${specs[@]}" filelock typing-extensions sympy mpmath networkx jinja2 markupsafe fsspec \
+    "${specs[@]}" filelock typing-extensions sympy 'mpmath<1.4' networkx jinja2 markupsafe fsspec \
     flatbuffers packaging protobuf numpy pyyaml psutil 'paho-mqtt>=2,<3' cryptography cffi \
     pycparser pillow watchdog 'setuptools>=77' 2>"$root.pip.log" \
     || { grep -v "^WARNING: Location" "$root.pip.log" >&2
@@ -99,7 +101,7 @@ key="$(dirname "$root")/emulated-fleet.signing.key"  # one fleet: every root tru
 echo "install-board: sudo bash install-agent.sh (from edge-deploy render) on $cpu, Debian" \
     "$suite (Python $pyver), profile $profile, as written"
 chroot "$root" /usr/bin/env -i QEMU_CPU="$cpu" PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-    LANG=C.UTF-8 PIP_NO_INDEX=1 \
+    LANG=C.UTF-8 PIP_NO_INDEX=1 PIP_NO_COMPILE=1 \
     PIP_FIND_LINKS=/root/wheels bash /root/edgeforge/install-agent.sh --no-start
 for f in /etc/edgeforge/config.yaml /var/lib/edgeforge/models/current/manifest.json \
          /etc/systemd/system/multi-user.target.wants/edge-agent.service \

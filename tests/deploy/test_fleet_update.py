@@ -257,7 +257,10 @@ def test_remote_commands_answer_with_their_request_id(bundle: Path, bundle_v2: P
         proc = deploy("cmd", "testboard", "benchmark", "iters=30", "batch_sizes=[1,4]",
                       port=broker.port)
         assert proc.returncode == 0, proc.stderr
-        assert "p99 ms" in proc.stdout and len(proc.stdout.splitlines()) == 5
+        # done, the head, a proof line per engine, the columns, 2 engines x 2 batch sizes,
+        # and the engine the board runs
+        lines = proc.stdout.splitlines()
+        assert "p99 ms" in proc.stdout and len(lines) == 10 and lines[-1].startswith("runs: ")
 
         proc = deploy("cmd", "testboard", "diagnostics", port=broker.port)
         assert proc.returncode == 0, proc.stderr
