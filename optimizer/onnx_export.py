@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agent.engines.onnxrt import METADATA_KEY
+from agent.engines import ONNX_METADATA_KEY
 from optimizer.errors import ExportError
 
 OPSET = 18  # the exporter's lowest native opset in torch 2.13 (older ones are converted)
@@ -125,7 +125,7 @@ def quantize(model: nn.Module, input_shape: list[int], calibration: np.ndarray,
                               f"alone)") from None
         proto = onnx.load(str(q))
         entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps(metadata, sort_keys=True)
+        entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(metadata, sort_keys=True)
         tmp_out = path.with_suffix(path.suffix + ".tmp")
         onnx.save(proto, str(tmp_out))
         tmp_out.replace(path)

@@ -26,19 +26,19 @@ the bundle this run built on both engines.
      only warns on the Cortex-A76;
    - `edge-agent check` proves each engine: sha256, embedded metadata, the bundled sample
      reproducing that engine's host logits (bit-exact: both are static int8) and accuracy;
-   - `edge-agent run` with a `folder` source and `engine: auto` classifies FOLDER_IMAGES PNG
-     files of the stand-in test images dropped into a folder (the installer's default
-     `images` extra); every result's top-3 labels and scores equal the host's for the same
-     file and the engine the result names, exactly; it publishes at least 3 telemetry windows
-     to a real mosquitto on the host's loopback (a chroot shares the host network) and exits
-     0 on SIGTERM, after publishing `offline`;
+   - on bookworm, `edge-agent run` with a `folder` source and `engine: auto` classifies
+     FOLDER_IMAGES PNG files of the stand-in test images dropped into a folder (the
+     installer's default `images` extra); every result's top-3 labels and scores equal the
+     host's for the same file and the engine the result names, exactly; it publishes at
+     least 3 telemetry windows to a real mosquitto on the host's loopback (a chroot shares
+     the host network) and exits 0 on SIGTERM, after publishing `offline`;
    - on bookworm, the guest instructions per batch-1 inference of each engine, counted by
      QEMU itself with the project's TCG plugin (deploy/emulated-board/insn_count.c, built
      here with cc, run by Debian's dynamic qemu-aarch64 copied into the root);
 4. the torch-free profile: the last release's install is run again with `--profile onnx`
    (the installer sheds torch), `import torch` must fail in the board's venv, `edge-agent
    check` proves ONNX Runtime alone, and the folder run above serves every file from the
-   ONNX model on the last CPU (standing in for that CPU's own folder run with both).
+   ONNX model on the last CPU: trixie's serving run.
 The two releases run at once, each in a thread of its own (their roots, brokers and bundle
 copies are separate): the slower one sets the time. Prints one row per release and CPU,
 then the instruction table, and exits 1 if any check fails. Timings under emulation mean
@@ -221,7 +221,10 @@ def torch_2_10(board: Board, bundle: str, row: dict[str, object]) -> str | None:
     (board.host(fake) / "torch-2.10.0.dist-info").mkdir(parents=True)
     (board.host(fake) / "torch-2.10.0.dist-info/METADATA").write_text(
         "Metadata-Version: 2.1\nName: torch\nVersion: 2.10.0\n")
-    bad = board.agent("check", "--set", f"model.dir={bundle}", pythonpath=fake)
+    # model.engine=onnxruntime: the verdict comes before any runtime is imported, and the
+    # A76's warn-and-go on is seen without importing the real torch under emulation again.
+    bad = board.agent("check", "--set", f"model.dir={bundle}", "--set",
+                      "model.engine=onnxruntime", pythonpath=fake)
     lines = bad.stderr.strip().splitlines()
     if "atomics" in CPUS[board.cpu][4]:
         row["torch_2_10"] = "warned" if bad.returncode == 0 and any(
@@ -469,9 +472,9 @@ def install(root: Path, bundle: Path, cpu: str, suite: str, profile: str = "both
 
 def chain(suite: str, roots: Path, built: Path, cpus: list[str], first: bool, last: bool,
           work: Path) -> tuple[list[dict[str, object]], str]:
-    """Everything on one Debian release: the install, each CPU's checks and, on the `last`
-    release, the torch-free profile (its folder run stands in for that release's last CPU's
-    own). Returns the rows and the install's line."""
+    """Everything on one Debian release: the install, each CPU's checks (and, on the `first`
+    release, the folder runs and the instruction counts) and, on the `last` release, the
+    torch-free profile with its folder run. Returns the rows and the install's line."""
     root = roots / f"arm64-{suite}"
     bundle = work / f"bundle-{suite}"  # render signs in place: one copy per release
     shutil.copytree(built, bundle)
@@ -488,7 +491,7 @@ def chain(suite: str, roots: Path, built: Path, cpus: list[str], first: bool, la
         t1 = time.monotonic()
         with board_proc(root, cpu):
             row = prove(Board(root, cpu, f"/tmp/prove-{cpu}"), "/root/bundle", suite,
-                        first=first and i == 0, folder=not (last and i == len(cpus) - 1))
+                        first=first and i == 0, folder=first)
         row["wall_s"] = round(time.monotonic() - t1)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -513,9 +516,10 @@ def main() -> int:
     config = work / "arm.yaml"
     config.write_text(ARM_CONFIG)
     bundle = work / "bundle"
-    built = subprocess.run([sys.executable, "-m", "optimizer", "run", "--data", "synthetic",
-                            "--config", str(config), "--out", str(bundle)], cwd=ROOT,
-                           capture_output=True, text=True)
+    # At a lower priority: CI makes the Debian roots meanwhile, and the proof waits for them.
+    built = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "optimizer", "run",
+                            "--data", "synthetic", "--config", str(config), "--out",
+                            str(bundle)], cwd=ROOT, capture_output=True, text=True)
     if built.returncode != 0:
         print(built.stderr, file=sys.stderr)
         return 1

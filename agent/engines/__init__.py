@@ -27,6 +27,7 @@ from agent.errors import BundleError
 TORCHSCRIPT, ONNXRUNTIME = "torchscript", "onnxruntime"
 ENGINES = (TORCHSCRIPT, ONNXRUNTIME)
 RUNTIMES = {TORCHSCRIPT: "torch", ONNXRUNTIME: "onnxruntime"}  # the package each one imports
+ONNX_METADATA_KEY = "edgeforge"  # the ONNX model's metadata_props entry the optimizer writes
 
 
 class Runner(Protocol):

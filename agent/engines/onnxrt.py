@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from agent.engines import no_session
+from agent.engines import ONNX_METADATA_KEY, no_session
 from agent.errors import BundleError
 
 ENGINE = "onnxruntime"
-METADATA_KEY = "edgeforge"  # the model's metadata_props entry the optimizer writes
 
 
 class OrtRunner:
@@ -73,7 +72,7 @@ def load(data: bytes, path: Path, threads: int, expect: dict[str, Any] | None) -
 
 def metadata(session: ort.InferenceSession) -> dict[str, Any] | None:
     """The edgeforge metadata the optimizer wrote into the model, or None."""
-    raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    raw = session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
     if raw is None:
         return None
     try:

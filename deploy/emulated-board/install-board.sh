@@ -14,14 +14,15 @@
 # --profile.
 #
 # The Debian root is kept between runs; the rendered folder and the bundle are copied in
-# afresh and the installer runs every time (it is idempotent). Two things are this
-# workplace's, not a Pi's: the board's pip installs from ROOT/root/wheels, the wheels PyPI has
-# for the root's Python and aarch64, downloaded by the host's pip (natively: the same files,
+# afresh and the installer runs every time (it is idempotent). Four things are this
+# workplace's, not a Pi's, all for emulated time: the board's pip installs from
+# ROOT/root/wheels, the wheels PyPI has for the root's Python and aarch64, downloaded by the host's pip (natively: the same files,
 # without minutes of emulated TLS; so the root needs no CA certificates, and debootstrap
-# skips configuring them under emulation), and without byte-compiling every file it
-# installs (PIP_NO_COMPILE: Python compiles what it imports, once, on first use; pip's
-# up-front pass over torch's thousands of files took minutes of emulated time); and
-# /proc/cpuinfo and /sys/devices/system/cpu are faked for the core (tests/prove_arm.py).
+# skips configuring them under emulation); the runtimes of the profile (torch, onnxruntime
+# and their dependencies) are unpacked into the board's venv by the host's pip, and the
+# installer's pip finds them there (below); the board's pip does not byte-compile
+# (PIP_NO_COMPILE: Python compiles what it imports, once, on first use); and /proc/cpuinfo
+# and /sys/devices/system/cpu are faked for the core (tests/prove_arm.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root_only=0
@@ -88,6 +89,33 @@ mapfile -t specs < <("$python" -m agent.torch_matrix recommend --profile both --
     pycparser pillow watchdog 'setuptools>=77' 2>"$root.pip.log" \
     || { grep -v "^WARNING: Location" "$root.pip.log" >&2
          echo "install-board: cannot download the board's wheels for Python $pyver" >&2; exit 1; }
+
+# The profile's runtimes, unpacked into the board's venv by the host's pip (natively; the
+# same wheels, see the top): under emulation, pip spent most of ten minutes unzipping and
+# hashing torch's 104 MB. The installer then runs as written; its pip finds them installed.
+# Where the host's Python is the board's (bookworm: 3.11), the host byte-compiles them too.
+mapfile -t runtimes < <("$python" -m agent.torch_matrix recommend --profile "$profile" \
+    --machine aarch64)
+[ -x "$root/opt/edgeforge/venv/bin/python" ] \
+    || chroot "$root" /usr/bin/env -i QEMU_CPU="$cpu" PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+        HOME=/root /usr/bin/python3 -m venv /opt/edgeforge/venv
+site="$root/opt/edgeforge/venv/lib/python$pyver/site-packages"
+runtime_deps=()
+case "$profile" in onnx|both) runtime_deps+=(flatbuffers packaging protobuf) ;; esac
+case "$profile" in torch|both) runtime_deps+=(filelock typing-extensions sympy 'mpmath<1.4' \
+    networkx jinja2 markupsafe fsspec) ;; esac
+host_pyver=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+compile=--no-compile
+[ "$host_pyver" = "$pyver" ] && compile=--compile
+"$python" -m pip install --quiet --disable-pip-version-check --no-deps --no-index \
+    --find-links "$root/root/wheels" --only-binary=:all: --platform manylinux_2_28_aarch64 \
+    --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 --python-version \
+    "$pyver" --implementation cp --abi "cp${pyver/./}" --abi abi3 --abi none --upgrade \
+    --ignore-requires-python \
+    "$compile" --target "$site" "${runtimes[@]}" numpy "${runtime_deps[@]}" \
+    2>>"$root.pip.log" \
+    || { grep -v "^WARNING: Location" "$root.pip.log" >&2
+         echo "install-board: cannot unpack the runtimes into the board's venv" >&2; exit 1; }
 
 rm -rf "$root/root/edgeforge" "$root/root/bundle"
 # The proof's own checks get the bundle as built (unsigned, no key on the board's command

@@ -40,7 +40,8 @@ log = logging.getLogger("edge-monitor")
 
 COLUMNS = (  # (sort key, heading, row field, format)
     ("device", "device", "device", "{}"), ("status", "status", "state", "{}"),
-    ("model", "model", "model_sha256", "{:.12}"), ("p50", "p50 ms", "latency_p50_ms", "{:.3f}"),
+    ("model", "model", "model_sha256", "{:.12}"), ("engine", "engine", "engine", "{}"),
+    ("p50", "p50 ms", "latency_p50_ms", "{:.3f}"),
     ("p99", "p99 ms", "latency_p99_ms", "{:.3f}"),
     ("throughput", "img/s", "throughput_ips", "{:,.1f}"),
     ("cpu", "cpu %", "proc_cpu_percent", "{:.0f}"), ("temp", "temp C", "soc_temp_c", "{:.1f}"),

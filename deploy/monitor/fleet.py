@@ -118,6 +118,7 @@ class Device:
             "device": self.id, "state": self.state(now, stale_s),
             "model_sha256": self.model_sha256,
             "model_version": self.info.get("model_version"),
+            "engine": t.get("engine") or self.info.get("engine"),
             "latency_p50_ms": t.get("latency_p50_ms"), "latency_p90_ms": t.get("latency_p90_ms"),
             "latency_p99_ms": t.get("latency_p99_ms"), "throughput_ips": t.get("throughput_ips"),
             "proc_cpu_percent": t.get("proc_cpu_percent"), "soc_temp_c": t.get("soc_temp_c"),

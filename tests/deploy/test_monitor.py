@@ -98,8 +98,8 @@ def test_once_json_lists_both_boards_with_the_values_they_published(
             assert row["state"] == "online" and row["bad_messages"] == 0
         table = monitor(broker.port, "--once", "--listen", "1.5", "--sort", "p99")
         assert table.returncode == 0
-        assert table.stdout.splitlines()[0].split()[:5] == ["device", "status", "model",
-                                                            "p50", "ms"]
+        assert table.stdout.splitlines()[0].split()[:6] == ["device", "status", "model",
+                                                            "engine", "p50", "ms"]
         assert {line.split()[0] for line in table.stdout.splitlines()[1:]} == {"b1", "b2"}
     finally:
         sub.close()
