@@ -110,7 +110,7 @@ class Bundle:
         shape = m.input_shape
         with runner.session():
             try:
-                out = runner(np.zeros((1, *shape), dtype=np.float32))
+                out = np.asarray(runner(np.zeros((1, *shape), dtype=np.float32)))
             except RuntimeError as exc:
                 first = str(exc).strip().splitlines()[0]
                 raise BundleError(f"{path}: one inference on input [1, "
@@ -119,7 +119,7 @@ class Bundle:
             if tuple(out.shape) != (1, len(m.classes)):
                 raise BundleError(f"{path}: output shape {tuple(out.shape)}, the manifest "
                                   f"expects (1, {len(m.classes)})")
-            logits = runner(normalize(sample["images"], m.mean, m.std))
+            logits = np.asarray(runner(normalize(sample["images"], m.mean, m.std)))
         host = sample["logits"][str(entry["sample_logits"])]
         diff = float(np.abs(logits - host).max())
         tolerance = float(entry["logit_tolerance"])

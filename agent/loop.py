@@ -258,7 +258,7 @@ class InferenceLoop:
                     shadow = self._shadow(shadow, batches[k], old)
                     t1 = perf()
                 if labels is not None:
-                    correct += int((out.argmax(1) == labels[k]).sum())
+                    correct += int((np.asarray(out).argmax(1) == labels[k]).sum())
                 i += 1
                 if period:
                     next_tick = max(next_tick + period, t1)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from agent.config import LIVE_KINDS, SourceConfig
 from agent.sources import Frame, Reply
@@ -39,11 +40,13 @@ class Prediction:
     done: Callable[[bool, str], None] | None = field(default=None, repr=False)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: npt.ArrayLike) -> np.ndarray:
     """Scores of a batch of logits, in float64: the int8 model's logits are bit-exact across
     x86 and ARM, but float32 exp is not (vectorised differently), and a last-bit difference
     can change the sixth decimal a result reports; in float64 it cannot, in practice."""
-    z = logits.astype(np.float64)
+    # asarray, then a float64 copy (an engine's output stays untouched): np.array(tensor)
+    # passes copy= to torch's __array__, which does not take it (a DeprecationWarning).
+    z = np.asarray(logits).astype(np.float64)
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from agent.errors import BundleError
 
@@ -31,7 +32,9 @@ ONNX_METADATA_KEY = "edgeforge"  # the ONNX model's metadata_props entry the opt
 
 
 class Runner(Protocol):
-    """A loaded model: one forward pass per call.
+    """A loaded model: one forward pass per call, a float32 NCHW numpy batch in, the logits
+    out as the engine makes them (ONNX Runtime: numpy; TorchScript: a CPU tensor), which
+    `np.asarray` reads without a copy where numpy is needed.
 
     Raises RuntimeError when a pass fails (the loop's fallback catches exactly that).
     """
@@ -39,7 +42,7 @@ class Runner(Protocol):
     engine: str
     version: str
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+    def __call__(self, batch: np.ndarray) -> npt.ArrayLike: ...
 
     def session(self) -> contextlib.AbstractContextManager[None]:
         """A context to run many passes in (torch's inference mode; nothing for ORT)."""
