@@ -558,7 +558,8 @@ def print_tables(rows: list[dict[str, object]]) -> None:
               f"{engine(r, 'torchscript'):>31} {engine(r, 'onnxruntime'):>31} "
               f"{str(r.get('served_by', '-')):>12} "
               f"{str(r.get('folder_results', '-')).split(' ')[0]:>13} "
-              f"{r.get('windows', 0):>7} {('exit ' + str(r.get('sigterm_exit'))):>8} "
+              f"{r.get('windows', '-'):>7} "
+              f"{('exit ' + str(r['sigterm_exit'])) if 'sigterm_exit' in r else '-':>8} "
               f"{str(r.get('torch_2_10', '-')):>10} {str(r.get('bad_bundles', '-'))[:11]:>11}")
         if not r["ok"]:
             print(f"  FAIL: {r.get('failure')}")
