@@ -171,10 +171,9 @@ class Bundle:
             why = "; ".join(f"{r['engine']}: {r['status']}" + (f" ({r['detail']})"
                                                                  if "detail" in r else "")
                             for r in rows)
-            target = f"engine {engine}" if engine != "auto" else "no engine"
-            raise BundleError(f"{self.dir}: {target} passed its proof on this board ({why})"
+            raise BundleError(f"{self.dir}: no engine passed its proof on this board ({why})"
                               if engine == "auto" else
-                              f"{self.dir}: {target} cannot run on this board ({why})")
+                              f"{self.dir}: engine {engine} cannot run on this board ({why})")
         if engine != "auto":
             chosen, reason = wanted[0], f"model.engine is {engine}"
         elif len(wanted) == 1:
