@@ -68,7 +68,8 @@ class Bundle:
         manifest = Manifest.parse(raw, str(directory / MANIFEST))
         files = {name: manifest.verified_bytes(directory, str(entry["file"]))
                  for name, entry in manifest.engine_entries.items()}
-        manifest.verified_bytes(directory, manifest.board_model)
+        if not any(e["file"] == manifest.board_model for e in manifest.engine_entries.values()):
+            manifest.verified_bytes(directory, manifest.board_model)  # the bundle's identity
         if TORCHSCRIPT in files:
             _agrees_with_model(manifest, directory / manifest.engine_entries[TORCHSCRIPT]
                                ["file"], files[TORCHSCRIPT])
