@@ -27,12 +27,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Nothing here imports torch at module level: agent.torch_matrix must vet it first (a torch that
 # does not fit the CPU dies with SIGILL at import).
 from agent.config import AgentConfig, default_config_path, load_config
 from agent.errors import ConfigError, EdgeforgeError
 from agent.torch_matrix import check_runtime
+
+if TYPE_CHECKING:
+    from agent.fleet_key import FleetKey
 
 log = logging.getLogger("agent")
 
@@ -104,15 +108,13 @@ def store_command(args: argparse.Namespace, cfg: AgentConfig) -> int:
 
     model_dir = Path(cfg.model.dir)
     if args.command == "activate":
-        from agent.signing import configured_key
         from agent.update import activate
 
         if model_dir.name != CURRENT:
             raise ConfigError(f"model.dir {model_dir}: must end in /current (the store's link) "
                               f"for activate; for example /var/lib/edgeforge/models/current")
-        result = activate(args.source, Store(model_dir.parent),
-                          configured_key(cfg.update.public_key), args.trial, cfg.model.engine,
-                          cfg.loop.threads)
+        result = activate(args.source, Store(model_dir.parent), fleet_key(cfg).current,
+                          args.trial, cfg.model.engine, cfg.loop.threads)
     else:
         store = Store.for_model_dir(model_dir)
         if args.command == "confirm":
@@ -126,6 +128,15 @@ def store_command(args: argparse.Namespace, cfg: AgentConfig) -> int:
             result = store.summary()
     print(json.dumps(result, indent=2))
     return 0
+
+
+def fleet_key(cfg: AgentConfig) -> FleetKey:
+    """The fleet key the board trusts: update.public_key and its rotations (the agent's)."""
+    from agent.fleet_key import FleetKey, keys_path
+    from agent.spool import spool_path
+
+    return FleetKey.load(cfg.update.public_key,
+                         keys_path(spool_path(cfg.spool.path, os.environ, os.geteuid() == 0)))
 
 
 def setup_logging() -> None:
@@ -154,9 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from agent.runner import run_agent  # paho and psutil only where needed
 
             return run_agent(cfg, args.duration)
-        from agent.signing import configured_key
-
-        bundle = Bundle.open(Path(cfg.model.dir), configured_key(cfg.update.public_key))
+        bundle = Bundle.open(Path(cfg.model.dir), fleet_key(cfg).trusted())
         if args.command == "check":
             r = bundle.check(cfg.model.engine, cfg.loop.batch_size, cfg.loop.threads,
                              every=True)

@@ -268,8 +268,12 @@ class UpdateConfig:
     max_p50_regression_pct: float = 25.0
     max_p99_regression_pct: float = 50.0
     max_accuracy_drop_pct: float = 2.0  # sample accuracy drop (points) that rolls back
+    # A signed command older than this is refused (agent/command_auth.py); its nonce is
+    # remembered this long, beside the spool.
+    command_max_age_s: float = 300.0
 
     def __post_init__(self) -> None:
+        in_range(self.command_max_age_s, "command_max_age_s", 1, 86400, " s")
         in_range(self.keep, "keep", 2, 100, " (the current version and ones to roll back to)")
         in_range(self.max_payload_mb, "max_payload_mb", 0.001, 256, " MB")
         in_range(self.smoke_iters, "smoke_iters", 1, 100_000)

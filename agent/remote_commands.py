@@ -27,6 +27,8 @@ full is refused at once (`busy`, agent/command_inbox.py).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -38,18 +40,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.exceptions import InvalidSignature
 
 import agent
 from agent.bench import bench, table
 from agent.bundle import Bundle
+from agent.command_auth import Nonces, authorize
 from agent.command_inbox import REQUEST_ID, CommandInbox
 from agent.config import AgentConfig, Invalid, LoopConfig, UpdateConfig, loop_changes
 from agent.engines import ENGINES, installed
 from agent.errors import EdgeforgeError, Refused
+from agent.fleet_key import FleetKey, parse_public_key, rotation_statement
 from agent.loop import LoopControl, Model, warm_up
 from agent.publisher import CommandResult, ModelChange
 from agent.regression import Verdict, compare
+from agent.signing import key_id
 from agent.store import Store
 from agent.telemetry import CMD_SCHEMA, COMMANDS, Window
 from agent.update import decode_files, smoke_test, verify_release
@@ -73,8 +78,8 @@ class RecentErrors(logging.Handler):
         self.lines.append(f"{stamp} {record.levelname} {record.getMessage()}")
 
 
-def parse_request(payload: bytes, max_bytes: int) -> tuple[str, dict[str, Any]]:
-    """(request_id, args) of a command payload.
+def parse_request(payload: bytes, max_bytes: int) -> tuple[str, dict[str, Any], Any]:
+    """(request_id, args, auth) of a command payload (auth unchecked: command_auth does).
 
     Raises:
         Refused: too_large or malformed; `request_id` of the exception is what could be read.
@@ -102,7 +107,7 @@ def parse_request(payload: bytes, max_bytes: int) -> tuple[str, dict[str, Any]]:
     args = msg.get("args", {})
     if not isinstance(args, dict):
         raise Refused("malformed", "args must be a JSON object", request_id=rid)
-    return rid, args
+    return rid, args, msg.get("auth")
 
 
 def recover_trial(store: Store) -> str | None:
@@ -140,22 +145,25 @@ class Commands(threading.Thread):
     """The worker that runs commands and watches trials; see the module docstring."""
 
     def __init__(self, cfg: UpdateConfig, loop_cfg: LoopConfig, store: Store | None,
-                 public_key: Ed25519PublicKey | None, submit: Callable[[Any], bool],
+                 keys: FleetKey, submit: Callable[[Any], bool],
                  bundle: Bundle, checked: dict[str, Any], model: Model, inbox: CommandInbox,
                  control: LoopControl,
                  make_info: Callable[[Bundle, dict[str, Any]], dict[str, Any]],
-                 config_sha256: str, recent: RecentErrors, source_kind: str = "random",
-                 engine: str = "auto") -> None:
+                 config_sha256: str, recent: RecentErrors, nonces: Nonces, device: str,
+                 source_kind: str = "random", engine: str = "auto") -> None:
         """`submit` hands results and model changes to the publisher; `model` is what the
         loop runs at start (`checked`: its bundle's check); `inbox` is this thread's queue;
         `control` the loop's; `engine` the model.engine setting every new version is checked
-        and chosen with."""
+        and chosen with; `nonces` and `device` what a command's signature is checked
+        against (agent/command_auth.py)."""
         super().__init__(name="commands", daemon=True)
         self.cfg = cfg
         self.loop_cfg = loop_cfg  # as the loop runs it: `set` changes it here and there
         self.source_kind = source_kind  # the inputs an updated model is warmed up and run on
         self.store = store
-        self.public_key = public_key
+        self.keys = keys  # the fleet key trusted now, and rotated ones (agent/fleet_key.py)
+        self.nonces = nonces
+        self.device = device
         self.submit = submit
         self.bundle = bundle
         self.checked = checked  # the bundle's check: its engine, proofs and choice
@@ -219,20 +227,23 @@ class Commands(threading.Thread):
     def _command(self, name: str, payload: bytes) -> None:
         self.staging = None
         try:
-            rid, args = parse_request(payload, int(self.cfg.max_payload_mb * 1e6))
+            rid, args, auth = parse_request(payload, int(self.cfg.max_payload_mb * 1e6))
         except Refused as exc:
             self._reply(exc.request_id, name, False, "refused", str(exc),
                         exc.code)
             return
         handlers: dict[str, Callable[[str, dict[str, Any]], None]] = {
             "update_model": self._update, "rollback": self._rollback_cmd, "set": self._set,
-            "benchmark": self._benchmark, "diagnostics": self._diagnostics}
+            "benchmark": self._benchmark, "diagnostics": self._diagnostics,
+            "rotate_key": self._rotate_key}
         handler = handlers.get(name)
         if handler is None:
             self._reply(rid, name, False, "refused", f"unknown command {name!r} (known: "
                         f"{', '.join(COMMANDS)})", "unknown_command")
             return
         try:
+            authorize(name, rid, args, auth, self.device, self.keys.current, self.nonces,
+                      self.cfg.command_max_age_s)
             handler(rid, args)
         except Refused as exc:
             data = {"from": self.store.current()} if self.store is not None else None
@@ -264,7 +275,7 @@ class Commands(threading.Thread):
         if self.trial is not None:
             raise Refused("busy", f"version {self.trial.vid} is still on trial; retry after "
                                   f"its result")
-        release = verify_release(files, self.public_key, self.bundle.manifest,
+        release = verify_release(files, self.keys.current, self.bundle.manifest,
                                  int(store.state().get("max_version", 0)), force)
         from_vid = store.current()
         if release.vid == from_vid:
@@ -276,7 +287,7 @@ class Commands(threading.Thread):
         try:
             path = store.stage(release.vid, {n: release.files[n]
                                              for n in release.manifest.release_files()})
-            bundle, checked, p99 = smoke_test(path, self.public_key, self.loop_cfg,
+            bundle, checked, p99 = smoke_test(path, self.keys.current, self.loop_cfg,
                                               self.cfg.smoke_iters, self.cfg.smoke_max_p99_ms,
                                               self.engine)
             model = self._model(bundle, checked)
@@ -341,7 +352,7 @@ class Commands(threading.Thread):
         """Switch the store to the version before, load it and hand it to the loop."""
         assert self.store is not None
         left, target = self.store.rollback(reason)
-        bundle = Bundle.open(self.store.current_link.resolve(), self.public_key)
+        bundle = Bundle.open(self.store.current_link.resolve(), self.keys.trusted())
         checked = bundle.check(self.engine, self.loop_cfg.batch_size, self.loop_cfg.threads)
         self._go_live(bundle, checked, self._model(bundle, checked))
         return left, str(target["id"])
@@ -445,6 +456,39 @@ class Commands(threading.Thread):
                        self.engine)
         result["note"] = "measured while the inference loop kept running"
         self._reply(rid, "benchmark", True, "done", data={**result, "table": table(result)})
+
+    def _rotate_key(self, rid: str, args: dict[str, Any]) -> None:
+        """Trust a new fleet key from now on (agent/fleet_key.py): this command is signed by
+        the current key (authorize), and `proof` shows the sender holds the new one."""
+        pem, proof = args.get("public_key"), args.get("proof")
+        if not isinstance(pem, str) or not isinstance(proof, str):
+            raise Refused("malformed", "rotate_key takes public_key (PEM text) and proof (the "
+                                       "new key's base64 signature): use edge-deploy rotate-key")
+        try:
+            new = parse_public_key(pem)
+        except ValueError as exc:
+            raise Refused("malformed", f"public_key is not a PEM Ed25519 public key "
+                                       f"({exc})") from None
+        try:
+            new.verify(base64.b64decode(proof, validate=True),
+                       rotation_statement(self.device, rid, key_id(new)))
+        except (InvalidSignature, binascii.Error, ValueError):
+            raise Refused("bad_proof", f"proof is not key {key_id(new)}'s signature of this "
+                                       f"rotation: the sender does not hold the new key") from None
+        assert self.keys.current is not None  # authorize() refused the command otherwise
+        old = key_id(self.keys.current)
+        if key_id(new) == old:
+            self._reply(rid, "rotate_key", True, "unchanged", f"key {old} is already trusted")
+            return
+        try:
+            self.keys.rotate(new)
+        except OSError as exc:
+            raise Refused("internal", f"cannot record the rotation in {self.keys.path} "
+                                      f"({exc.strerror}): the board still trusts key {old}"
+                          ) from None
+        self._reply(rid, "rotate_key", True, "done", f"this board now trusts key {key_id(new)} "
+                    f"for commands and updates (key {old} only for versions already stored)",
+                    data={"from_key": old, "to_key": key_id(new)})
 
     def _diagnostics(self, rid: str, args: dict[str, Any]) -> None:
         versions = self.store.summary() if self.store is not None else None

@@ -24,7 +24,6 @@ import os
 import platform
 import signal
 import socket
-import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -32,9 +31,11 @@ from typing import Any
 import agent
 from agent import engines
 from agent.bundle import Bundle, describe
+from agent.command_auth import Nonces
 from agent.command_inbox import CommandInbox
 from agent.config import AgentConfig, SourceConfig
 from agent.errors import ImageError
+from agent.fleet_key import FleetKey, keys_path
 from agent.homeassistant import discovery_messages
 from agent.loop import Feed, InferenceLoop, LoopControl, Model, warm_up
 from agent.predictions import Predictor
@@ -43,7 +44,6 @@ from agent.publisher import Publisher
 from agent.remote_commands import STALL_S as COMMANDS_STALL_S
 from agent.remote_commands import Commands, RecentErrors, config_sha256, recover_trial
 from agent.sdnotify import Notifier
-from agent.signing import configured_key
 from agent.sources import SourceThread, queue_for, start_source
 from agent.spool import Spool, spool_path
 from agent.stats import ResourceStats, process_age_s
@@ -80,13 +80,17 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
     device = cfg.device.resolved_id
     loop_cfg = cfg.loop
 
-    public_key = configured_key(cfg.update.public_key)
+    state = spool_path(cfg.spool.path, os.environ, os.geteuid() == 0)
+    keys = FleetKey.load(cfg.update.public_key, keys_path(state))
     model_dir = Path(cfg.model.dir)
     store = Store.behind(model_dir)
     rolled_back = recover_trial(store) if store is not None else None
     # A store's bundle is opened at its real path: `current` may point elsewhere later.
-    bundle = Bundle.open(model_dir.resolve() if store else model_dir, public_key)
-    checked = bundle.check(cfg.model.engine, loop_cfg.batch_size, loop_cfg.threads)
+    bundle = Bundle.open(model_dir.resolve() if store else model_dir, keys.trusted())
+    # The model first, then the spool and the network: the first inference ends as early as
+    # the process can manage (cold_start_ms), and a model that cannot run never counts as a
+    # start in the spool. The loop runs the runner the check proved (and timed, for auto).
+    checked, runner = bundle.choose(cfg.model.engine, loop_cfg.batch_size, loop_cfg.threads)
     for row in checked["engines"]:
         log.info("engine %s %s: %s%s", row["engine"], row["version"] or "-", row["status"],
                  f" ({row['detail']})" if "detail" in row else
@@ -94,12 +98,7 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
                  f"{row['max_abs_logit_diff']:.3g})")
     log.info("bundle %s verified: sha256 %s...; running %s", bundle.dir, bundle.sha256[:12],
              describe(checked))
-    # The model first, then the spool and the network: the first inference ends as early as
-    # the process can manage (cold_start_ms), and a model that cannot run never counts as a
-    # start in the spool.
-    t0 = time.perf_counter()
-    runner = bundle.load(checked["engine"], loop_cfg.threads)
-    load_ms = (time.perf_counter() - t0) * 1000
+    load_ms = next(r["load_ms"] for r in checked["engines"] if r["engine"] == runner.engine)
     model = Model.of(bundle, runner, cfg.source.kind, loop_cfg.batch_size)
     first_ms = warm_up(model, 1) * 1000
     age = process_age_s()  # the first inference is done: the cold start, from exec
@@ -108,8 +107,7 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
         warm_up(model, loop_cfg.warmup - 1)
 
     spool_cfg = cfg.spool
-    spool = Spool(spool_path(spool_cfg.path, os.environ, os.geteuid() == 0),
-                  int(spool_cfg.max_mb * 1e6), spool_cfg.max_age_s)
+    spool = Spool(state, int(spool_cfg.max_mb * 1e6), spool_cfg.max_age_s)
     log.info("spool %s: %d message(s) waiting, next telemetry seq %s", spool.path, spool.depth,
              spool.get("seq.telemetry", 1))
     starts = int(spool.get("starts", 0) or 0) + 1
@@ -163,9 +161,11 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
     try:
         if src.serving:
             warm_images(model)
-        commands = Commands(cfg.update, loop_cfg, store, public_key, publisher.submit, bundle,
+        commands = Commands(cfg.update, loop_cfg, store, keys, publisher.submit, bundle,
                             checked, model, inbox, control, make_info, config_sha256(cfg),
-                            recent, source_kind=src.kind, engine=cfg.model.engine)
+                            recent, Nonces(spool.path.with_name(spool.path.name + ".nonces.json"),
+                                           cfg.update.command_max_age_s),
+                            device, source_kind=src.kind, engine=cfg.model.engine)
         loop = InferenceLoop(model, loop_cfg, control, publisher.submit, notifier,
                              healthy=functools.partial(supervise, publisher, commands, source),
                              fell_back=inbox.fell_back, feed=feed)

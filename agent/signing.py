@@ -94,9 +94,11 @@ class Signature:
     manifest_sha256: str
 
 
-def verify(manifest: bytes, signature: bytes | None, public: Ed25519PublicKey,
+def verify(manifest: bytes, signature: bytes | None,
+           public: Ed25519PublicKey | tuple[Ed25519PublicKey, ...],
            origin: str = "bundle") -> Signature:
-    """Check `signature` (signature.json's bytes) over `manifest` with `public`.
+    """Check `signature` (signature.json's bytes) over `manifest` with `public`: one key, or
+    the keys a board trusts for its stored versions (agent/fleet_key.py), the current first.
 
     Raises:
         BundleError: unsigned, malformed, another key, a bad signature, or a manifest that
@@ -116,13 +118,15 @@ def verify(manifest: bytes, signature: bytes | None, public: Ed25519PublicKey,
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
         raise BundleError(f"{origin}: malformed {SIGNATURE_FILE} ({exc}): sign the bundle "
                           f"again with edge-deploy sign") from None
-    ours = key_id(public)
-    if fields.get("key_id") != ours:
+    keys = {key_id(k): k for k in (public if isinstance(public, tuple) else (public,))}
+    ours = next(iter(keys))
+    if fields.get("key_id") not in keys:
         raise BundleError(f"{origin}: signed with key {fields.get('key_id')}, this board "
                           f"trusts key {ours} (sign with the fleet's key, or flash the board "
                           f"with the new public key)")
+    ours = str(fields["key_id"])
     try:
-        public.verify(raw, _signed_bytes(fields))
+        keys[ours].verify(raw, _signed_bytes(fields))
     except InvalidSignature:
         raise BundleError(f"{origin}: bad signature: {SIGNATURE_FILE} was altered or not made "
                           f"by key {ours}") from None

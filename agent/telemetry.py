@@ -36,7 +36,7 @@ CMD_RESULT_SCHEMA = "edgeforge.cmd_result/1"
 RESULT_SCHEMA = "edgeforge.result/1"
 
 # The commands an agent answers on cmd/<name> (agent/remote_commands.py).
-COMMANDS = ("update_model", "rollback", "set", "benchmark", "diagnostics")
+COMMANDS = ("update_model", "rollback", "set", "benchmark", "diagnostics", "rotate_key")
 
 ONLINE = "online"
 OFFLINE = "offline"

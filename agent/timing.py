@@ -29,6 +29,9 @@ def time_passes(module: Callable[[Any], object], batches: Sequence[Any], iters: 
     """
     lat = array("d")
     perf = time.perf_counter
+    prepare = getattr(module, "prepare", None)
+    if callable(prepare):  # as the loop runs its pre-built batches
+        batches = [prepare(b) for b in batches]
     session = getattr(module, "session", None)
     with session() if callable(session) else contextlib.nullcontext():
         for i in range(warmup):

@@ -4,9 +4,11 @@
     edge-deploy sign BUNDLE [--key PATH] [--version N]
     edge-deploy flash USER@HOST[:PORT] [--bundle DIR] [--device-id ID] [--prefix /] ...
     edge-deploy update (--device ID ... | --all) BUNDLE [--force] [--timeout S]
-    edge-deploy cmd DEVICE NAME [KEY=VALUE ...] [--timeout S]
+    edge-deploy cmd DEVICE NAME [KEY=VALUE ...] [--key PATH] [--timeout S]
+    edge-deploy rotate-key --new-key PATH (--device ID ... | --all) [--key PATH]
     edge-deploy wait DEVICE SHA256 [--since EPOCH] [--timeout S]
     edge-deploy render --device-id ID --out DIR [--bundle DIR] [--prefix /]   (for Ansible)
+    edge-deploy broker [--broker-dir DIR]   mosquitto's password_file and acl_file for the fleet
     edge-deploy files [NAME]     where the installed unit, board config, installer and playbook are
 
 The MQTT commands read the `mqtt` section of the config (--config, --set mqtt.host=...).
@@ -17,6 +19,7 @@ input (with one line saying what to fix).
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 from collections.abc import Sequence
@@ -33,9 +36,13 @@ from agent.config import (
     loop_changes,
 )
 from agent.errors import ConfigError, EdgeforgeError
+from agent.fleet_key import pem_of, rotation_statement
+from agent.signing import key_id
 from agent.telemetry import COMMANDS
 from agent.torch_matrix import PROFILES
 from deploy import files
+from deploy.broker import DEFAULT_DIR as DEFAULT_BROKER_DIR
+from deploy.broker import BrokerFiles, mosquitto_conf
 from deploy.errors import FleetError, UsageError
 from deploy.keys import (
     DEFAULT_KEY,
@@ -45,12 +52,20 @@ from deploy.keys import (
     public_path,
     sign_bundle,
 )
-from deploy.remote import FINAL_UPDATE_RESULTS, Fleet, update_args
+from deploy.remote import FINAL_UPDATE_RESULTS, Fleet, new_request_id, update_args
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-deploy", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def broker_args(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--broker-dir", type=Path, default=DEFAULT_BROKER_DIR,
+                       help=f"the fleet's broker credentials and mosquitto files (default: "
+                            f"{DEFAULT_BROKER_DIR}): the board gets its own username and "
+                            f"password from here")
+        s.add_argument("--rotate-credential", action="store_true",
+                       help="give the board a new broker password (reload mosquitto first)")
 
     def common(s: argparse.ArgumentParser, key: bool = False, mqtt: bool = False) -> None:
         if key:
@@ -93,6 +108,7 @@ def parser() -> argparse.ArgumentParser:
                         "edge-agent when systemd runs there)")
     s.add_argument("--no-wait", action="store_true",
                    help="do not wait for the board's birth message (no broker reachable)")
+    broker_args(s)
 
     s = sub.add_parser("render", help="write one board's files for the Ansible playbook")
     common(s, key=True, mqtt=True)
@@ -100,6 +116,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device-id", required=True, help="the board's MQTT id")
     s.add_argument("--prefix", default="/", help="install root on the board (default /)")
     s.add_argument("--out", type=Path, required=True, help="folder to write the files into")
+    broker_args(s)
     s.add_argument("--torch", default=None, metavar="SPEC",
                    help="torch for the board (default: the runtime matrix's pick)")
     s.add_argument("--extras", type=board_extras, default="images", metavar="LIST",
@@ -122,12 +139,28 @@ def parser() -> argparse.ArgumentParser:
                    help="return when applied, without waiting for the trial's verdict")
 
     s = sub.add_parser("cmd", help="send one command to a board and print its answer")
-    common(s, mqtt=True)
+    common(s, key=True, mqtt=True)
     s.add_argument("device")
     s.add_argument("name", help="benchmark | set | rollback | diagnostics")
     s.add_argument("args", nargs="*", metavar="KEY=VALUE",
                    help="arguments, values as JSON (rate_hz=5, batch_sizes=[1,8]); a value "
                         "that is not JSON is a string")
+
+    s = sub.add_parser("broker", help="write the broker's password_file and acl_file for every "
+                                      "flashed board, and the operator's credentials")
+    common(s, mqtt=True)
+    broker_args(s)
+    s.add_argument("--discovery-prefix", default="homeassistant",
+                   help="Home Assistant's discovery prefix (default homeassistant)")
+
+    s = sub.add_parser("rotate-key", help="make boards trust a new fleet signing key, in a "
+                                          "command signed by the current one")
+    common(s, key=True, mqtt=True)
+    s.add_argument("--new-key", type=Path, required=True,
+                   help="the new private key (edge-deploy keygen --key PATH)")
+    who = s.add_mutually_exclusive_group(required=True)
+    who.add_argument("--device", action="append", default=[], metavar="ID")
+    who.add_argument("--all", action="store_true", help="every board whose status is online")
 
     s = sub.add_parser("wait", help="wait until a board reports running a model (Ansible)")
     common(s, mqtt=True)
@@ -182,9 +215,11 @@ def check_command(name: str, args: dict[str, Any]) -> None:
     Raises:
         ConfigError: the command name or a `set` value, with what is allowed.
     """
-    if name not in COMMANDS or name == "update_model":
-        known = ", ".join(c for c in COMMANDS if c != "update_model")
-        hint = " (send models with edge-deploy update)" if name == "update_model" else ""
+    own = {"update_model": " (send models with edge-deploy update)",
+           "rotate_key": " (rotate the fleet key with edge-deploy rotate-key)"}
+    if name not in COMMANDS or name in own:
+        known = ", ".join(c for c in COMMANDS if c not in own)
+        hint = own.get(name, "")
         raise ConfigError(f"unknown command {name!r}{hint}: use one of {known}")
     if name != "set":
         return
@@ -210,7 +245,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     payload = update_args(args.bundle, args.force)
     rows = []
     failed = 0
-    with Fleet(mqtt_config(args)) as fleet:
+    with Fleet(mqtt_config(args), key) as fleet:
         devices = list(dict.fromkeys(args.device))
         if devices:
             states = online_states(fleet, devices)
@@ -268,7 +303,8 @@ def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def cmd_cmd(args: argparse.Namespace) -> int:
     payload = parse_args_kv(args.args)
     check_command(args.name, payload)
-    with Fleet(mqtt_config(args)) as fleet:
+    key = load_private_key(args.key)
+    with Fleet(mqtt_config(args), key) as fleet:
         state = online_states(fleet, [args.device])[args.device]
         if state != "online":
             raise FleetError(f"{args.device} is {state} (its retained status on the broker): "
@@ -291,6 +327,60 @@ def cmd_cmd(args: argparse.Namespace) -> int:
     elif data:
         print(json.dumps(data, indent=2))
     return 0 if msg.get("ok") else 1
+
+
+def targets(fleet: Fleet, args: argparse.Namespace) -> tuple[list[str], list[tuple[str, str]]]:
+    """The online boards of --device or --all, and a (device, why) for each named board
+    that is not online (nothing is sent to it)."""
+    if args.all:
+        states = fleet.devices()
+        devices = sorted(d for d, state in states.items() if state == "online")
+        if not devices:
+            raise FleetError("no board is online (none has a retained status 'online')")
+        return devices, []
+    states = online_states(fleet, list(dict.fromkeys(args.device)))
+    return ([d for d, s in states.items() if s == "online"],
+            [(d, f"the board is {s}: nothing was sent to it") for d, s in states.items()
+             if s != "online"])
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    old, new = load_private_key(args.key), load_private_key(args.new_key)
+    new_id = key_id(new.public_key())
+    rows: list[tuple[str, str, str]] = []
+    with Fleet(mqtt_config(args), old) as fleet:
+        devices, skipped = targets(fleet, args)
+        rows += [(d, "not sent", why) for d, why in skipped]
+        fleet.subscribe([fleet.topics(d).cmd_result for d in devices])
+        pending = {}
+        for d in devices:
+            rid = new_request_id()
+            proof = base64.b64encode(new.sign(rotation_statement(d, rid, new_id))).decode()
+            pending[(d, fleet.send(d, "rotate_key", {"public_key": pem_of(new.public_key()),
+                                                     "proof": proof}, rid))] = "rotate_key"
+        done = fleet.answers(pending, args.timeout, lambda m: True)
+    for d, rid in pending:
+        msg = done.get((d, rid))
+        rows.append((d, str(msg.get("result")) if msg else "no answer",
+                     str((msg or {}).get("reason") or f"nothing within {args.timeout:g} s")))
+    print(table(("device", "result", "reason"), rows))
+    ok = all(r[1] in ("done", "unchanged") for r in rows)
+    if ok:
+        print(f"every board trusts key {new_id} now: sign with {args.new_key} from here on "
+              f"(and flash new boards with it)", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    broker = BrokerFiles(args.broker_dir, mqtt_config(args).topic_prefix, args.discovery_prefix)
+    username, _ = broker.operator()
+    boards = sorted(broker.secrets["boards"])
+    print(f"wrote {broker.dir}/passwd and {broker.dir}/acl: {len(boards)} board(s)"
+          f"{': ' + ', '.join(boards) if boards else ''}, and the operator {username} "
+          f"({broker.dir}/operator.yaml: pass it as --config to edge-deploy and edge-monitor)")
+    print("mosquitto.conf, in the boards' listener (then: systemctl reload mosquitto):")
+    print(mosquitto_conf(broker.dir), end="")
+    return 0
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -362,6 +452,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_update(args)
         if args.command == "wait":
             return cmd_wait(args)
+        if args.command == "broker":
+            return cmd_broker(args)
+        if args.command == "rotate-key":
+            return cmd_rotate_key(args)
         return cmd_cmd(args)
     except EdgeforgeError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)

@@ -42,6 +42,7 @@ from agent.manifest import MANIFEST, Manifest
 from agent.signing import Signature
 from agent.store import version_id
 from deploy import files
+from deploy.broker import BrokerFiles
 from deploy.errors import FleetError, UsageError
 from deploy.keys import ensure_signed, load_private_key, public_path
 from deploy.remote import Fleet
@@ -136,14 +137,18 @@ def bundle_tar(bundle: Path) -> bytes:
 def board_config(args: argparse.Namespace, prefix: str, device: str) -> tuple[AgentConfig,
                                                                               bytes]:
     """The board's config.yaml: the board config, --set overrides, then the per-board
-    values flash owns (device id, store, public key, spool)."""
+    values flash owns (device id, store, public key, spool, and the board's own broker
+    credential from --broker-dir: deploy/broker.py)."""
     path = args.config or files.path(files.BOARD_CONFIG)
-    cfg = load_config(path, [
-        *args.overrides, f"device.id={device}",
-        f"model.dir={prefix}/var/lib/edgeforge/models/current",
-        f"update.public_key={prefix}/etc/edgeforge/signing.pub",
-        f"spool.path={prefix}/var/lib/edgeforge/spool.sqlite3",
-    ], AgentConfig)
+    owned = [f"device.id={device}", f"model.dir={prefix}/var/lib/edgeforge/models/current",
+             f"update.public_key={prefix}/etc/edgeforge/signing.pub",
+             f"spool.path={prefix}/var/lib/edgeforge/spool.sqlite3"]
+    cfg = load_config(path, [*args.overrides, *owned], AgentConfig)
+    broker = BrokerFiles(args.broker_dir, cfg.mqtt.topic_prefix,
+                         cfg.homeassistant.discovery_prefix)
+    username, password = broker.board(cfg.device.resolved_id, args.rotate_credential)
+    cfg = load_config(path, [*args.overrides, *owned, f"mqtt.username={username}",
+                             f"mqtt.password={password}"], AgentConfig)
     plain = asdict(cfg)
     text = (f"# Written by edge-deploy flash for {device}; flash again rather than editing.\n"
             + yaml.safe_dump(plain, sort_keys=False))
@@ -216,7 +221,7 @@ SYSTEM = """P={p}
 if [ -z "$P" ] && [ "$(id -u)" = 0 ]; then
     id -u edgeforge >/dev/null 2>&1 || \
         useradd --system --home-dir /var/lib/edgeforge --shell /usr/sbin/nologin edgeforge
-    chgrp edgeforge /etc/edgeforge/config.yaml
+    chown edgeforge:edgeforge /etc/edgeforge/config.yaml  # its broker password: 0600
     mkdir -p /var/lib/edgeforge && chown -R edgeforge:edgeforge /var/lib/edgeforge
 fi
 if [ -z "$P" ] && [ -d /run/systemd/system ]; then
@@ -291,7 +296,7 @@ def flash(args: argparse.Namespace) -> int:
                                package=q(f".[{args.extras}]" if args.extras else ".")), src,
                 "installing the agent")
         changed.append("agent")
-    for rel, data, mode in (("etc/edgeforge/config.yaml", config_bytes, "0640"),
+    for rel, data, mode in (("etc/edgeforge/config.yaml", config_bytes, "0600"),
                             ("etc/edgeforge/signing.pub", pub, "0644"),
                             ("etc/systemd/system/edge-agent.service", unit, "0644")):
         if facts.get(rel) != sha(data):

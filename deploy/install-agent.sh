@@ -85,7 +85,8 @@ case "$extras" in *[!a-z,]*) die "--extras $extras: a comma-separated list of im
 
 echo "== config and signing key"
 install -d -m 0755 /etc/edgeforge
-[ -f /etc/edgeforge/config.yaml ] || install -m 0640 -g edgeforge "$here/config.yaml" \
+# 0600, the agent's own: it holds this board's broker password (edge-deploy render).
+[ -f /etc/edgeforge/config.yaml ] || install -m 0600 -o edgeforge -g edgeforge "$here/config.yaml" \
     /etc/edgeforge/config.yaml
 install -m 0644 "$here/signing.pub" /etc/edgeforge/signing.pub
 

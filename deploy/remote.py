@@ -1,8 +1,9 @@
 """The host's MQTT side of the fleet: find boards, send commands, wait for their answers.
 
 The request/answer protocol is the agent's (agent/remote_commands.py, agent/telemetry.py): a
-command goes to `<prefix>/<id>/cmd/<name>` as JSON with `request_id` first, at QoS 1 and
-never retained; the answer comes back on `<prefix>/<id>/cmd_result` with the same id.
+command goes to `<prefix>/<id>/cmd/<name>` as JSON with `request_id` first, signed for that
+board by the fleet's key (agent/command_auth.py), at QoS 1 and never retained; the answer
+comes back on `<prefix>/<id>/cmd_result` with the same id.
 Answer topics are subscribed before any command is sent, so no answer can be missed.
 """
 
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.command_auth import sign_command
 from agent.config import MqttConfig
 from agent.manifest import Manifest
 from agent.mqtt import make_client
@@ -49,8 +52,10 @@ def update_args(bundle: Path, force: bool) -> dict[str, Any]:
 class Fleet:
     """One MQTT connection of edge-deploy to the broker the boards report to."""
 
-    def __init__(self, cfg: MqttConfig) -> None:
+    def __init__(self, cfg: MqttConfig, key: Ed25519PrivateKey | None = None) -> None:
+        """`key`: the fleet's signing key, which every command is signed with."""
         self.cfg = cfg
+        self.key = key
         self.prefix = cfg.topic_prefix.rstrip("/")
         self._messages: queue.SimpleQueue[tuple[str, bytes, bool]] = queue.SimpleQueue()
         self._connected = threading.Event()
@@ -128,10 +133,14 @@ class Fleet:
         self.listen(listen_s, collect)
         return found
 
-    def send(self, device: str, name: str, args: dict[str, Any]) -> str:
-        """Publish one command (QoS 1, not retained); return its request id."""
-        rid = new_request_id()
-        payload = json.dumps({"request_id": rid, "schema": CMD_SCHEMA, "args": args})
+    def send(self, device: str, name: str, args: dict[str, Any], rid: str | None = None) -> str:
+        """Publish one command (QoS 1, not retained), signed for `device` with the fleet's
+        key (agent/command_auth.py); return its request id."""
+        if self.key is None:
+            raise FleetError("commands are signed with the fleet's key: pass --key")
+        rid = rid or new_request_id()
+        payload = json.dumps({"request_id": rid, "schema": CMD_SCHEMA, "args": args,
+                              "auth": sign_command(self.key, name, device, rid, args)})
         info = self.client.publish(self.topics(device).cmd(name), payload, qos=1)
         info.wait_for_publish(30)
         return rid

@@ -81,6 +81,7 @@ step "host: pip install 'edgeforge[host]', then the README's main job from $work
     || { tail -20 "$work/agent.log"; fail "edge-agent run"; }
 grep -q "window 2 seq" "$work/agent.log" || fail "edge-agent run printed no windows"
 "$work/venv/bin/edge-deploy" render --device-id pi1 --key "$work/signing.key" --out pi1 \
+    --broker-dir "$work/broker" \
     >/dev/null || fail "edge-deploy render"
 for f in config.yaml edge-agent.service signing.pub src.tar.gz install-agent.sh \
          bundle/manifest.json release.json; do

@@ -134,6 +134,8 @@ def test_bad_cli_arguments_get_one_line_and_a_non_zero_exit(tmp_path: Path) -> N
                      "KEY=VALUE"),
         "cmd twice": (["deploy.cli", "cmd", "b", "set", "rate_hz=1", "rate_hz=2",
                        *dev], "given twice"),
+        "cmd without the key": (["deploy.cli", "cmd", "b", "diagnostics", "--key",
+                                 tmp_path / "k", *dev], "signing key"),
         "update missing bundle": (["deploy.cli", "update", "--device", "b",
                                    tmp_path / "nope", "--key", tmp_path / "k", *dev],
                                   "signing key"),
@@ -249,7 +251,7 @@ def test_bad_mqtt_commands_are_refused_and_the_agent_keeps_publishing_without_a_
         }
         before = max(sub.seqs())
         for name, payload, _ in cases.values():
-            send(broker.port, name, payload)
+            send(broker.port, name, payload, fleet_key)
         send(broker.port, "set", b"not json at all")
         send(broker.port, "set", b'["a list"]')
         sub.wait_for(lambda: len(results(sub)) >= len(cases) + 2, 90, "every answer")
@@ -264,7 +266,7 @@ def test_bad_mqtt_commands_are_refused_and_the_agent_keeps_publishing_without_a_
         assert "lacks the array(s)" in got["upd-sample"]["reason"]
         assert sorted(p.name for p in (current.parent / "versions").iterdir()) \
             == [current.resolve().name]
-        send(broker.port, "diagnostics", request("diag", {}))
+        send(broker.port, "diagnostics", request("diag", {}), fleet_key)
         sub.wait_for(lambda: bool(results(sub, "diag")), 30, "diagnostics")
         rejected = results(sub, "diag")[0]["data"]["rejected"]
         assert any(r["request_id"] == "upd-sample" and r["code"] == "smoke_failed"

@@ -42,7 +42,14 @@ class Runner(Protocol):
     engine: str
     version: str
 
-    def __call__(self, batch: np.ndarray) -> npt.ArrayLike: ...
+    def __call__(self, batch: Any) -> npt.ArrayLike:
+        """One forward pass on a numpy batch, or on what `prepare` made of one."""
+        ...
+
+    def prepare(self, batch: np.ndarray) -> Any:
+        """`batch` as this engine takes it, for a batch that is run many times (the loop's
+        pre-built inputs): TorchScript's tensor sharing its memory, ONNX Runtime's array."""
+        ...
 
     def session(self) -> contextlib.AbstractContextManager[None]:
         """A context to run many passes in (torch's inference mode; nothing for ORT)."""

@@ -38,6 +38,9 @@ class OrtRunner:
         except Exception as exc:  # ORT's Fail, InvalidArgument...: not RuntimeErrors
             raise RuntimeError(f"onnxruntime: {exc}") from None
 
+    def prepare(self, batch: np.ndarray) -> np.ndarray:
+        return batch
+
     def session(self) -> contextlib.AbstractContextManager[None]:
         return no_session()
 

@@ -28,10 +28,18 @@ class TorchScriptRunner:
         self.module = module
         self.version = str(torch.__version__)
 
-    def __call__(self, batch: np.ndarray) -> torch.Tensor:
+    def __call__(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         # The tensor itself: its .numpy() cost 9 us per pass on the model's output here (3 %
         # of a 300 us pass), and a loop on random inputs never reads the logits at all.
-        return self.module(torch.from_numpy(batch))
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(batch)
+        return self.module(batch)
+
+    def prepare(self, batch: np.ndarray) -> torch.Tensor:
+        # A fresh tensor per pass cost 7-9 % of the module's 300 us pass here (CPU time per
+        # image, 21 interleaved rounds), far more than torch.from_numpy's own 1.5 us; a tensor
+        # made once and run again does not (/tmp probe; benchmarks/engine_targets.py).
+        return torch.from_numpy(batch)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:

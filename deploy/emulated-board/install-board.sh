@@ -124,7 +124,8 @@ cp -r "$bundle" "$root/root/bundle"
 key="$(dirname "$root")/emulated-fleet.signing.key"  # one fleet: every root trusts it
 [ -f "$key" ] || "$python" -m deploy.cli keygen --key "$key" >/dev/null
 "$python" -m deploy.cli render --device-id "emulated-$cpu" --bundle "$bundle" --key "$key" \
-    --profile "$profile" --out "$root/root/edgeforge" >/dev/null
+    --profile "$profile" --broker-dir "$(dirname "$root")/emulated-broker" \
+    --out "$root/root/edgeforge" >/dev/null
 
 echo "install-board: sudo bash install-agent.sh (from edge-deploy render) on $cpu, Debian" \
     "$suite (Python $pyver), profile $profile, as written"

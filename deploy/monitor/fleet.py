@@ -176,6 +176,9 @@ class Fleet:
                 if payload:
                     self._bad(dev, f"info is not a JSON object ({exc})")
                 return None
+            if info.get("device") != device_id:
+                self._bad(dev, f"info names device {info.get('device')!r} on {topic}")
+                return None
             dev.info = info
             return None
         try:
@@ -183,7 +186,9 @@ class Fleet:
         except ValueError as exc:
             self._bad(dev, str(exc))
             return None
-        if msg.get("device") not in (None, device_id):
+        # A board speaks only for itself: the broker's ACL (deploy/broker.py) keeps it off
+        # other boards' topics, and a payload that names another device is not believed.
+        if msg.get("device") != device_id:
             self._bad(dev, f"telemetry names device {msg.get('device')!r} on {topic}")
             return None
         dev.telemetry, dev.seen_at = msg, now

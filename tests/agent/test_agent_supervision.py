@@ -178,6 +178,9 @@ class FailingModule:
             raise RuntimeError("injected failure\nsecond line")
         return x.reshape(x.shape[0], -1)[:, :10]
 
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        return x
+
     def session(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 

@@ -58,7 +58,7 @@ def test_flash_installs_through_ssh_then_changes_nothing_and_ansible_rolls_out_a
              "--profile", "onnx", "--identity", sshd.identity,
              *[a for o in sshd.options for a in ("--ssh-option", o)],
              "--device-id", "board1", "--restart-command", fake_systemctl_restart(prefix),
-             "--timeout", "90", *mqtt]
+             "--timeout", "90", "--broker-dir", tmp_path / "broker-files", *mqtt]
     sub = Subscriber(broker.port)
     try:
         first = run_cli(*flash, timeout=900)
@@ -68,6 +68,11 @@ def test_flash_installs_through_ssh_then_changes_nothing_and_ansible_rolls_out_a
         assert os.readlink(prefix / "var/lib/edgeforge/models/current") == f"versions/{vid}"
         config = (prefix / "etc/edgeforge/config.yaml").read_text()
         assert "id: board1" in config and f"{prefix}/etc/edgeforge/signing.pub" in config
+        # Its own broker identity, readable by the agent alone (deploy/broker.py).
+        secrets = json.loads((tmp_path / "broker-files/secrets.json").read_text())
+        password = secrets["boards"]["board1"]["password"]
+        assert "username: board1" in config and f"password: {password}" in config
+        assert (prefix / "etc/edgeforge/config.yaml").stat().st_mode & 0o777 == 0o600
         unit = (prefix / "etc/systemd/system/edge-agent.service").read_text()
         assert f"ExecStart={prefix}/opt/edgeforge/venv/bin/edge-agent run" in unit
         assert (prefix / "etc/systemd/system/multi-user.target.wants/edge-agent.service"
@@ -106,6 +111,7 @@ def test_flash_installs_through_ssh_then_changes_nothing_and_ansible_rolls_out_a
             "ansible_python_interpreter": sys.executable,
             "edgeforge_prefix": str(prefix), "edgeforge_bundle": str(v2),
             "edgeforge_key": str(fleet_key), "edgeforge_device_id": "board1",
+            "edgeforge_broker_dir": str(tmp_path / "broker-files"),
             "edgeforge_torch": f"torch=={torch.__version__.split('+')[0]}",
             "edgeforge_profile": "both",
             "edgeforge_set": [f"mqtt.port={broker.port}", "mqtt.host=127.0.0.1",

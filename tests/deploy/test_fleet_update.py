@@ -12,6 +12,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from agent.command_auth import sign_command
+from deploy.keys import load_private_key
 from deploy.remote import update_args
 from tests.support import (
     Agent,
@@ -51,12 +53,31 @@ def results(sub: Subscriber, rid: str | None = None) -> list[dict[str, Any]]:
     return [m for m in found if rid is None or m["request_id"] == rid]
 
 
-def send(port: int, name: str, payload: bytes) -> None:
-    """Publish a raw command payload, as a misbehaving or malicious sender would."""
+def signed(payload: bytes, name: str, key: Path, device: str = "testboard",
+           now: float | None = None) -> bytes:
+    """`payload` with the `auth` edge-deploy adds (agent/command_auth.py), signed by `key`
+    for `device`; a payload that is not a JSON object with a request id stays as it is."""
+    try:
+        msg = json.loads(payload)
+    except ValueError:
+        return payload
+    if not isinstance(msg, dict) or not isinstance(msg.get("request_id"), str):
+        return payload
+    msg["auth"] = sign_command(load_private_key(key), name, device, msg["request_id"],
+                               msg.get("args", {}), now)
+    return json.dumps(msg).encode()
+
+
+def send(port: int, name: str, payload: bytes, key: Path | None = None,
+         device: str = "testboard") -> None:
+    """Publish a raw command payload, as a misbehaving or malicious sender would; signed by
+    `key` when one is given."""
+    if key is not None:
+        payload = signed(payload, name, key, device)
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"raw-{name}")
     c.connect("127.0.0.1", port)
     c.loop_start()
-    c.publish(f"edgeforge/testboard/cmd/{name}", payload, qos=1).wait_for_publish(10)
+    c.publish(f"edgeforge/{device}/cmd/{name}", payload, qos=1).wait_for_publish(10)
     c.disconnect()
     c.loop_stop()
 
@@ -139,8 +160,8 @@ def test_refuses_every_bad_update_and_leaves_model_and_files_as_they_were(
                        "replay"),
         }
         for rid, (args, _) in cases.items():
-            send(broker.port, "update_model", request(rid, args))
-        whole = request("big", good)
+            send(broker.port, "update_model", request(rid, args), fleet_key)
+        whole = signed(request("big", good), "update_model", fleet_key)
         send(broker.port, "update_model", whole + b" " * 10**6)  # over max_payload_mb=1
         send(broker.port, "update_model", whole[: len(whole) // 2])  # truncated
         send(broker.port, "update_model", json.dumps({"args": good}).encode())  # no request id
@@ -248,42 +269,43 @@ def test_remote_commands_answer_with_their_request_id(bundle: Path, bundle_v2: P
     current = make_store(bundle, tmp_path, fleet_key, version=1)
     agent, sub = start_agent(current, broker, tmp_path, fleet_key)
     try:
-        proc = deploy("cmd", "testboard", "set", "rate_hz=50", "window_s=1", port=broker.port)
+        proc = deploy("cmd", "--key", fleet_key, "testboard", "set", "rate_hz=50", "window_s=1",
+                      port=broker.port)
         assert proc.returncode == 0, proc.stderr
         assert '"rate_hz": 50.0' in proc.stdout
         sub.wait_for(lambda: abs(sub.telemetry()[-1]["window_s"] - 1.0) < 0.2
                      and sub.telemetry()[-1]["throughput_ips"] < 60, 20, "windows at 50 Hz")
 
-        proc = deploy("cmd", "testboard", "benchmark", "iters=30", "batch_sizes=[1,4]",
-                      port=broker.port)
+        proc = deploy("cmd", "--key", fleet_key, "testboard", "benchmark", "iters=30",
+                      "batch_sizes=[1,4]", port=broker.port)
         assert proc.returncode == 0, proc.stderr
         # done, the head, a proof line per engine, the columns, 2 engines x 2 batch sizes,
         # and the engine the board runs
         lines = proc.stdout.splitlines()
         assert "p99 ms" in proc.stdout and len(lines) == 10 and lines[-1].startswith("runs: ")
 
-        proc = deploy("cmd", "testboard", "diagnostics", port=broker.port)
+        proc = deploy("cmd", "--key", fleet_key, "testboard", "diagnostics", port=broker.port)
         assert proc.returncode == 0, proc.stderr
         diag = json.loads(proc.stdout.split("\n", 1)[1])
         assert diag["versions"]["current"] == os.readlink(current).split("/")[-1]
         assert len(diag["config_sha256"]) == 64 and isinstance(diag["spool_depth"], int)
         assert diag["loop"]["rate_hz"] == 50.0
 
-        proc = deploy("cmd", "testboard", "rollback", port=broker.port)
+        proc = deploy("cmd", "--key", fleet_key, "testboard", "rollback", port=broker.port)
         assert proc.returncode == 1 and "no earlier version" in proc.stdout
 
         new = signed_copy(bundle_v2, tmp_path / "v2", fleet_key, 2)
         assert deploy("update", "--device", "testboard", new, "--key", fleet_key,
                       port=broker.port).returncode == 0
-        proc = deploy("cmd", "testboard", "rollback", port=broker.port)
+        proc = deploy("cmd", "--key", fleet_key, "testboard", "rollback", port=broker.port)
         assert proc.returncode == 0 and "rolled_back" in proc.stdout
         assert os.readlink(current).startswith("versions/1-")
         sub.wait_for(lambda: info_sha(sub) == model_sha(bundle), 10, "info after rollback")
 
         # Refused on the host before anything is sent (the board refuses them too: the sweep).
-        proc = deploy("cmd", "testboard", "selfdestruct", port=broker.port)
+        proc = deploy("cmd", "--key", fleet_key, "testboard", "selfdestruct", port=broker.port)
         assert proc.returncode == 2 and "unknown command 'selfdestruct'" in proc.stderr
-        proc = deploy("cmd", "testboard", "set", "rate_hz=-1", port=broker.port)
+        proc = deploy("cmd", "--key", fleet_key, "testboard", "set", "rate_hz=-1", port=broker.port)
         assert proc.returncode == 2 and "rate_hz" in proc.stderr
         send(broker.port, "set", b'{"request_id": "r1", "args": {"rate_hz": ')
         sub.wait_for(lambda: bool(results(sub, "r1")), 10, "an answer to a malformed command")
@@ -314,7 +336,8 @@ def test_edge_deploy_refuses_a_broken_bundle_locally_and_says_at_once_a_board_is
                       "--timeout", "120", port=broker.port)
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "ghost" in proc.stdout and "the board is unknown" in proc.stdout
-        proc = deploy("cmd", "ghost", "diagnostics", "--timeout", "120", port=broker.port)
+        proc = deploy("cmd", "--key", fleet_key, "ghost", "diagnostics", "--timeout", "120",
+                      port=broker.port)
         assert proc.returncode == 1 and "ghost is unknown" in proc.stderr
         assert not sub.on("/cmd/update_model") and not sub.on("/cmd/diagnostics")
     finally:

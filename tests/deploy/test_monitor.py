@@ -243,6 +243,8 @@ def test_bad_telemetry_is_counted_per_device_never_crashes_or_reaches_history(
                     "lacks rss_mb"),
         "nan": (json.dumps({**good, "latency_p99_ms": math.nan}).encode(), "nan"),
         "negative": (json.dumps({**good, "latency_p50_ms": -3.0}).encode(), "negative"),
+        # good telemetry of device x, sent under another board's id: not believed
+        "impostor": (json.dumps(good).encode(), "names device 'x' on edgeforge/impostor/"),
     }
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bad-sender")
     c.connect("127.0.0.1", broker.port)
