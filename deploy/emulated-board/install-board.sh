@@ -11,7 +11,7 @@
 #
 # Environment: SUITE=bookworm (Python 3.11; the default) or trixie (Python 3.13, what
 # Raspberry Pi OS is based on now); PROFILE=both (default), torch or onnx, the installer's
-# --profile.
+# --profile; ROOT_CACHE (default /var/cache/edgeforge), where fresh roots are kept as tarballs.
 #
 # The Debian root is kept between runs; the rendered folder and the bundle are copied in
 # afresh and the installer runs every time (it is idempotent). Four things are this
@@ -58,13 +58,27 @@ update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
 mkdir -p "$(dirname "$root")"
 exec 9>"$root.lock"
 flock 9  # another run making this root: wait for it
+# A fresh root is also kept as a tarball outside the checkout (ROOT_CACHE), so a machine that
+# runs CI again unpacks it in seconds instead of minutes of emulated debootstrap; one older
+# than a week is made anew (Debian's updates).
+cache=${ROOT_CACHE:-/var/cache/edgeforge}
+tarball="$cache/arm64-$suite.tar"
 if [ ! -e "$root/.edgeforge-board" ]; then
-    echo "install-board: debootstrap arm64 $suite into $root (emulated second stage)"
     rm -rf "$root"
-    debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv \
-        "$suite" "$root" http://deb.debian.org/debian >"$root.debootstrap.log" 2>&1 \
-        || { tail -20 "$root.debootstrap.log" >&2; exit 1; }
-    touch "$root/.edgeforge-board"
+    if [ -f "$tarball" ] && [ -n "$(find "$tarball" -mtime -7)" ]; then
+        echo "install-board: the Debian root from $tarball (made within a week)"
+        mkdir -p "$root"
+        tar -xpf "$tarball" --numeric-owner -C "$root"
+    else
+        echo "install-board: debootstrap arm64 $suite into $root (emulated second stage)"
+        debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv \
+            "$suite" "$root" http://deb.debian.org/debian >"$root.debootstrap.log" 2>&1 \
+            || { tail -20 "$root.debootstrap.log" >&2; exit 1; }
+        touch "$root/.edgeforge-board"
+        { mkdir -p "$cache" && tar -cpf "$tarball.tmp" --numeric-owner -C "$root" . \
+              && mv "$tarball.tmp" "$tarball"; } \
+            || echo "install-board: cannot keep the root in $cache (next time: debootstrap)" >&2
+    fi
 fi
 flock -u 9
 if [ "$root_only" = 1 ]; then

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -232,6 +233,26 @@ def test_a_boards_broker_credential_reaches_only_its_own_topics(
         assert all(ag.proc.poll() is None for ag in agents)
         operator.close()
         anonymous.close()
+
+        # Rotating A's credential (render or flash --rotate-credential, then a broker reload):
+        # the old password no longer logs in, the new one does, B's is untouched.
+        out = tmp_path / "render-board-a"
+        proc = run_cli("deploy.cli", "render", "--device-id", "board-a", "--bundle",
+                       tmp_path / "v-board-a", "--key", fleet_key, "--out", out,
+                       "--broker-dir", files, "--rotate-credential")
+        assert proc.returncode == 0, proc.stderr
+        rotated = yaml.safe_load((out / "config.yaml").read_text())["mqtt"]["password"]
+        assert rotated != creds["board-a"][1]
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGHUP)  # systemctl reload mosquitto
+        time.sleep(1.0)
+        logins = {name: Client(broker.port, user, pw) for name, (user, pw) in
+                  {"old": creds["board-a"], "new": ("board-a", rotated),
+                   "b": creds["board-b"]}.items()}
+        for c in logins.values():
+            c.close()
+        assert logins["old"].connected[0] == NOT_AUTHORIZED, logins["old"].connected
+        assert logins["new"].connected == [0] and logins["b"].connected == [0]
     finally:
         if a is not None:
             a.close()
