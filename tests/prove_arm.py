@@ -27,18 +27,19 @@ the bundle this run built on both engines.
      reproducing that engine's host logits (bit-exact: both are static int8) and accuracy;
    - on bookworm's first CPU, `edge-agent run` with a `folder` source and `engine: auto`
      classifies FOLDER_IMAGES PNG files of the stand-in test images dropped into a folder
-     (the installer's default `images` extra; the torch-free run below does it on the A76
-     and trixie); every result's top-3 labels and scores equal the
+     (the installer's default `images` extra; the torch-free run below does it on the
+     A76); every result's top-3 labels and scores equal the
      host's for the same file and the engine the result names, exactly; it publishes at
      least 3 telemetry windows to a real mosquitto on the host's loopback (a chroot shares
      the host network) and exits 0 on SIGTERM, after publishing `offline`;
    - on bookworm, the guest instructions per batch-1 inference of each engine, counted by
      QEMU itself with the project's TCG plugin (deploy/emulated-board/insn_count.c, built
      here with cc, run by Debian's dynamic qemu-aarch64 copied into the root);
-4. the torch-free profile: the last release's install is run again with `--profile onnx`
+4. the torch-free profile: the first release's install is run again with `--profile onnx`
    (the installer sheds torch), `import torch` must fail in the board's venv, `edge-agent
    check` proves ONNX Runtime alone, and the folder run above serves every file from the
-   ONNX model on the last CPU: trixie's serving run.
+   ONNX model on the last CPU. (On bookworm, whose root is made first: trixie's root comes
+   last in CI, so its chain is kept short.)
 The two releases run at once, each in a thread of its own (their roots, brokers and bundle
 copies are separate): the slower one sets the time. Prints one row per release and CPU,
 then the instruction table, and exits 1 if any check fails. Timings under emulation mean
@@ -480,10 +481,10 @@ def install(root: Path, bundle: Path, cpu: str, suite: str, profile: str = "both
     return ok, spent
 
 
-def chain(suite: str, roots: Path, built: Path, cpus: list[str], first: bool, last: bool,
-          work: Path) -> tuple[list[dict[str, object]], str]:
+def chain(suite: str, roots: Path, built: Path, cpus: list[str], first: bool,
+          torch_free_too: bool, work: Path) -> tuple[list[dict[str, object]], str]:
     """Everything on one Debian release: the install, each CPU's checks (and, on the `first`
-    release, the folder runs and the instruction counts) and, on the `last` release, the
+    release, the folder run and the instruction counts) and, with `torch_free_too`, the
     torch-free profile with its folder run. Returns the rows and the install's line."""
     root = roots / f"arm64-{suite}"
     bundle = work / f"bundle-{suite}"  # render signs in place: one copy per release
@@ -505,7 +506,7 @@ def chain(suite: str, roots: Path, built: Path, cpus: list[str], first: bool, la
         row["wall_s"] = round(time.monotonic() - t1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if last:
+    if torch_free_too:
         t1 = time.monotonic()
         free = torch_free(root, bundle, cpus[-1], suite)
         free["wall_s"] = round(time.monotonic() - t1)
@@ -544,8 +545,8 @@ def main() -> int:
     # runs its chain at once, mostly one qemu process apiece, so the slower release sets the
     # time instead of the sum of both.
     with ThreadPoolExecutor(max_workers=len(suites)) as pool:
-        futures = [pool.submit(chain, suite, args.roots, bundle, cpus, i == 0,
-                               i == len(suites) - 1, work) for i, suite in enumerate(suites)]
+        futures = [pool.submit(chain, suite, args.roots, bundle, cpus, i == 0, i == 0, work)
+                   for i, suite in enumerate(suites)]
         done = [f.result() for f in futures]
     rows = [row for suite_rows, _ in done for row in suite_rows]
     print_tables(rows)

@@ -249,6 +249,7 @@ def test_bad_mqtt_commands_are_refused_and_the_agent_keeps_publishing_without_a_
                            "smoke_failed"),
             "rollback": ("rollback", request("rollback", {}), "error"),
         }
+        sub.wait_for(lambda: bool(sub.seqs()), 60, "the first telemetry")
         before = max(sub.seqs())
         for name, payload, _ in cases.values():
             send(broker.port, name, payload, fleet_key)

@@ -37,6 +37,7 @@ def test_unsigned_foreign_forged_misaddressed_stale_and_replayed_commands_are_re
     stranger = tmp_path / "stranger.key"
     assert run_cli("deploy.cli", "keygen", "--key", stranger).returncode == 0
     try:
+        sub.wait_for(lambda: bool(sub.seqs()), 60, "the first telemetry")
         before = max(sub.seqs())
         good = signed(request("ok", {"rate_hz": 40}), "set", fleet_key)
         forged = json.loads(good)
