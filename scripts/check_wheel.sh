@@ -72,9 +72,13 @@ echo "board venv: agent imports; optimizer, deploy and the host libraries are ab
 step "host: pip install 'edgeforge[host]', then the README's main job from $work"
 "$py" -m pip install "${pip_opts[@]}" "${wheel}[host]" >>"$pip_log" 2>&1 \
     || { tail -20 "$pip_log"; fail "pip install"; }
+# A barely trained model (one epoch on 2000 images: 10-20 %) loses a few points to either
+# int8 path at random, and the accuracy gate then leaves the ONNX file out, which step 5
+# needs: this run checks the installed package, not accuracy, so the gate is opened.
 "$work/venv/bin/edge-optimize" run --data synthetic --set data.synthetic_train=2000 \
     --set data.synthetic_test=500 --set train.epochs=1 --set prune.finetune_epochs=1 \
-    --set report.latency_iters=100 >"$work/optimize.log" 2>&1 \
+    --set report.latency_iters=100 --set quantize.max_accuracy_drop=100 \
+    >"$work/optimize.log" 2>&1 \
     || { tail -20 "$work/optimize.log"; fail "edge-optimize run"; }
 [ -f models/quantized_cnn_scripted.pt ] || fail "no models/quantized_cnn_scripted.pt"
 "$work/venv/bin/edge-agent" run --duration 6 --set loop.window_s=2 >"$work/agent.log" 2>&1 \
