@@ -37,8 +37,8 @@ class TorchScriptRunner:
 
     def prepare(self, batch: np.ndarray) -> torch.Tensor:
         # A fresh tensor per pass cost 7-9 % of the module's 300 us pass here (CPU time per
-        # image, 21 interleaved rounds), far more than torch.from_numpy's own 1.5 us; a tensor
-        # made once and run again does not (/tmp probe; benchmarks/engine_targets.py).
+        # image, 21 interleaved rounds in one process), far more than torch.from_numpy's own
+        # 1.5 us; a tensor made once and run again does not (README: the engine targets).
         return torch.from_numpy(batch)
 
     @contextlib.contextmanager
