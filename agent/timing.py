@@ -30,15 +30,17 @@ def time_passes(module: Callable[[Any], object], batches: Sequence[Any], iters: 
     lat = array("d")
     perf = time.perf_counter
     prepare = getattr(module, "prepare", None)
+    run = module
     if callable(prepare):  # as the loop runs its pre-built batches
         batches = [prepare(b) for b in batches]
+        run = getattr(module, "run_prepared", module)
     session = getattr(module, "session", None)
     with session() if callable(session) else contextlib.nullcontext():
         for i in range(warmup):
-            module(batches[i % len(batches)])
+            run(batches[i % len(batches)])
         for i in range(warmup, warmup + iters):
             t0 = perf()
-            module(batches[i % len(batches)])
+            run(batches[i % len(batches)])
             lat.append(perf() - t0)
     return lat
 

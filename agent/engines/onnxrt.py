@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,11 @@ class OrtRunner:
     engine = ENGINE
 
     def __init__(self, session: ort.InferenceSession) -> None:
-        self._session = session
+        self.inference_session = session  # the runtime's own object (the benchmarks' bare loop)
         self._run = session.run
         self._input = session.get_inputs()[0].name
         self.version = ort.__version__
+        self.run_prepared: Callable[[Any], Any] = self.__call__
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         try:

@@ -171,6 +171,7 @@ class FailingModule:
 
     def __init__(self, after: int) -> None:
         self.calls, self.after = 0, after
+        self.run_prepared = self.__call__
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         self.calls += 1
