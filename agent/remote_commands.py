@@ -17,7 +17,7 @@ watches the next `update.watch_windows` windows: a forward-pass error, a latency
 (agent/regression.py: the paired latencies, Mann-Whitney, median first and p99 second), or a
 sample accuracy more than `max_accuracy_drop_pct` below the manifest's rolls back by itself.
 If the agent dies during a trial, the next start rolls back before loading anything
-(`recover_trial`).
+(`recover_trial`, agent/store.py).
 
 Every update ends in exactly one final answer, whatever breaks: an exception nobody foresaw
 is answered as `failed` with code `internal`, the staged folder is removed, and the refusal
@@ -108,18 +108,6 @@ def parse_request(payload: bytes, max_bytes: int) -> tuple[str, dict[str, Any], 
     if not isinstance(args, dict):
         raise Refused("malformed", "args must be a JSON object", request_id=rid)
     return rid, args, msg.get("auth")
-
-
-def recover_trial(store: Store) -> str | None:
-    """Roll back a version that was still on trial when the agent stopped; say why or None."""
-    pending = store.start_trial()
-    if pending is None:
-        return None
-    reason = (f"the agent restarted while version {pending} was on trial (crash, kill or "
-              f"reboot): rolled back to the version before it")
-    left, target = store.rollback(reason)
-    log.warning("update: %s (%s -> %s)", reason, left, target["id"])
-    return reason
 
 
 @dataclass

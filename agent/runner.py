@@ -1,11 +1,13 @@
 """`edge-agent run`: verify and load the bundle, start the publisher, run the loop, stop cleanly.
 
-Start-up order: config -> bundle verified and checked on this board -> spool opened (restart
-count and last exit reason read) -> the publisher built (TLS files checked) -> a fresh module
-loaded, timed and warmed up -> the commands thread and the loop built, each object once, with
-what it talks to passed in (the commands inbox, the loop's LoopControl, for a real source its
-frame queue and source thread: agent/sources.py) -> threads started (the publisher connects
-in the background) -> READY=1 -> the loop. SIGTERM or SIGINT
+Start-up order: config -> bundle verified and checked on this board, its engine chosen ->
+the first inference (the cold start, `cold_start_ms` in `info`) and the warm-up -> only then
+the modules that serve it imported (paho, ssl, psutil) and the spool opened (restart count
+and last exit reason read) -> the publisher built (TLS files checked) -> the commands thread
+and the loop built, each object once, with what it talks to passed in (the commands inbox,
+the loop's LoopControl, for a real source its frame queue and source thread:
+agent/sources.py) -> threads started (the publisher connects in the background) -> READY=1
+-> the loop. SIGTERM or SIGINT
 close the current window, flush what the broker will take within a few seconds, publish
 `offline` and exit 0; whatever was not acknowledged stays spooled for the next start.
 
@@ -26,7 +28,7 @@ import signal
 import socket
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import agent
 from agent import engines
@@ -39,16 +41,16 @@ from agent.fleet_key import FleetKey, keys_path
 from agent.homeassistant import discovery_messages
 from agent.loop import Feed, InferenceLoop, LoopControl, Model, warm_up
 from agent.predictions import Predictor
-from agent.publisher import STALL_S as PUBLISHER_STALL_S
-from agent.publisher import Publisher
-from agent.remote_commands import STALL_S as COMMANDS_STALL_S
-from agent.remote_commands import Commands, RecentErrors, config_sha256, recover_trial
 from agent.sdnotify import Notifier
 from agent.sources import SourceThread, queue_for, start_source
 from agent.spool import Spool, spool_path
-from agent.stats import ResourceStats, process_age_s
-from agent.store import Store
+from agent.store import Store, recover_trial
 from agent.telemetry import INFO_SCHEMA, Topics
+from agent.timing import process_age_s
+
+if TYPE_CHECKING:  # imported by run_agent after the first inference
+    from agent.publisher import Publisher
+    from agent.remote_commands import Commands
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,9 @@ STOP_BUDGET_S = 4.0  # SIGTERM to exit; systemd's TimeoutStopSec in the unit is 
 def supervise(publisher: Publisher, commands: Commands,
               source: SourceThread | None = None) -> str | None:
     """None while every worker thread is alive and making progress, else what is wrong."""
+    from agent.publisher import STALL_S as PUBLISHER_STALL_S  # loaded by then (run_agent)
+    from agent.remote_commands import STALL_S as COMMANDS_STALL_S
+
     threads: list[tuple[str, Any, float]] = [("publisher", publisher, PUBLISHER_STALL_S),
                                              ("commands", commands, COMMANDS_STALL_S)]
     if source is not None:
@@ -105,6 +110,12 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
     cold_ms = age * 1000 if age is not None else None
     if loop_cfg.warmup > 1:
         warm_up(model, loop_cfg.warmup - 1)
+    # What serves the model is imported only now, after the first inference: the publisher
+    # and the commands (paho, ssl, psutil, sqlite3) took 60 ms of a 0.5 s torch-free cold
+    # start here (README: the engine targets).
+    from agent.publisher import Publisher
+    from agent.remote_commands import Commands, RecentErrors, config_sha256
+    from agent.stats import ResourceStats
 
     spool_cfg = cfg.spool
     spool = Spool(state, int(spool_cfg.max_mb * 1e6), spool_cfg.max_age_s)

@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -132,15 +131,3 @@ class ResourceStats:
                         "null", exc)
             self._vcgencmd = None  # don't retry every window
             return None
-
-
-def process_age_s(stat: Path = Path("/proc/self/stat")) -> float | None:
-    """Seconds since this process started, to the kernel's clock tick (10 ms): the boot-time
-    clock now minus the process's start time in /proc (psutil's create_time adds the boot
-    time, which /proc/stat gives in whole seconds). None where /proc does not say."""
-    try:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None

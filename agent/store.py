@@ -16,6 +16,7 @@ Stdlib only: edge-deploy flash runs parts of it on a board before anything is in
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import BundleError
+
+log = logging.getLogger(__name__)
 
 CURRENT = "current"
 VERSIONS = "versions"
@@ -243,3 +246,15 @@ class Store:
                 "stack": state.get("stack", []), "on_disk": on_disk,
                 "max_version": state.get("max_version", 0), "pending": state.get("pending"),
                 "rejected": state.get("rejected", [])}
+
+
+def recover_trial(store: Store) -> str | None:
+    """Roll back a version that was still on trial when the agent stopped; say why or None."""
+    pending = store.start_trial()
+    if pending is None:
+        return None
+    reason = (f"the agent restarted while version {pending} was on trial (crash, kill or "
+              f"reboot): rolled back to the version before it")
+    left, target = store.rollback(reason)
+    log.warning("update: %s (%s -> %s)", reason, left, target["id"])
+    return reason

@@ -9,10 +9,12 @@ a board mean one thing.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from agent.telemetry import percentile
@@ -84,3 +86,15 @@ def race(runners: Mapping[str, Callable[[Any], object]], batches: Sequence[Any],
         for name in names[turn:] + names[:turn]:
             lat[name].extend(time_passes(runners[name], batches, passes))
     return {name: Latency.of(lat[name]) for name in names}
+
+
+def process_age_s(stat: Path = Path("/proc/self/stat")) -> float | None:
+    """Seconds since this process started, to the kernel's clock tick (10 ms): the boot-time
+    clock now minus the process's start time in /proc (psutil's create_time adds the boot
+    time, which /proc/stat gives in whole seconds). None where /proc does not say."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from collections.abc import Callable, Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import BundleError
+from agent.torch_matrix import dist_version
 
 TORCHSCRIPT, ONNXRUNTIME = "torchscript", "onnxruntime"
 ENGINES = (TORCHSCRIPT, ONNXRUNTIME)
@@ -64,10 +64,7 @@ def installed(engine: str) -> str | None:
     runtime = RUNTIMES[engine]
     if importlib.util.find_spec(runtime) is None:
         return None
-    for dist in (runtime, f"{runtime}-gpu"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            return metadata.version(dist)
-    return "unknown"
+    return dist_version(runtime) or dist_version(f"{runtime}-gpu") or "unknown"
 
 
 def load(engine: str, data: bytes, path: Path, entry: dict[str, Any], threads: int,

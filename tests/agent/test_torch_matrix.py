@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.torch_matrix import Cpu, assess, entry_for, read_cpu
+from agent.torch_matrix import Cpu, assess, dist_version, entry_for, read_cpu
 from tests.support import run_cli
 
 A72 = Cpu("aarch64", "0xd08", frozenset({"fp", "asimd", "crc32", "cpuid"}))
@@ -68,3 +68,21 @@ def test_onnxruntime_is_judged_by_its_own_entries() -> None:
     proc = run_cli("agent.torch_matrix", "recommend", "--runtime", "onnxruntime",
                    "--machine", "aarch64")
     assert proc.returncode == 0 and proc.stdout.strip() == "onnxruntime==1.32.0"
+
+
+def test_versions_are_read_off_dist_info_and_debian_egg_info_folders(tmp_path: Path) -> None:
+    """What pip and Debian leave in site-packages, read without importing anything; the
+    first path entry that has the distribution wins, as imports do."""
+    pip_site, debian_site = tmp_path / "venv", tmp_path / "dist-packages"
+    for folder in ("torch-2.9.1+cpu.dist-info", "onnxruntime_gpu-1.32.0.dist-info",
+                   "torch", "numpy-2.4.6.dist-info"):
+        (pip_site / folder).mkdir(parents=True)
+    for folder in ("torch-2.6.0-py3.11.egg-info", "PyYAML-6.0.1.egg-info"):
+        (debian_site / folder).mkdir(parents=True)
+    path = [str(tmp_path / "missing"), str(pip_site), str(debian_site)]
+    assert dist_version("torch", path) == "2.9.1+cpu"
+    assert dist_version("torch", path[::-1]) == "2.6.0"
+    assert dist_version("onnxruntime-gpu", path) == "1.32.0"
+    assert dist_version("onnxruntime", path) is None
+    assert dist_version("pyyaml", path) == "6.0.1"
+    assert dist_version("num", path) is None
