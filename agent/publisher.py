@@ -2,7 +2,10 @@
 
 The inference loop hands each closed window to `submit` (a non-blocking queue put) and goes
 on. This thread samples resource stats, builds the telemetry message, commits it to the spool
-and only then hands it to paho; a row leaves the spool when the broker acknowledges it.
+and only then hands it to paho; a row leaves the spool when the broker acknowledges it. The
+window's summary (agent/telemetry.py, SUMMARY_KEYS) goes out retained at QoS 0 on
+`<id>/summary` at once, and again on every connect, so any monitor that subscribes later
+reads every board's latest window straight away.
 
 One thread owns everything here: it calls paho's `loop()` itself, so paho's callbacks run on
 this thread too, and they only set fields (nothing blocks in them). At most `INFLIGHT`
@@ -62,6 +65,7 @@ from agent.telemetry import (
     Topics,
     Window,
     encode,
+    summary_of,
     telemetry_fields,
 )
 
@@ -138,6 +142,7 @@ class Publisher(threading.Thread):
         self.live_unsent = 0  # live results not sent: no broker at the time
         self._deadline: float | None = None  # monotonic time by which to be gone
         self.connected = False
+        self._summary: bytes | None = None  # the last window's, retained on <id>/summary
         self._handed: dict[int, int] = {}  # paho mid -> spool row id
         self._last_handed = 0  # highest spool row id ever given to this client
         self._acked: list[int] = []
@@ -277,12 +282,15 @@ class Publisher(threading.Thread):
             self.commands.window(window, fields)
         depth, dropped = self.spool.depth, self.spool.dropped_total
 
+        made: list[dict[str, Any]] = []
+
         def payload(seq: int) -> bytes:
             msg = {"schema": TELEMETRY_SCHEMA, "device": self.device, "seq": seq,
                    "ts": round(window.end_ts, 3), **fields, "spool_depth": depth,
                    "dropped_total": dropped,
                    "model_sha256": window.model_sha256 or self.model_sha256,
                    "engine": window.engine or None}
+            made.append(msg)
             return encode(msg)
 
         try:
@@ -292,6 +300,11 @@ class Publisher(threading.Thread):
             log.error("spool %s: cannot store window %d (%s); its telemetry is lost",
                       self.spool.path, window.index, exc)
             return
+        # The latest window's summary, retained, not spooled: state, not a record (only the
+        # newest matters; one written while offline goes out on the next connect).
+        self._summary = encode(summary_of(made[-1]))
+        if self.connected:
+            self.client.publish(self.topics.summary, self._summary, qos=0, retain=True)
         log.info("%s", console_line(window.index, seq, fields, self.connected, self.spool))
 
     def _event(self, kind: str, detail: str) -> None:
@@ -430,6 +443,8 @@ class Publisher(threading.Thread):
         client.publish(self.topics.status, ONLINE, qos=1, retain=True)
         client.publish(self.topics.info, encode({**self.info, "ts": round(time.time(), 3)}),
                        qos=1, retain=True)
+        if self._summary is not None:
+            client.publish(self.topics.summary, self._summary, qos=0, retain=True)
         if self.commands is not None:
             client.subscribe(self.topics.cmd("+"), qos=1)
         if self.discovery is not None:

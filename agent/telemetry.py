@@ -34,6 +34,7 @@ EVENT_SCHEMA = "edgeforge.event/1"
 CMD_SCHEMA = "edgeforge.cmd/1"
 CMD_RESULT_SCHEMA = "edgeforge.cmd_result/1"
 RESULT_SCHEMA = "edgeforge.result/1"
+SUMMARY_SCHEMA = "edgeforge.summary/1"
 
 # The commands an agent answers on cmd/<name> (agent/remote_commands.py).
 COMMANDS = ("update_model", "rollback", "set", "benchmark", "diagnostics", "rotate_key")
@@ -59,6 +60,15 @@ SOURCE_TELEMETRY_KEYS = (
 )
 # The engine that ran the window (agent/engines): torchscript or onnxruntime.
 OPTIONAL_TELEMETRY_KEYS = ("accuracy_pct", "engine", *SOURCE_TELEMETRY_KEYS)
+# The retained summary of the last window on <prefix>/<id>/summary (about 400 bytes against
+# the telemetry's 900): what the monitor's table and alerts read, so a one-shot view judges
+# every board the moment it subscribes instead of waiting a window for its telemetry.
+SUMMARY_KEYS = (
+    "schema", "device", "seq", "ts", "window_s", "inferences", "throughput_ips",
+    "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "proc_cpu_percent", "rss_mb",
+    "soc_temp_c", "throttling", "spool_depth", "dropped_total", "model_sha256", "engine",
+    "accuracy_pct",
+)
 
 
 @dataclass(frozen=True)
@@ -73,12 +83,14 @@ class Topics:
     cmd_prefix: str  # a command NAME arrives on <cmd_prefix>NAME
     result: str
     infer: str  # requests arrive here, or on infer/<request_id>
+    summary: str  # the last window's summary, retained
 
     @classmethod
     def for_device(cls, prefix: str, device: str) -> Topics:
         base = f"{prefix.rstrip('/')}/{device}"
         return cls(f"{base}/status", f"{base}/info", f"{base}/telemetry", f"{base}/event",
-                   f"{base}/cmd_result", f"{base}/cmd/", f"{base}/result", f"{base}/infer")
+                   f"{base}/cmd_result", f"{base}/cmd/", f"{base}/result", f"{base}/infer",
+                   f"{base}/summary")
 
     def cmd(self, name: str) -> str:
         return f"{self.cmd_prefix}{name}"
@@ -123,6 +135,42 @@ def decode_telemetry(payload: bytes) -> dict[str, Any]:
                                     or not isinstance(value, (int, float))):
             raise ValueError(f"telemetry {key} must be a number or null, got {value!r}")
     return msg
+
+
+def summary_of(telemetry: dict[str, Any]) -> dict[str, Any]:
+    """The retained summary of a telemetry message (SUMMARY_KEYS)."""
+    return {"schema": SUMMARY_SCHEMA,
+            **{k: telemetry.get(k) for k in SUMMARY_KEYS if k != "schema"}}
+
+
+def decode_summary(payload: bytes) -> dict[str, Any]:
+    """Parse and check one summary payload: the telemetry's rules on the summary's keys.
+
+    Raises:
+        ValueError: not JSON, another schema, missing keys or a wrong type; says which.
+    """
+    try:
+        msg = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"summary payload is not JSON ({exc})") from None
+    if not isinstance(msg, dict):
+        raise ValueError("summary payload is not a JSON object")
+    if msg.get("schema") != SUMMARY_SCHEMA:
+        raise ValueError(f"summary schema {msg.get('schema')!r}, expected {SUMMARY_SCHEMA}")
+    missing = [k for k in SUMMARY_KEYS if k not in msg]
+    if missing:
+        raise ValueError(f"summary lacks {', '.join(missing)}")
+    for key in SUMMARY_KEYS:
+        value = msg[key]
+        if key == "throttling":
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"summary throttling must be true, false or null, got {value!r}")
+        elif key in ("schema", "device", "model_sha256", "engine"):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"summary {key} must be a name or null, got {value!r}")
+        elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"summary {key} must be a number or null, got {value!r}")
+    return {k: msg[k] for k in SUMMARY_KEYS}
 
 
 def percentile(ordered: array | Sequence[float], pct: float) -> float:

@@ -12,12 +12,13 @@ Kept on the operator's machine in the broker folder (`--broker-dir`, default
                     (`--config` it, or copy its mqtt keys into config.yaml)
 
 A board's username is its device id. Its ACL lets it publish only under
-`<prefix>/<id>/` (status, info, telemetry, event, result, cmd_result, and reply/# for MQTT 5
-response topics), its Home Assistant discovery configs, and read only its own `cmd/#`, its
-`infer` requests and Home Assistant's status. The operator (`edgeforge-operator`) reads and
-writes everything under the prefix and reads Home Assistant's topics. `edge-deploy flash`
-issues a board's credential the first time and reuses it after (`--rotate-credential` makes
-a new one); the broker reads the new files on SIGHUP (`systemctl reload mosquitto`).
+`<prefix>/<id>/` (status, info, telemetry, summary, event, result, cmd_result, and reply/#
+for MQTT 5 response topics), its Home Assistant discovery configs, and read only its own
+`cmd/#`, its `infer` requests and Home Assistant's status. The operator
+(`edgeforge-operator`) reads and writes everything under the prefix and reads Home
+Assistant's topics. `edge-deploy flash` issues a board's credential the first time and
+reuses it after (`--rotate-credential` makes a new one); the broker reads the new files on
+SIGHUP (`systemctl reload mosquitto`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ DEFAULT_DIR = Path("~/.config/edgeforge/broker")
 OPERATOR = "edgeforge-operator"
 ITERATIONS = 101  # mosquitto_passwd's default for $7$ (PBKDF2-SHA512)
 USERNAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-BOARD_WRITES = ("status", "info", "telemetry", "event", "result", "cmd_result", "reply/#")
+BOARD_WRITES = ("status", "info", "telemetry", "summary", "event", "result", "cmd_result",
+                "reply/#")
 BOARD_READS = ("cmd/#", "infer", "infer/#")
 
 

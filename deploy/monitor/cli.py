@@ -88,10 +88,15 @@ class Monitor:
                        f"mqtt.username and mqtt.password)")
             return
         self.broker_up, self.broker_problem = True, None
-        for kind in ("status", "info", "telemetry"):
-            client.subscribe(f"{self.prefix}/+/{kind}", qos=1)
+        # Retained state at QoS 0: mosquitto queues at most max_inflight_messages (20) plus
+        # max_queued_messages (1,000) QoS 1 messages for a client and drops the rest of the
+        # retained messages a subscribe brings (1,019 of 3,000 boards' info arrived); QoS 0
+        # ones are written straight to the socket. Live telemetry stays QoS 1: `record`
+        # keeps every window.
+        state = [(f"{self.prefix}/+/{kind}", 0) for kind in ("status", "info", "summary")]
         if self.publish_alerts:  # to clear what an earlier run left retained
-            client.subscribe(f"{self.prefix}/alerts/+", qos=1)
+            state.append((f"{self.prefix}/alerts/+", 0))
+        client.subscribe([*state, (f"{self.prefix}/+/telemetry", 1)])
         if not self.quiet:
             log.info("connected to %s:%d", self.mqtt_cfg.host, self.mqtt_cfg.port)
 
@@ -283,9 +288,20 @@ def snapshot(monitor: Monitor, args: argparse.Namespace, cfg: MonitorConfig) -> 
         active = monitor.alerts.all_active()
         for alert in active:
             print(f"ALERT {alert.device} {alert.alert}: {alert.message}")
-        if not active:
-            print(f"OK: {len(rows)} device(s), no alert")
-        return 1 if active else 0
+        # Never OK about a board it could not judge: known (status or info) but no window
+        # heard or retained, and no alert (offline) that already says why.
+        unseen = [r for r in rows if r["seconds_since_telemetry"] is None
+                  and not r.get("alerts")]
+        for r in unseen:
+            print(f"NO DATA {r['device']}: status {r['state']}, no window heard or retained "
+                  f"(an agent older than the summary topic, or not started yet)")
+        ages = [r["seconds_since_telemetry"] for r in rows
+                if r["seconds_since_telemetry"] is not None]
+        if not active and not unseen:
+            print(f"OK: {len(rows)} device(s) judged, no alert"
+                  + (f"; their latest windows are {min(ages):.0f} to {max(ages):.0f} s old"
+                     if ages else ""))
+        return 1 if active or unseen else 0
     if args.json:
         print(json.dumps({"ts": round(time.time(), 3), "devices": rows}, indent=2))
     else:

@@ -1,7 +1,9 @@
 """What the monitor knows about each board, built from the agents' own MQTT messages.
 
-`Fleet.ingest` takes every message under `<prefix>/+/status|info|telemetry`. A payload over
-`monitor.max_payload_kb` is refused before it is parsed. A telemetry message must pass the
+`Fleet.ingest` takes every message under `<prefix>/+/status|info|telemetry|summary`: the
+retained status, info and summary (the board's last window, agent/telemetry.py) give every
+board's state the moment the monitor subscribes, live telemetry keeps it current. A payload
+over `monitor.max_payload_kb` is refused before it is parsed. A telemetry message must pass the
 agent's own schema check (`agent.telemetry.decode_telemetry`) and a sanity check (no NaN or
 infinity; no negative latency, throughput, CPU, memory or seq; latencies under an hour; a
 temperature of -40 to 150 C; a timestamp no more than a day ahead and not older than the
@@ -23,6 +25,7 @@ from agent.telemetry import (
     ONLINE,
     OPTIONAL_TELEMETRY_KEYS,
     TELEMETRY_KEYS,
+    decode_summary,
     decode_telemetry,
 )
 
@@ -50,30 +53,48 @@ def check_telemetry(payload: bytes, now: float | None = None,
     """
     msg = decode_telemetry(payload)
     msg = {k: msg[k] for k in (*TELEMETRY_KEYS, *OPTIONAL_TELEMETRY_KEYS) if k in msg}
+    return sane(msg, "telemetry", now, horizon_s)
+
+
+def check_summary(payload: bytes, now: float | None = None,
+                  horizon_s: float | None = None) -> dict[str, Any]:
+    """A board's retained summary of its last window (agent/telemetry.py), checked as
+    telemetry is.
+
+    Raises:
+        ValueError: as check_telemetry, naming the summary.
+    """
+    return sane(decode_summary(payload), "summary", now, horizon_s)
+
+
+def sane(msg: dict[str, Any], kind: str, now: float | None,
+         horizon_s: float | None) -> dict[str, Any]:
+    """`msg` if its values make physical sense, else ValueError naming the first that does
+    not (`kind`: telemetry or summary, for the message)."""
     for key, value in msg.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"telemetry {key} is {value}")
+            raise ValueError(f"{kind} {key} is {value}")
     for key in NON_NEGATIVE:
         value = msg.get(key)
         if value is not None and value < 0:
-            raise ValueError(f"telemetry {key} is negative ({value})")
+            raise ValueError(f"{kind} {key} is negative ({value})")
     for key, lo, hi in RANGES:
         value = msg.get(key)
         if value is not None and not lo <= value <= hi:
-            raise ValueError(f"telemetry {key} {value} is outside {lo:g} to {hi:g}")
+            raise ValueError(f"{kind} {key} {value} is outside {lo:g} to {hi:g}")
     now = time.time() if now is None else now
     ts = msg["ts"]
     if ts is None:
-        raise ValueError("telemetry ts is null")
+        raise ValueError(f"{kind} ts is null")
     if ts > now + FUTURE_S:
-        raise ValueError(f"telemetry ts {ts} is more than a day in the future (check the "
+        raise ValueError(f"{kind} ts {ts} is more than a day in the future (check the "
                          f"board's clock)")
     if horizon_s is not None and ts < now - horizon_s:
-        raise ValueError(f"telemetry ts {ts} is older than the history horizon "
+        raise ValueError(f"{kind} ts {ts} is older than the history horizon "
                          f"({horizon_s:g} s)")
     p50, p99 = msg.get("latency_p50_ms"), msg.get("latency_p99_ms")
     if p50 is not None and p99 is not None and p99 < p50:
-        raise ValueError(f"telemetry latency_p99_ms {p99} is below latency_p50_ms {p50}")
+        raise ValueError(f"{kind} latency_p99_ms {p99} is below latency_p50_ms {p50}")
     return msg
 
 
@@ -85,8 +106,10 @@ class Device:
     status: str | None = None  # online | offline | None (never said)
     status_at: float | None = None  # when the monitor learned it (wall clock)
     info: dict[str, Any] = field(default_factory=dict)
-    telemetry: dict[str, Any] | None = None
-    seen_at: float | None = None  # when the last good telemetry arrived (wall clock)
+    telemetry: dict[str, Any] | None = None  # the latest window: telemetry or a summary
+    seen_at: float | None = None  # when the last good telemetry arrived (wall clock); for a
+    # retained summary, its window's end on the board's clock (it may be minutes old)
+    data_from: str | None = None  # "telemetry" (heard live) or "summary" (retained)
     bad_messages: int = 0
     last_problem: str | None = None
     spool_depths: list[int] = field(default_factory=list)  # the latest few, oldest first
@@ -124,7 +147,7 @@ class Device:
             "proc_cpu_percent": t.get("proc_cpu_percent"), "soc_temp_c": t.get("soc_temp_c"),
             "throttling": t.get("throttling"), "rss_mb": t.get("rss_mb"),
             "spool_depth": t.get("spool_depth"), "dropped_total": t.get("dropped_total"),
-            "seq": t.get("seq"),
+            "seq": t.get("seq"), "data_from": self.data_from,
             "seconds_since_telemetry": None if age is None else round(age, 1),
             "bad_messages": self.bad_messages, "last_problem": self.last_problem,
         }
@@ -153,7 +176,7 @@ class Fleet:
         if len(parts) < 3 or "/".join(parts[:-2]) != self.prefix:
             return None
         device_id, kind = parts[-2], parts[-1]
-        if kind not in ("status", "info", "telemetry"):
+        if kind not in ("status", "info", "telemetry", "summary"):
             return None
         dev = self.device(device_id)
         if len(payload) > self.max_payload_bytes:
@@ -181,17 +204,25 @@ class Fleet:
                 return None
             dev.info = info
             return None
+        if kind == "summary" and not payload:
+            return None  # an empty retained payload clears it: nothing to say
         try:
-            msg = check_telemetry(payload, now, self.horizon_s)
+            msg = (check_summary if kind == "summary" else check_telemetry)(
+                payload, now, self.horizon_s)
         except ValueError as exc:
             self._bad(dev, str(exc))
             return None
         # A board speaks only for itself: the broker's ACL (deploy/broker.py) keeps it off
         # other boards' topics, and a payload that names another device is not believed.
         if msg.get("device") != device_id:
-            self._bad(dev, f"telemetry names device {msg.get('device')!r} on {topic}")
+            self._bad(dev, f"{kind} names device {msg.get('device')!r} on {topic}")
             return None
-        dev.telemetry, dev.seen_at = msg, now
+        if kind == "summary":
+            # The state a one-shot view starts from; live telemetry as new or newer wins.
+            if dev.telemetry is None or msg["ts"] > dev.telemetry["ts"]:
+                dev.telemetry, dev.seen_at, dev.data_from = msg, min(now, msg["ts"]), kind
+            return None
+        dev.telemetry, dev.seen_at, dev.data_from = msg, now, kind
         if isinstance(msg.get("spool_depth"), int):
             dev.spool_depths = [*dev.spool_depths, msg["spool_depth"]][-50:]
         return dev, msg

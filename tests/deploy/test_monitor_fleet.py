@@ -1,0 +1,76 @@
+"""edge-monitor's one-shot views against a simulated fleet of thousands of boards
+(benchmarks/fleet_sim.py) on a real mosquitto with its default limits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.fleet_sim import SLOW_P99_MS, FleetSim
+from tests.support import run_cli
+from tests.support.broker import Broker, Subscriber
+
+BOARDS = 3000
+
+
+def test_once_and_check_see_every_board_and_every_slow_one_at_subscribe(tmp_path: Path) -> None:
+    """3,000 boards' retained state, 30 of them slow and 2 that never sent a window: `--once`
+    lists every board with its info and its last window's age the moment it subscribes, and
+    `check` names all 30 slow boards and both silent ones (never OK about them)."""
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    sim = FleetSim("127.0.0.1", broker.port, BOARDS, window_s=10, slow=30, silent=2)
+    try:
+        sim.announce(windows_ago=0.5)
+        # The limit the monitor has to get past: a QoS 1 subscriber is sent at most
+        # mosquitto's in-flight plus queued limit of the retained messages (20 + 1,000).
+        qos1 = Subscriber(broker.port, "edgeforge/+/info", client_id="qos1-info")
+        qos1.wait_for(lambda: len(qos1.on("/info")) >= 1000, 30, "the first 1,000 info")
+        sim.sync()
+        assert len(qos1.on("/info")) < BOARDS
+        qos1.close()
+
+        args = ("--set", f"mqtt.port={broker.port}", "--set", "mqtt.host=127.0.0.1",
+                "--listen", "3")
+        once = run_cli("deploy.monitor.cli", "--once", "--json", *args, timeout=120)
+        assert once.returncode == 0, once.stderr
+        rows = {r["device"]: r for r in json.loads(once.stdout)["devices"]}
+        boards = set(sim.ids)
+        assert set(rows) == boards | set(sim.silent)
+        assert all(rows[d]["model_version"] == 1 for d in rows)  # every board's info
+        assert all(rows[d]["data_from"] == "summary" for d in boards)
+        ages = [rows[d]["seconds_since_telemetry"] for d in boards]
+        assert all(4 <= a <= 30 for a in ages), (min(ages), max(ages))  # 5 s old, and says so
+        assert all(rows[d]["state"] == "online" for d in boards)
+        assert all(rows[d]["seconds_since_telemetry"] is None for d in sim.silent)
+
+        check = run_cli("deploy.monitor.cli", "check", *args, timeout=120)
+        assert check.returncode == 1, check.stdout + check.stderr
+        alerted = {line.split()[1] for line in check.stdout.splitlines()
+                   if line.startswith("ALERT ") and " p99_high: " in line}
+        assert alerted == sim.slow and len(alerted) == 30
+        assert f"latency p99 {SLOW_P99_MS:g} ms > 50 ms" in check.stdout
+        no_data = {line.split()[2].rstrip(":") for line in check.stdout.splitlines()
+                   if line.startswith("NO DATA ")}
+        assert no_data == set(sim.silent)
+        assert "OK" not in check.stdout
+    finally:
+        sim.close()
+        broker.stop()
+
+
+def test_check_is_ok_only_when_it_has_judged_every_board(tmp_path: Path) -> None:
+    """No slow and no silent board: OK, with the age of the data it judged by."""
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    sim = FleetSim("127.0.0.1", broker.port, 200, window_s=10)
+    try:
+        sim.announce(windows_ago=0.2)
+        check = run_cli("deploy.monitor.cli", "check", "--set", f"mqtt.port={broker.port}",
+                        "--set", "mqtt.host=127.0.0.1", "--listen", "2", timeout=120)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert check.stdout.startswith("OK: 200 device(s) judged, no alert; their latest "
+                                       "windows are "), check.stdout
+    finally:
+        sim.close()
+        broker.stop()
