@@ -108,17 +108,7 @@ def decode_telemetry(payload: bytes) -> dict[str, Any]:
         ValueError: not JSON, another schema, missing keys, or a non-number where a number
             belongs. The message says which.
     """
-    try:
-        msg = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"telemetry payload is not JSON ({exc})") from None
-    if not isinstance(msg, dict):
-        raise ValueError("telemetry payload is not a JSON object")
-    if msg.get("schema") != TELEMETRY_SCHEMA:
-        raise ValueError(f"telemetry schema {msg.get('schema')!r}, expected {TELEMETRY_SCHEMA}")
-    missing = [k for k in TELEMETRY_KEYS if k not in msg]
-    if missing:
-        raise ValueError(f"telemetry lacks {', '.join(missing)}")
+    msg = _json_message(payload, "telemetry", TELEMETRY_SCHEMA, TELEMETRY_KEYS)
     for key in TELEMETRY_KEYS:
         if key in ("schema", "device", "model_sha256", "under_voltage", "freq_capped",
                    "throttling"):
@@ -137,6 +127,23 @@ def decode_telemetry(payload: bytes) -> dict[str, Any]:
     return msg
 
 
+def _json_message(payload: bytes, kind: str, schema: str,
+                  keys: Sequence[str]) -> dict[str, Any]:
+    """A JSON object of `schema` with every one of `keys`, or ValueError saying what is not."""
+    try:
+        msg = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{kind} payload is not JSON ({exc})") from None
+    if not isinstance(msg, dict):
+        raise ValueError(f"{kind} payload is not a JSON object")
+    if msg.get("schema") != schema:
+        raise ValueError(f"{kind} schema {msg.get('schema')!r}, expected {schema}")
+    missing = [k for k in keys if k not in msg]
+    if missing:
+        raise ValueError(f"{kind} lacks {', '.join(missing)}")
+    return msg
+
+
 def summary_of(telemetry: dict[str, Any]) -> dict[str, Any]:
     """The retained summary of a telemetry message (SUMMARY_KEYS)."""
     return {"schema": SUMMARY_SCHEMA,
@@ -149,17 +156,7 @@ def decode_summary(payload: bytes) -> dict[str, Any]:
     Raises:
         ValueError: not JSON, another schema, missing keys or a wrong type; says which.
     """
-    try:
-        msg = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"summary payload is not JSON ({exc})") from None
-    if not isinstance(msg, dict):
-        raise ValueError("summary payload is not a JSON object")
-    if msg.get("schema") != SUMMARY_SCHEMA:
-        raise ValueError(f"summary schema {msg.get('schema')!r}, expected {SUMMARY_SCHEMA}")
-    missing = [k for k in SUMMARY_KEYS if k not in msg]
-    if missing:
-        raise ValueError(f"summary lacks {', '.join(missing)}")
+    msg = _json_message(payload, "summary", SUMMARY_SCHEMA, SUMMARY_KEYS)
     for key in SUMMARY_KEYS:
         value = msg[key]
         if key == "throttling":
