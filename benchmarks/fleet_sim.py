@@ -45,6 +45,26 @@ SLOW_P99_MS = 80.0
 MODEL_SHA256 = hashlib.sha256(b"simulated fleet model").hexdigest()
 
 
+def window_message(device: str, seq: int, ts: float, window_s: float = 10.0,
+                   slow: bool = False) -> dict[str, Any]:
+    """One window of `device`, as agent/publisher.py writes it."""
+    p50 = 4.0 + zlib.crc32(device.encode()) % 100 / 100
+    p99 = SLOW_P99_MS if slow else p50 * 1.6
+    n = int(window_s * 200)
+    return {"schema": TELEMETRY_SCHEMA, "device": device, "seq": seq, "ts": round(ts, 3),
+            "window_s": window_s, "batch_size": 1, "inferences": n,
+            "throughput_ips": round(n / window_s, 1), "latency_p50_ms": p50,
+            "latency_p90_ms": round(p50 * 1.2, 3), "latency_p99_ms": p99,
+            "latency_max_ms": p99 + 2, "latency_mean_ms": round(p50 * 1.05, 3),
+            "proc_cpu_percent": 96.0, "sys_cpu_percent": 27.0, "rss_mb": 88.5,
+            "mem_percent": 2.3, "load_1m": 1.1, "soc_temp_c": 52.0, "cpu_freq_mhz": 1800.0,
+            "throttled": 0, "under_voltage": False, "freq_capped": False,
+            "throttling": False, "spool_depth": 0, "dropped_total": 0,
+            "model_sha256": MODEL_SHA256, "engine": "onnxruntime",
+            **dict.fromkeys(SOURCE_TELEMETRY_KEYS), "source": "random", "frames_in": 0,
+            "frames_dropped": 0, "frames_failed": 0, "results_published": 0}
+
+
 class FleetSim:
     """`boards` simulated agents on one MQTT connection; see the module docstring."""
 
@@ -71,22 +91,7 @@ class FleetSim:
             raise SystemExit(f"fleet_sim: no MQTT broker at {host}:{port}")
 
     def telemetry(self, device: str, seq: int, ts: float) -> dict[str, Any]:
-        """One window of `device`, as agent/publisher.py writes it."""
-        p50 = 4.0 + zlib.crc32(device.encode()) % 100 / 100
-        p99 = SLOW_P99_MS if device in self.slow else p50 * 1.6
-        n = int(self.window_s * 200)
-        return {"schema": TELEMETRY_SCHEMA, "device": device, "seq": seq, "ts": round(ts, 3),
-                "window_s": self.window_s, "batch_size": 1, "inferences": n,
-                "throughput_ips": round(n / self.window_s, 1), "latency_p50_ms": p50,
-                "latency_p90_ms": round(p50 * 1.2, 3), "latency_p99_ms": p99,
-                "latency_max_ms": p99 + 2, "latency_mean_ms": round(p50 * 1.05, 3),
-                "proc_cpu_percent": 96.0, "sys_cpu_percent": 27.0, "rss_mb": 88.5,
-                "mem_percent": 2.3, "load_1m": 1.1, "soc_temp_c": 52.0, "cpu_freq_mhz": 1800.0,
-                "throttled": 0, "under_voltage": False, "freq_capped": False,
-                "throttling": False, "spool_depth": 0, "dropped_total": 0,
-                "model_sha256": MODEL_SHA256, "engine": "onnxruntime",
-                **dict.fromkeys(SOURCE_TELEMETRY_KEYS), "source": "random", "frames_in": 0,
-                "frames_dropped": 0, "frames_failed": 0, "results_published": 0}
+        return window_message(device, seq, ts, self.window_s, device in self.slow)
 
     def info(self, device: str) -> dict[str, Any]:
         return {"schema": INFO_SCHEMA, "device": device, "ts": round(time.time(), 3),

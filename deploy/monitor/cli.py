@@ -38,6 +38,8 @@ from deploy.monitor.history import History, parse_since, plot
 
 log = logging.getLogger("edge-monitor")
 
+INBOX = 100_000  # messages between paho's thread and the monitor's, at most
+
 COLUMNS = (  # (sort key, heading, row field, format)
     ("device", "device", "device", "{}"), ("status", "status", "state", "{}"),
     ("model", "model", "model_sha256", "{:.12}"), ("engine", "engine", "engine", "{}"),
@@ -70,14 +72,18 @@ class Monitor:
         self.events: list[str] = []  # alert lines for the live view
         self.publish_alerts = not quiet  # one-shot runs only look; long runs own the topic
         self._retained: dict[str, bool] = {}  # device -> a retained alerts message exists
-        self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        # Bounded: a monitor that falls behind counts what it could not take (`dropped`, in
+        # the log and in Prometheus) instead of growing without limit.
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(INBOX)
+        self.dropped = 0
+        self._dropped_said = 0
         client = make_client(mqtt_cfg, f"edge-monitor-{secrets.token_hex(4)}")
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = lambda c, u: self._down("no answer (connection refused or "
                                                          "timed out)")
-        client.on_message = lambda c, u, m: self._inbox.put((m.topic, bytes(m.payload)))
+        client.on_message = self._on_message
         self.client = client
         self.prefix = mqtt_cfg.topic_prefix.rstrip("/")
 
@@ -99,6 +105,12 @@ class Monitor:
         client.subscribe([*state, (f"{self.prefix}/+/telemetry", 1)])
         if not self.quiet:
             log.info("connected to %s:%d", self.mqtt_cfg.host, self.mqtt_cfg.port)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            self._inbox.put_nowait((message.topic, bytes(message.payload)))
+        except queue.Full:
+            self.dropped += 1
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
@@ -128,6 +140,8 @@ class Monitor:
             except queue.Empty:
                 if not self.broker_up and self.broker_problem is None:
                     self.broker_problem = "connecting"
+                if self.history is not None and self.history.due():
+                    self.history.flush()
                 continue
             if topic.startswith(f"{self.prefix}/alerts/"):
                 self._retained[topic.rsplit("/", 1)[-1]] = bool(payload)
@@ -136,6 +150,11 @@ class Monitor:
                 good = self.fleet.ingest(topic, payload)
             if good is not None and self.history is not None:
                 self.history.add(good[1])
+        if self.dropped != self._dropped_said:
+            log.warning("%d message(s) dropped so far: the monitor's inbox (%d) was full; "
+                        "it cannot keep up (see the README's monitoring section)",
+                        self.dropped, INBOX)
+            self._dropped_said = self.dropped
         self.evaluate()
 
     def evaluate(self) -> None:

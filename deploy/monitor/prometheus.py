@@ -99,7 +99,10 @@ def serve(monitor: Any, host: str, port: int) -> None:
                     throttled.add_metric([r["device"]], 1.0 if r["throttling"] else 0.0)
                 alerts.add_metric([r["device"]], float(len(r["alerts"])))
                 bad.add_metric([r["device"]], float(r["bad_messages"]))
-            yield from (age, up, state, throttled, alerts, bad)
+            dropped = CounterMetricFamily("edgeforge_monitor_dropped_messages", "Messages "
+                                          "this monitor could not take: its inbox was full")
+            dropped.add_metric([], float(monitor.dropped))
+            yield from (age, up, state, throttled, alerts, bad, dropped)
 
     REGISTRY.register(FleetCollector())
     try:

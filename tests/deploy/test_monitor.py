@@ -19,6 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent.telemetry import SUMMARY_KEYS, decode_summary
+from deploy.monitor.history import History
 from tests.support import ROOT, Agent, run_cli
 from tests.support.broker import Broker, Subscriber, free_port
 
@@ -245,11 +246,11 @@ def test_record_keeps_history_through_a_broker_outage_and_plot_writes_a_png(
 
 
 def count(history: Path, device: str) -> int:
-    import sqlite3
-
-    with sqlite3.connect(history) as db:
-        return int(db.execute("SELECT COUNT(*) FROM telemetry WHERE device = ?",
-                              (device,)).fetchone()[0])
+    h = History(history, 3600)
+    try:
+        return h.count(device)
+    finally:
+        h.close()
 
 
 def test_bad_telemetry_is_counted_per_device_never_crashes_or_reaches_history(

@@ -4,9 +4,14 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from pathlib import Path
 
-from benchmarks.fleet_sim import SLOW_P99_MS, FleetSim
+import pytest
+
+from benchmarks.fleet_sim import SLOW_P99_MS, FleetSim, window_message
+from deploy.monitor.history import PRUNE_ROWS, History
 from tests.support import run_cli
 from tests.support.broker import Broker, Subscriber
 
@@ -74,3 +79,45 @@ def test_check_is_ok_only_when_it_has_judged_every_board(tmp_path: Path) -> None
     finally:
         sim.close()
         broker.stop()
+
+
+def test_history_stores_numbers_in_batches_and_prunes_in_slices(tmp_path: Path) -> None:
+    """20,000 windows of 200 boards: under 150 bytes a window on disk, read back as sent,
+    and the clean-up of expired rows goes through the index in bounded slices."""
+    path = tmp_path / "history.sqlite3"
+    history = History(path, max_age_s=3600)
+    now = time.time()
+    history._pruned = now  # a clean-up just ran: none is due while the rows go in
+    boards = [f"sim-{i:05d}" for i in range(200)]
+    sent = {}
+    for k in range(100):  # the first 40 windows are over the hour old
+        ts = now - 7200 + k * 60 if k < 40 else now - 60 + k * 0.1
+        for device in boards:
+            msg = window_message(device, k + 1, ts, slow=device == "sim-00007")
+            history.add(msg)
+            sent[(device, k + 1)] = msg
+    history.flush()
+    assert history.stored == 20_000
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    pages = db.execute("PRAGMA page_count").fetchone()[0] - db.execute(
+        "PRAGMA freelist_count").fetchone()[0]
+    per_window = pages * db.execute("PRAGMA page_size").fetchone()[0] / 20_000
+    db.close()
+    assert per_window < 150, per_window
+    rows = history.query("sim-00007", now - 10_000)
+    assert len(rows) == 100
+    for row in rows:
+        msg = sent[("sim-00007", row["seq"])]
+        assert row["ts"] == pytest.approx(msg["ts"], abs=1e-3)
+        for key in ("latency_p50_ms", "latency_p99_ms", "throughput_ips", "rss_mb",
+                    "soc_temp_c", "spool_depth"):
+            assert row[key] == pytest.approx(msg[key], abs=1e-3), key
+    # Expired: 40 windows x 200 boards = 8,000 rows, deleted PRUNE_ROWS at a time.
+    history._pruned = 0.0  # the minute since the last clean-up has passed
+    history.flush()
+    assert history.pruned == PRUNE_ROWS
+    history.flush()
+    assert history.pruned == 8000
+    assert len(history.query("sim-00007", 0)) == 60
+    history.close()

@@ -1,0 +1,156 @@
+"""Benchmark: edge-monitor against a simulated fleet (benchmarks/fleet_sim.py), one run.
+
+    .venv/bin/python benchmarks/monitor_targets.py [--boards 5000] [--window-s 10]
+                                                   [--duration 60] [--slow 50]
+
+Starts a real mosquitto with its default limits on a free loopback port, then
+`edge-monitor record` and `edge-monitor serve --prometheus` as subprocesses, announces the
+fleet (retained status, info and a summary per board) and runs it for --duration seconds
+(one telemetry message and one retained summary per board per window). Then measures:
+  1. lost: telemetry windows published minus windows `record` stored (0 is the target);
+  2. `record`'s CPU over the run, in % of one core (psutil; target under 15 %);
+  3. `edge-monitor --once --json --listen 2`: wall time from start to exit, and how many
+     boards it lists with their info and a window (target: all, within 5 s);
+  4. `edge-monitor check`: the share of the --slow boards it names (target 100 %);
+  5. a scrape of /metrics: the median of 5 (target under 150 ms).
+Prints a table and writes build/bench-monitor/results.json; exits 1 if a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.fleet_sim import FleetSim  # noqa: E402
+from deploy.monitor.history import History  # noqa: E402
+from tests.support.broker import Broker, free_port  # noqa: E402
+
+
+def monitor_cmd(port: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "deploy.monitor.cli", "--set", f"mqtt.port={port}",
+            "--set", "mqtt.host=127.0.0.1", *args]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--boards", type=int, default=5000)
+    p.add_argument("--window-s", type=float, default=10.0)
+    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--slow", type=int, default=50)
+    p.add_argument("--out", type=Path, default=Path("build/bench-monitor"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-monitor-"))
+    broker = Broker(work / "broker")
+    broker.start()
+    history = work / "history.sqlite3"
+    metrics_port = free_port()
+    logs = {name: (work / f"{name}.log").open("w") for name in ("record", "serve")}
+    record = subprocess.Popen(monitor_cmd(broker.port, "--set", f"monitor.history={history}",
+                                          "record"), cwd=ROOT, stdout=logs["record"],
+                              stderr=subprocess.STDOUT)
+    serve = subprocess.Popen(monitor_cmd(broker.port, "serve", "--prometheus",
+                                         f"127.0.0.1:{metrics_port}"), cwd=ROOT,
+                             stdout=logs["serve"], stderr=subprocess.STDOUT)
+    results: dict[str, Any] = {"boards": args.boards, "window_s": args.window_s,
+                               "duration_s": args.duration}
+    sim = None
+    try:
+        time.sleep(3)  # both connected and subscribed
+        sim = FleetSim("127.0.0.1", broker.port, args.boards, args.window_s, slow=args.slow)
+        t0 = time.monotonic()
+        sim.announce()
+        print(f"announced {args.boards} boards in {time.monotonic() - t0:.1f} s; running "
+              f"{args.duration:g} s at {args.boards / args.window_s:,.0f} windows/s ...",
+              file=sys.stderr, flush=True)
+        proc = psutil.Process(record.pid)
+        cpu0, wall0 = proc.cpu_times(), time.monotonic()
+        sent_before = sum(sim.seq.values())
+        sim.run(args.duration)
+        time.sleep(3)  # the last windows reach record and its next commit
+        cpu1, wall1 = proc.cpu_times(), time.monotonic()
+        results["record_cpu_pct"] = 100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+                                           ) / (wall1 - wall0)
+        results["telemetry_sent"] = sum(sim.seq.values()) - sent_before
+
+        scrapes = []
+        for _ in range(5):
+            s0 = time.perf_counter()
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                        timeout=30) as r:
+                body = r.read()
+            scrapes.append(time.perf_counter() - s0)
+        results["scrape_ms"] = [round(s * 1000, 1) for s in scrapes]
+        results["scrape_bytes"] = len(body)
+
+        o0 = time.monotonic()
+        once = subprocess.run(monitor_cmd(broker.port, "--once", "--json", "--listen", "2"),
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        results["once_s"] = round(time.monotonic() - o0, 2)
+        rows = json.loads(once.stdout)["devices"] if once.returncode == 0 else []
+        results["once_listed"] = len(rows)
+        results["once_with_info_and_window"] = sum(
+            1 for r in rows if r["model_version"] is not None
+            and r["seconds_since_telemetry"] is not None)
+        check = subprocess.run(monitor_cmd(broker.port, "check", "--listen", "2"), cwd=ROOT,
+                               capture_output=True, text=True, timeout=300)
+        named = {line.split()[1] for line in check.stdout.splitlines()
+                 if line.startswith("ALERT ") and " p99_high: " in line}
+        results["check_slow_named"] = len(named & sim.slow)
+        results["check_exit"] = check.returncode
+    finally:
+        for proc_ in (record, serve):
+            proc_.send_signal(signal.SIGINT)
+            proc_.wait(30)
+        for f in logs.values():
+            f.close()
+        if sim is not None:
+            sim.close()
+        broker.stop()
+    h = History(history, 7 * 86400)
+    stored = sum(h.count(d) for d in sim.ids) if sim is not None else 0
+    h.close()
+    results["telemetry_stored"] = stored
+    lost = results["telemetry_sent"] - stored
+    checks = [
+        ("telemetry windows lost (sent - recorded)", lost, 0, "<="),
+        ("record CPU, % of one core", results["record_cpu_pct"], 15.0, "<="),
+        ("--once --listen 2: boards with info and a window, %",
+         100 * results["once_with_info_and_window"] / args.boards, 100.0, ">="),
+        ("--once --listen 2: start to exit, s", results["once_s"], 5.0, "<="),
+        ("check: slow boards named, %", 100 * results["check_slow_named"] / max(1, args.slow),
+         100.0, ">="),
+        ("/metrics scrape, median of 5, ms", statistics.median(results["scrape_ms"]), 150.0,
+         "<="),
+    ]
+    results["checks"] = [{"target": n, "measured": v, "limit": lim, "op": op}
+                         for n, v, lim, op in checks]
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"{args.boards} boards, {args.window_s:g} s windows, {args.duration:g} s: "
+          f"{results['telemetry_sent']:,} windows sent, {stored:,} recorded; scrape "
+          f"{results['scrape_bytes']:,} bytes")
+    print(f"{'target':<56} {'measured':>9} {'limit':>8}  result")
+    ok = True
+    for name, value, limit, op in checks:
+        passed = value >= limit if op == ">=" else value <= limit
+        ok &= passed
+        print(f"{name:<56} {value:>9.2f} {op:>2}{limit:>6}  {'PASS' if passed else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
