@@ -39,6 +39,7 @@ import paho.mqtt.client as mqtt
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.targets import as_json, report  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402  (the tests' real-mosquitto helper)
 
 # The bare loop: what an engineer would write by hand, nothing else in the process.
@@ -206,20 +207,13 @@ def main() -> int:
                "bare_ips": bare, "agent_ips": agent, "rss_bare_mb": rss_bare,
                "rss_agent_mb": rss_agent, "soak_rss_mb": [m["rss_mb"] for m in soak],
                "soak_ips": [m["throughput_ips"] for m in soak],
-               "checks": [{"target": n, "measured": v, "limit": lim, "op": op}
-                          for n, v, lim, op in checks]}
+               "checks": as_json(checks)}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, args.out / "agent.png")
     print(f"\nbare median {statistics.median(bare):,.0f} img/s, agent median "
           f"{statistics.median(agent):,.0f} img/s; soak RSS {soak[1]['rss_mb']:.1f} -> "
           f"{soak[-1]['rss_mb']:.1f} MB over {len(soak)} windows")
-    print(f"{'target':<66} {'measured':>9} {'limit':>8}  result")
-    ok = True
-    for name, value, limit, op in checks:
-        passed = value >= limit if op == ">=" else value <= limit if op == "<=" else value < limit
-        ok &= passed
-        print(f"{name:<66} {value:>9.3f} {op:>2}{limit:>6}  {'PASS' if passed else 'FAIL'}")
-    return 0 if ok else 1
+    return 0 if report(checks) else 1
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from agent.spool import Spool  # noqa: E402
 from agent.stats import ResourceStats  # noqa: E402
 from agent.telemetry import Window  # noqa: E402
 from agent.timing import race  # noqa: E402
+from benchmarks.targets import as_json, report  # noqa: E402
 from tests.support.broker import Broker, Subscriber  # noqa: E402
 
 PLATFORM = ["--platform", "manylinux_2_28_aarch64", "--platform", "manylinux_2_17_aarch64",
@@ -295,8 +296,7 @@ def main() -> int:
     ]
     results = {"speed_p50_ms": p50, "overhead": over, "torch_free": free,
                "download_onnx": onnx, "download_torch": torch_dl,
-               "checks": [{"target": n, "measured": v, "limit": lim, "op": op}
-                          for n, v, lim, op in checks]}
+               "checks": as_json(checks)}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, args.out / "engines.png")
     print(f"\np50 batch 1: torchscript {p50['torchscript'] * 1000:.0f} us, onnxruntime "
@@ -308,13 +308,7 @@ def main() -> int:
               f"rounds, informational: {o['wall_ratio']:.3f}); the bare loop against itself "
               f"in the same rounds: {o['control_ratio']:.3f} per CPU-s (the method's own "
               f"error)")
-    print(f"{'target':<66} {'measured':>9} {'limit':>8}  result")
-    ok = True
-    for name, value, limit, op in checks:
-        passed = value >= limit if op == ">=" else value <= limit
-        ok &= passed
-        print(f"{name:<66} {value:>9.3f} {op:>2}{limit:>6}  {'PASS' if passed else 'FAIL'}")
-    return 0 if ok else 1
+    return 0 if report(checks) else 1
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.fleet_sim import FleetSim  # noqa: E402
+from benchmarks.targets import Check, as_json, report  # noqa: E402
 from deploy.monitor.history import History  # noqa: E402
 from tests.support.broker import Broker, free_port  # noqa: E402
 
@@ -126,7 +127,7 @@ def main() -> int:
     h.close()
     results["telemetry_stored"] = stored
     lost = results["telemetry_sent"] - stored
-    checks = [
+    checks: list[Check] = [
         ("telemetry windows lost (sent - recorded)", lost, 0, "<="),
         ("record CPU, % of one core", results["record_cpu_pct"], 15.0, "<="),
         ("--once --listen 2: boards with info and a window, %",
@@ -137,19 +138,12 @@ def main() -> int:
         ("/metrics scrape, median of 5, ms", statistics.median(results["scrape_ms"]), 150.0,
          "<="),
     ]
-    results["checks"] = [{"target": n, "measured": v, "limit": lim, "op": op}
-                         for n, v, lim, op in checks]
+    results["checks"] = as_json(checks)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"{args.boards} boards, {args.window_s:g} s windows, {args.duration:g} s: "
           f"{results['telemetry_sent']:,} windows sent, {stored:,} recorded; scrape "
           f"{results['scrape_bytes']:,} bytes")
-    print(f"{'target':<56} {'measured':>9} {'limit':>8}  result")
-    ok = True
-    for name, value, limit, op in checks:
-        passed = value >= limit if op == ">=" else value <= limit
-        ok &= passed
-        print(f"{name:<56} {value:>9.2f} {op:>2}{limit:>6}  {'PASS' if passed else 'FAIL'}")
-    return 0 if ok else 1
+    return 0 if report(checks, 56) else 1
 
 
 if __name__ == "__main__":
