@@ -64,7 +64,7 @@ python3 -m venv "$work/board"
 "$work/board/bin/python" -c "import agent, agent.cli, agent.runner, agent.remote_commands" \
     || fail "the board venv cannot import agent"
 "$work/board/bin/edge-agent" --help >/dev/null || fail "edge-agent --help on the board"
-for pkg in optimizer deploy matplotlib tqdm prometheus_client; do
+for pkg in optimizer deploy matplotlib tqdm; do
     "$work/board/bin/python" -c "import $pkg" 2>/dev/null && fail "the board has $pkg"
 done
 echo "board venv: agent imports; optimizer, deploy and the host libraries are absent"

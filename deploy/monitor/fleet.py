@@ -113,6 +113,7 @@ class Device:
     bad_messages: int = 0
     last_problem: str | None = None
     spool_depths: list[int] = field(default_factory=list)  # the latest few, oldest first
+    changed: int = 0  # counts the messages that touched it (the Prometheus cache's key)
 
     def age_s(self, now: float) -> float | None:
         return None if self.seen_at is None else now - self.seen_at
@@ -179,6 +180,7 @@ class Fleet:
         if kind not in ("status", "info", "telemetry", "summary"):
             return None
         dev = self.device(device_id)
+        dev.changed += 1
         if len(payload) > self.max_payload_bytes:
             self._bad(dev, f"{kind} payload of {len(payload):,} bytes is over "
                            f"monitor.max_payload_kb ({self.max_payload_bytes:,} bytes)")
