@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -137,6 +138,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="install even if not a newer version")
     s.add_argument("--no-watch", action="store_true",
                    help="return when applied, without waiting for the trial's verdict")
+    s.add_argument("--canary-pct", type=float, default=10.0, metavar="PCT",
+                   help="the first wave: this share of the boards, at least one (default 10; "
+                        "100 sends to all at once)")
+    s.add_argument("--growth", type=float, default=2.0, metavar="X",
+                   help="each later wave is X times the one before (default 2)")
+    s.add_argument("--max-failed-pct", type=float, default=0.0, metavar="PCT",
+                   help="stop after a wave in which more than this share rolled back, was "
+                        "refused or did not answer (default 0: any)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the waves and send nothing")
 
     s = sub.add_parser("cmd", help="send one command to a board and print its answer")
     common(s, key=True, mqtt=True)
@@ -240,6 +251,9 @@ def online_states(fleet: Fleet, devices: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_update(args: argparse.Namespace) -> int:
+    waves([], args.canary_pct, args.growth)  # the wave settings, checked before any work
+    if not 0 <= args.max_failed_pct <= 100:
+        raise ConfigError(f"--max-failed-pct {args.max_failed_pct:g}: a share from 0 to 100")
     key = load_private_key(args.key)
     signature = ensure_signed(args.bundle, key)
     payload = update_args(args.bundle, args.force)
@@ -265,31 +279,73 @@ def cmd_update(args: argparse.Namespace) -> int:
         if not devices:
             print(table(("device", "old version", "new version", "result", "reason"), rows))
             return 1
+        plan = waves(devices, args.canary_pct, args.growth)
+        for n, wave in enumerate(plan, 1):
+            print(f"wave {n}: {len(wave)} board(s): {', '.join(wave)}", file=sys.stderr)
+        if args.dry_run:
+            print(f"dry run: version {signature.version} would go to {len(devices)} board(s) in "
+                  f"{len(plan)} wave(s), stopping after a wave with more than "
+                  f"{args.max_failed_pct:g} % failed; nothing was sent")
+            return 0
         fleet.subscribe([fleet.topics(d).cmd_result for d in devices])
-        pending = {(d, fleet.send(d, "update_model", payload)): "update_model" for d in devices}
-        print(f"sent version {signature.version} to {len(devices)} board(s); waiting up to "
-              f"{args.timeout:g} s", file=sys.stderr)
+        finals = ("applied", *FINAL_UPDATE_RESULTS) if args.no_watch else FINAL_UPDATE_RESULTS
 
         def progress(device: str, msg: dict[str, Any]) -> None:
             print(f"  {device}: {msg.get('result')} {msg.get('reason') or ''}".rstrip(),
                   file=sys.stderr)
 
-        finals = ("applied", *FINAL_UPDATE_RESULTS) if args.no_watch else FINAL_UPDATE_RESULTS
-        done = fleet.answers(pending, args.timeout,
-                             lambda m: m.get("result") in finals, progress)
-    for device, rid in pending:
-        msg = done.get((device, rid))
-        data = (msg or {}).get("data") or {}
-        result = msg.get("result") if msg else "no answer"
-        ok = bool(msg and msg.get("ok"))
-        failed += not ok
-        reason = (msg or {}).get("reason") or ("" if msg else f"nothing within {args.timeout:g} "
-                                               f"s (offline? see edge-deploy cmd {device} "
-                                               f"diagnostics)")
-        rows.append((device, str(data.get("from") or "?"), str(data.get("to") or "?"),
-                     str(result), str(reason)))
+        for n, wave in enumerate(plan, 1):
+            pending = {(d, fleet.send(d, "update_model", payload)): "update_model" for d in wave}
+            print(f"wave {n}/{len(plan)}: sent version {signature.version} to {len(wave)} "
+                  f"board(s); waiting up to {args.timeout:g} s", file=sys.stderr)
+            done = fleet.answers(pending, args.timeout,
+                                 lambda m: m.get("result") in finals, progress)
+            wave_failed = 0
+            for device, rid in pending:
+                msg = done.get((device, rid))
+                data = (msg or {}).get("data") or {}
+                result = msg.get("result") if msg else "no answer"
+                ok = bool(msg and msg.get("ok"))
+                wave_failed += not ok
+                reason = (msg or {}).get("reason") or (
+                    "" if msg else f"nothing within {args.timeout:g} s (offline? see "
+                                   f"edge-deploy cmd {device} diagnostics)")
+                rows.append((device, str(data.get("from") or "?"), str(data.get("to") or "?"),
+                             str(result), str(reason)))
+            failed += wave_failed
+            if 100 * wave_failed / len(wave) > args.max_failed_pct and n < len(plan):
+                left = [d for w in plan[n:] for d in w]
+                why = (f"the rollout stopped after wave {n}: {wave_failed} of {len(wave)} "
+                       f"failed (over --max-failed-pct {args.max_failed_pct:g})")
+                print(why, file=sys.stderr)
+                rows += [(d, "?", "?", "not sent", f"{why}; still on its old version")
+                         for d in left]
+                failed += len(left)
+                break
     print(table(("device", "old version", "new version", "result", "reason"), rows))
     return 1 if failed else 0
+
+
+def waves(devices: Sequence[str], canary_pct: float, growth: float) -> list[list[str]]:
+    """`devices` in waves: the canary (canary_pct of them, at least one), then each wave
+    `growth` times the one before, the last taking whatever is left.
+
+    Raises:
+        ConfigError: a share outside 0-100 or a growth below 1.
+    """
+    if not 0 < canary_pct <= 100:
+        raise ConfigError(f"--canary-pct {canary_pct:g}: a share above 0 and at most 100")
+    if growth < 1:
+        raise ConfigError(f"--growth {growth:g}: at least 1 (each wave as big as the last)")
+    out: list[list[str]] = []
+    size = max(1.0, len(devices) * canary_pct / 100)
+    i = 0
+    while i < len(devices):
+        take = max(1, math.ceil(size - 1e-9))
+        out.append(list(devices[i:i + take]))
+        i += take
+        size *= growth
+    return out
 
 
 def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

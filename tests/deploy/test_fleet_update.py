@@ -372,3 +372,47 @@ def test_an_idle_serving_board_still_judges_and_confirms_an_update(
     finally:
         agent.kill()
         sub.close()
+
+
+def test_a_staged_rollout_stops_at_its_canary_when_the_canary_model_is_bad(
+        bundle: Path, fleet_key: Path, broker: Broker, tmp_path: Path) -> None:
+    """Two boards, `--all --canary-pct 50`: the dry run prints the two waves and sends
+    nothing; the real rollout sends the bad model to the canary alone, which refuses it, and
+    stops there: the other board is never sent it and keeps its version."""
+    agents, stores = [], {}
+    sub = Subscriber(broker.port, client_id="rollout")
+    try:
+        for device in ("board-a", "board-b"):
+            work = tmp_path / device
+            work.mkdir()
+            stores[device] = make_store(bundle, work, fleet_key, version=1)
+            agents.append(Agent(stores[device], broker.port, work,
+                                f"update.public_key={fleet_key}.pub", *TRIAL,
+                                f"device.id={device}"))
+        sub.wait_for(lambda: {json.loads(p)["device"] for p, _ in sub.on("/info")}
+                     >= {"board-a", "board-b"}, 90, "both boards' birth messages")
+        before = {d: tree(s.parent) for d, s in stores.items()}
+        bad = wrong_logits_copy(bundle, tmp_path / "bad", fleet_key, 2)
+
+        dry = deploy("update", "--all", bad, "--key", fleet_key, "--canary-pct", "50",
+                     "--dry-run", port=broker.port)
+        assert dry.returncode == 0, dry.stderr
+        assert "wave 1: 1 board(s): board-a" in dry.stderr
+        assert "wave 2: 1 board(s): board-b" in dry.stderr
+        assert "nothing was sent" in dry.stdout and results(sub) == []
+
+        proc = deploy("update", "--all", bad, "--key", fleet_key, "--canary-pct", "50",
+                      "--timeout", "60", port=broker.port)
+        assert proc.returncode == 1
+        answers = results(sub)
+        assert [m["code"] for m in answers] == ["smoke_failed"]
+        assert not sub.on("board-b/cmd_result")  # board-b was never asked
+        assert "the rollout stopped after wave 1: 1 of 1 failed" in proc.stderr
+        row_b = next(line for line in proc.stdout.splitlines() if line.startswith("board-b"))
+        assert "not sent" in row_b and "still on its old version" in row_b
+        assert {d: tree(s.parent) for d, s in stores.items()} == before
+        assert all(a.proc.poll() is None for a in agents)
+    finally:
+        for a in agents:
+            a.kill()
+        sub.close()
