@@ -3,7 +3,8 @@
     edge-monitor [--sort COL] [--reverse]        live table, refreshed in place (Ctrl-C ends)
     edge-monitor --once [--json] [--listen S]    one snapshot after a short listen
     edge-monitor check                           exit 1 when any alert is active (cron, Nagios)
-    edge-monitor record                          store every telemetry message (monitor.history)
+    edge-monitor record [--share GROUP]          store every telemetry message (monitor.history);
+                                                 recorders of one GROUP split the telemetry
     edge-monitor plot --device ID [--since 1h] --out FILE.png
     edge-monitor serve --prometheus [HOST]:PORT  the latest values as Prometheus metrics
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import logging
 import queue
+import re
 import secrets
 import sys
 import threading
@@ -57,7 +59,7 @@ class Monitor:
     """One MQTT connection that keeps the fleet's state and its alerts up to date."""
 
     def __init__(self, mqtt_cfg: MqttConfig, cfg: MonitorConfig, history: History | None = None,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, share: str | None = None) -> None:
         self.mqtt_cfg = mqtt_cfg
         self.cfg = cfg
         self.fleet = Fleet(mqtt_cfg.topic_prefix, int(cfg.max_payload_kb * 1000),
@@ -65,6 +67,7 @@ class Monitor:
         self.alerts = Alerts(cfg)
         self.history = history
         self.quiet = quiet
+        self.share = share  # a shared subscription group for the telemetry (record --share)
         self.lock = threading.Lock()  # the fleet and the alerts (the Prometheus thread reads)
         self.broker_up = False
         self.broker_problem: str | None = None
@@ -102,7 +105,10 @@ class Monitor:
         state = [(f"{self.prefix}/+/{kind}", 0) for kind in ("status", "info", "summary")]
         if self.publish_alerts:  # to clear what an earlier run left retained
             state.append((f"{self.prefix}/alerts/+", 0))
-        client.subscribe([*state, (f"{self.prefix}/+/telemetry", 1)])
+        telemetry = f"{self.prefix}/+/telemetry"
+        if self.share:  # the broker hands each message to one member of the group
+            telemetry = f"$share/{self.share}/{telemetry}"
+        client.subscribe([*state, (telemetry, 1)])
         if not self.quiet:
             log.info("connected to %s:%d", self.mqtt_cfg.host, self.mqtt_cfg.port)
 
@@ -233,8 +239,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _common(sub.add_parser("check", help="exit 1 when any alert is active, 0 when none"),
             argparse.SUPPRESS)
-    _common(sub.add_parser("record", help="store every telemetry message in monitor.history"),
-            argparse.SUPPRESS)
+    s = sub.add_parser("record", help="store every telemetry message in monitor.history")
+    _common(s, argparse.SUPPRESS)
+    s.add_argument("--share", metavar="GROUP", default=None,
+                   help="take the telemetry through the shared subscription $share/GROUP/...: "
+                        "the recorders of one group each get a part, every window exactly once")
     s = sub.add_parser("plot", help="draw a device's recorded history as a PNG")
     _common(s, argparse.SUPPRESS)
     s.add_argument("--device", required=True)
@@ -272,7 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         history = History(Path(cfg.history), cfg.history_max_age_s) \
             if args.command == "record" else None
         quiet = args.once or args.command == "check"
-        monitor = Monitor(mqtt_cfg, cfg, history, quiet=quiet)
+        share = getattr(args, "share", None)
+        if share is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", share):
+            raise ConfigError(f"--share {share!r}: a group name of letters, digits, '_', '.' "
+                              f"or '-' (no '/', '+' or '#')")
+        monitor = Monitor(mqtt_cfg, cfg, history, quiet=quiet, share=share)
         if args.command == "serve":
             host, port = listen_addr(args.prometheus)
             from deploy.monitor.prometheus import serve
@@ -288,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             monitor.stop()
             if history is not None:
                 history.close()
+                log.info("record: %d window(s) stored by this recorder", history.stored)
     except EdgeforgeError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return exc.exit_code

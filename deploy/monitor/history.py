@@ -76,6 +76,7 @@ class History:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(path, isolation_level=None)
+            self.db.execute("PRAGMA busy_timeout=10000")  # recorders sharing the file wait
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at each checkpoint
             self.db.executescript(SCHEMA)

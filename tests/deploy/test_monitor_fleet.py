@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +16,7 @@ import pytest
 
 from benchmarks.fleet_sim import SLOW_P99_MS, FleetSim, window_message
 from deploy.monitor.history import PRUNE_ROWS, History
-from tests.support import run_cli
+from tests.support import ROOT, run_cli
 from tests.support.broker import Broker, Subscriber
 
 BOARDS = 3000
@@ -121,3 +125,45 @@ def test_history_stores_numbers_in_batches_and_prunes_in_slices(tmp_path: Path) 
     assert history.pruned == 8000
     assert len(history.query("sim-00007", 0)) == 60
     history.close()
+
+
+def test_two_recorders_of_one_share_group_store_every_window_once(tmp_path: Path) -> None:
+    """`record --share g` twice on one history file: the broker splits the telemetry between
+    them (both store some), and together they store every window the fleet sent, once."""
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    history = tmp_path / "history.sqlite3"
+    recorders, logs = [], []
+    sim = None
+    try:
+        for n in range(2):
+            log = (tmp_path / f"record{n}.log").open("w")
+            logs.append(log)
+            recorders.append(subprocess.Popen(
+                [sys.executable, "-m", "deploy.monitor.cli", "--set",
+                 f"mqtt.port={broker.port}", "--set", "mqtt.host=127.0.0.1", "--set",
+                 f"monitor.history={history}", "record", "--share", "g"],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        time.sleep(3)  # both subscribed
+        sim = FleetSim("127.0.0.1", broker.port, 300, window_s=1.0)
+        sim.run(6)
+        sent = sum(sim.seq.values())
+        time.sleep(3)  # the last windows reach a recorder and its next commit
+    finally:
+        for proc in recorders:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+        for log in logs:
+            log.close()
+        if sim is not None:
+            sim.close()
+        broker.stop()
+    stored = [int(re.search(r"record: (\d+) window\(s\) stored", (tmp_path / f"record{n}.log")
+                            .read_text()).group(1)) for n in range(2)]  # type: ignore[union-attr]
+    assert sent > 1000 and all(s > 0 for s in stored), (sent, stored)
+    assert sum(stored) == sent  # no window twice, none lost
+    h = History(history, 3600)
+    try:
+        assert sum(h.count(d) for d in sim.ids) == sent
+    finally:
+        h.close()
