@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 
 from agent.manifest import sha256_of
+from deploy.monitor.history import History
 from deploy.remote import update_args
 from tests.deploy.test_fleet_update import request, results, send, start_agent
 from tests.deploy.test_monitor import background, metric, metrics, stop, wait
@@ -350,6 +350,8 @@ def test_bad_telemetry_is_counted_and_never_reaches_history_or_prometheus(
         sub.close()
         stop(serve)
         stop(record)
-    with sqlite3.connect(history) as db:
-        devices = {row[0] for row in db.execute("SELECT DISTINCT device FROM telemetry")}
-    assert devices == {"good"}
+    recorded = History(history, 3600)
+    try:
+        assert recorded.devices() == ["good"]
+    finally:
+        recorded.close()
