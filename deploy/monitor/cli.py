@@ -41,6 +41,7 @@ from deploy.monitor.history import History, parse_since, plot
 log = logging.getLogger("edge-monitor")
 
 INBOX = 100_000  # messages between paho's thread and the monitor's, at most
+SUMMARY_LISTEN_S = 10.0  # a long run's time for the retained summaries after each connect
 
 COLUMNS = (  # (sort key, heading, row field, format)
     ("device", "device", "device", "{}"), ("status", "status", "state", "{}"),
@@ -68,6 +69,7 @@ class Monitor:
         self.history = history
         self.quiet = quiet
         self.share = share  # a shared subscription group for the telemetry (record --share)
+        self._summaries_until: float | None = None  # when a long run unsubscribes from them
         self.lock = threading.Lock()  # the fleet and the alerts (the Prometheus thread reads)
         self.broker_up = False
         self.broker_problem: str | None = None
@@ -109,6 +111,10 @@ class Monitor:
         if self.share:  # the broker hands each message to one member of the group
             telemetry = f"$share/{self.share}/{telemetry}"
         client.subscribe([*state, (telemetry, 1)])
+        # A long run needs the summaries only for the state they bring at subscribe; live
+        # telemetry carries the same figures after, so they are dropped once those arrived
+        # (half the messages of a fleet, at 40 us each here).
+        self._summaries_until = None if self.quiet else time.monotonic() + SUMMARY_LISTEN_S
         if not self.quiet:
             log.info("connected to %s:%d", self.mqtt_cfg.host, self.mqtt_cfg.port)
 
@@ -156,6 +162,9 @@ class Monitor:
                 good = self.fleet.ingest(topic, payload)
             if good is not None and self.history is not None:
                 self.history.add(good[1])
+        if self._summaries_until is not None and time.monotonic() > self._summaries_until:
+            self._summaries_until = None
+            self.client.unsubscribe(f"{self.prefix}/+/summary")
         if self.dropped != self._dropped_said:
             log.warning("%d message(s) dropped so far: the monitor's inbox (%d) was full; "
                         "it cannot keep up (see the README's monitoring section)",
