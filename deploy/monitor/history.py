@@ -175,6 +175,10 @@ class History:
                               "device_id WHERE devices.name = ?", (device,)).fetchone()
         return int(row[0])
 
+    def total(self) -> int:
+        """How many windows are committed, of every device."""
+        return int(self.db.execute("SELECT COUNT(*) FROM windows").fetchone()[0])
+
     def devices(self) -> list[str]:
         names = {r[0] for r in self.db.execute(
             "SELECT DISTINCT name FROM windows JOIN devices ON devices.id = device_id")}

@@ -27,7 +27,10 @@ def bundle_config(synthetic_train: int, epochs: int, lr: float, sample_size: int
     return (f"data: {{synthetic_train: {synthetic_train}, synthetic_test: 500}}\n"
             f"train: {{epochs: {epochs}, lr: {lr}}}\n"
             "prune: {finetune_epochs: 1}\n"
-            "quantize: {calibration_images: 128}\n"
+            # A model that barely learns loses 2-3 points of a 500-image test set to int8 now
+            # and then (seed 1 did in a CI run: the board file fell back to fp32, without
+            # its ONNX file): the gate is open, the tests need both engines' int8 files.
+            "quantize: {calibration_images: 128, max_accuracy_drop: 100}\n"
             f"export: {{sample_size: {sample_size}}}\n"
             "report: {latency_iters: 30, warmup: 3, throughput_batches: 2}\n")
 
