@@ -18,6 +18,7 @@ layout (one JSON per row, table `telemetry`) is read for `plot` as before and no
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import time
@@ -148,8 +149,6 @@ class History:
     def query(self, device: str, since_ts: float) -> list[dict[str, Any]]:
         """`device`'s windows since `since_ts`, oldest first, as telemetry-keyed dicts."""
         if self.legacy:
-            import json
-
             rows = self.db.execute("SELECT message FROM telemetry WHERE device = ? AND ts >= ? "
                                    "ORDER BY ts", (device, since_ts)).fetchall()
             if rows:
