@@ -147,6 +147,12 @@ def test_bad_cli_arguments_get_one_line_and_a_non_zero_exit(tmp_path: Path) -> N
                                   "--growth 0.5: at least 1"),
         "monitor bad listen": (["deploy.monitor.cli", "serve", "--prometheus", "abc"],
                                "HOST]:PORT"),
+        "monitor shard out of range": (["deploy.monitor.cli", "serve", "--prometheus", ":9",
+                                        "--shard", "2/2"], "--shard '2/2': expected K/N"),
+        "monitor shard not K/N": (["deploy.monitor.cli", "serve", "--prometheus", ":9",
+                                   "--shard", "half"], "--shard 'half': expected K/N"),
+        "monitor share with a slash": (["deploy.monitor.cli", "record", "--share", "a/b"],
+                                       "--share 'a/b': a group name"),
         "monitor broker down": (["deploy.monitor.cli", "--once", "--listen", "0.5", *dev],
                                 "cannot reach the broker"),
     })

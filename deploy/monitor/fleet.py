@@ -114,6 +114,7 @@ class Device:
     last_problem: str | None = None
     spool_depths: list[int] = field(default_factory=list)  # the latest few, oldest first
     changed: int = 0  # counts the messages that touched it (the Prometheus cache's key)
+    windows: int = 0  # good telemetry windows taken live (not summaries)
 
     def age_s(self, now: float) -> float | None:
         return None if self.seen_at is None else now - self.seen_at
@@ -225,6 +226,7 @@ class Fleet:
                 dev.telemetry, dev.seen_at, dev.data_from = msg, min(now, msg["ts"]), kind
             return None
         dev.telemetry, dev.seen_at, dev.data_from = msg, now, kind
+        dev.windows += 1
         if isinstance(msg.get("spool_depth"), int):
             dev.spool_depths = [*dev.spool_depths, msg["spool_depth"]][-50:]
         return dev, msg

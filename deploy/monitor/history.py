@@ -93,6 +93,7 @@ class History:
         self.stored = 0  # rows committed by this process
         self.pruned = 0  # rows deleted by this process
         self.slowest_flush_s = 0.0  # the longest flush (commit and clean-up) so far
+        self.slowest_prune_s = 0.0  # the longest clean-up slice so far
 
     def close(self) -> None:
         self.flush()
@@ -136,10 +137,12 @@ class History:
         now = time.time()
         if now - self._pruned > PRUNE_EVERY_S:
             cut = int((now - self.max_age_s) * 1000)
+            p0 = time.monotonic()
             gone = self.db.execute(
                 "DELETE FROM windows WHERE (device_id, ts_ms, seq) IN (SELECT device_id, "
                 "ts_ms, seq FROM windows WHERE ts_ms < ? ORDER BY ts_ms LIMIT ?)",
                 (cut, PRUNE_ROWS)).rowcount
+            self.slowest_prune_s = max(self.slowest_prune_s, time.monotonic() - p0)
             self.pruned += gone
             if gone < PRUNE_ROWS:  # all expired rows gone: wait a minute; else next flush
                 self._pruned = now

@@ -79,6 +79,8 @@ ALWAYS = (  # every known device, whatever its state
     ("edgeforge_alerts_active", "gauge", "Active alerts"),
     ("edgeforge_bad_messages_total", "counter",
      "Messages from the device the monitor refused since it started"),
+    ("edgeforge_monitor_windows_total", "counter",
+     "Telemetry windows of the device this monitor took since it started"),
 )
 
 
@@ -105,6 +107,8 @@ class MetricsText:
         lines["edgeforge_alerts_active"] = _sample("edgeforge_alerts_active", dev.id, alerts)
         lines["edgeforge_bad_messages_total"] = _sample("edgeforge_bad_messages_total", dev.id,
                                                         dev.bad_messages)
+        lines["edgeforge_monitor_windows_total"] = _sample("edgeforge_monitor_windows_total",
+                                                           dev.id, dev.windows)
         return lines
 
     def render(self) -> bytes:
