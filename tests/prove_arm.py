@@ -22,9 +22,11 @@ the bundle this run built on both engines.
      as the service runs it, was checked by the install's `edge-agent activate`);
    - on bookworm, with torch 2.10.0's metadata faked in front of the real torch,
      `edge-agent check` refuses it in one line on the Cortex-A72 (no ARMv8.1 atomics) and
-     only warns on the Cortex-A76, where that same check is the engines' proof below;
-   - `edge-agent check` proves each engine: sha256, embedded metadata, the bundled sample
-     reproducing that engine's host logits (bit-exact: both are static int8) and accuracy;
+     only warns on the Cortex-A76, where the engines' proof below runs with it;
+   - `edge-agent bench` proves each engine (its check: sha256, embedded metadata, the
+     bundled sample reproducing that engine's host logits, bit-exact: both are static int8,
+     and accuracy), times each proven one (20 passes: shown, not judged) and names the one
+     the agent runs; its table is printed for each release and CPU;
    - on bookworm's first CPU, `edge-agent run` with a `folder` source and `engine: auto`
      classifies FOLDER_IMAGES PNG files of the stand-in test images dropped into a folder
      (the installer's default `images` extra; the torch-free run below does it on the
@@ -37,13 +39,14 @@ the bundle this run built on both engines.
      here with cc, run by Debian's dynamic qemu-aarch64 copied into the root);
 4. the torch-free profile: the first release's install is run again with `--profile onnx`
    (the installer sheds torch), `import torch` must fail in the board's venv, `edge-agent
-   check` proves ONNX Runtime alone, and the folder run above serves every file from the
+   bench` proves and times ONNX Runtime alone, and the folder run above serves every file from the
    ONNX model on the last CPU. (On bookworm, whose root is made first: trixie's root comes
    last in CI, so its chain is kept short.)
 The two releases run at once, each in a thread of its own (their roots, brokers and bundle
 copies are separate): the slower one sets the time. Prints one row per release and CPU,
-then the instruction table, and exits 1 if any check fails. Timings under emulation mean
-nothing and are not reported.
+then each board's `edge-agent bench` table and the instruction table, and exits 1 if any
+check fails. Timings under emulation mean nothing: bench's are shown as what a board owner
+sees, and judged on nothing.
 """
 
 from __future__ import annotations
@@ -187,6 +190,8 @@ def refuses_bad_bundles(board: Board, bundle: str) -> str | None:
     return None
 
 
+BENCH_ITERS, BENCH_WARMUP = 20, 5  # timings under emulation mean nothing: enough to show them
+BENCH_ROW = re.compile(r"^(torchscript|onnxruntime) +1 +\d+ +[0-9.]+ ", re.M)
 ENGINE_LINE = re.compile(r"^(torchscript|onnxruntime) (\S+): proven, sample of \d+ "
                          r"(bit-exact|max \|logit diff\| ([0-9.eE+-]+)) to the host, accuracy "
                          r"([0-9.]+)%$", re.M)
@@ -195,14 +200,24 @@ ENGINE_LINE = re.compile(r"^(torchscript|onnxruntime) (\S+): proven, sample of \
 def engines_proven(board: Board, bundle: str, row: dict[str, object],
                    engines: tuple[str, ...], pythonpath: str | None = None,
                    warning: str | None = None) -> str | None:
-    """`edge-agent check` proves each of `engines` bit-exact, at the host's sample accuracy;
-    it prints nothing on stderr but lines that contain `warning`, when one is given."""
-    check = board.agent("check", "--set", f"model.dir={bundle}", pythonpath=pythonpath)
-    row["check"] = (check.stdout.strip() or check.stderr.strip())[-400:]
+    """`edge-agent bench` (the check of every engine, then BENCH_ITERS timed passes of each
+    proven one) proves each of `engines` bit-exact, at the host's sample accuracy, times them
+    and says which one the agent runs; it prints nothing on stderr but lines that contain
+    `warning`, when one is given."""
+    check = board.agent("bench", "--set", f"model.dir={bundle}", "--set",
+                        f"loop.warmup={BENCH_WARMUP}", "--iters", str(BENCH_ITERS),
+                        pythonpath=pythonpath)
+    row["bench"] = (check.stdout.strip() or check.stderr.strip())[-1500:]
     stray = [line for line in check.stderr.strip().splitlines()
              if warning is None or warning not in line]
     if check.returncode != 0 or stray or (warning is not None and not check.stderr.strip()):
-        return f"edge-agent check (exit {check.returncode}): {check.stderr.strip()[-500:]}"
+        return f"edge-agent bench (exit {check.returncode}): {check.stderr.strip()[-500:]}"
+    runs = re.search(r"^runs: (\S+)", check.stdout, re.M)
+    timed = {m.group(1) for m in BENCH_ROW.finditer(check.stdout)}
+    if runs is None or runs.group(1) not in engines or timed != set(engines):
+        return f"edge-agent bench: expected {engines} timed and one of them run: " \
+               f"{check.stdout[-600:]}"
+    row["bench_runs"] = runs.group(1)
     manifest = json.loads((board.host(bundle) / "manifest.json").read_text())
     proofs = {m.group(1): m for m in ENGINE_LINE.finditer(check.stdout)}
     for engine in engines:
@@ -231,7 +246,7 @@ def fake_torch_2_10(board: Board) -> str:
 
 def warned_and_proven(board: Board, bundle: str, row: dict[str, object]) -> str | None:
     """On a core with ARMv8.1 atomics, torch 2.10.0 (the fake) only warns: the same
-    `edge-agent check` then proves both engines (one emulated run instead of two)."""
+    `edge-agent bench` then proves and times both engines (one emulated run, not two)."""
     problem = engines_proven(board, bundle, row, ENGINES, pythonpath=fake_torch_2_10(board),
                              warning="not proven here")
     row["torch_2_10"] = "warned" if problem is None else "not warned"
@@ -582,6 +597,12 @@ def print_tables(rows: list[dict[str, object]]) -> None:
             print(f"  FAIL: {r.get('failure')}")
     print("* the torch-free profile (install-agent.sh --profile onnx): import torch "
           f"{free.get('torch_import', '?')} on the board")
+    for r in rows:
+        if isinstance(r.get("bench"), str):
+            print(f"\nedge-agent bench on {r['suite']} {r['cpu']}"
+                  + (" (torch-free)" if r.get("profile") == "onnx" else "")
+                  + " (emulated: the timings mean nothing here)")
+            print(r["bench"])
     counted = [r for r in rows if isinstance(r.get("insns_per_inference"), dict)]
     if counted:
         print("\nguest instructions per batch-1 inference (QEMU TCG plugin "
