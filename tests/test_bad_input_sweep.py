@@ -341,7 +341,11 @@ def test_bad_telemetry_is_counted_and_never_reaches_history_or_prometheus(
         wait(lambda: metrics(port) != "", 30, "the metrics endpoint")
         time.sleep(1.0)  # both monitors subscribed (serve answers before it connects)
         for name, (kind, payload) in bad.items():
-            sub.client.publish(f"edgeforge/bad-{name}/{kind}", payload, qos=1).wait_for_publish(10)
+            if kind == "info":  # as an agent: its retained birth first, then its info, retained
+                sub.client.publish(f"edgeforge/bad-{name}/status", b"online", qos=1,
+                                   retain=True).wait_for_publish(10)
+            sub.client.publish(f"edgeforge/bad-{name}/{kind}", payload, qos=1,
+                               retain=kind == "info").wait_for_publish(10)
         sub.client.publish("edgeforge/good/telemetry", variant(), qos=1).wait_for_publish(10)
         wait(lambda: all(metric(metrics(port), "edgeforge_bad_messages_total", f"bad-{n}")
                          == 1.0 for n in bad)

@@ -50,6 +50,7 @@ log = logging.getLogger("edge-monitor")
 INBOX = 100_000  # messages between paho's thread and the monitor's, at most
 WAKE = ("", b"")  # an inbox item that only wakes the monitor's thread
 RETAINED_GAP_S = 0.3  # a one-shot's retained state has all come once none came for this long
+STOP_WAIT_S = 2.0  # a recorder's stop waits this long for its telemetry's UNSUBACK, at most
 SETTLE_S = 30.0  # how long past --listen a one-shot waits for the rest of it, at most
 
 COLUMNS = (  # (sort key, heading, row field, format)
@@ -98,6 +99,8 @@ class Monitor:
         # the log and in Prometheus) instead of growing without limit.
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(INBOX)
         self._retained_at = 0.0  # when the last retained message came (paho's thread)
+        self._unsubacked: set[int] = set()  # UNSUBACKs received (paho's thread)
+        self._telemetry_topic = ""  # the telemetry subscription (a recorder's stop ends it)
         self.dropped = 0
         self._dropped_said = 0
         client = make_client(mqtt_cfg, f"edge-monitor-{secrets.token_hex(4)}")
@@ -127,9 +130,11 @@ class Monitor:
         # nothing TCP does not: both are lost only when the monitor falls that far behind,
         # and nothing is kept for it while it is away.
         telemetry = f"{self.prefix}/+/telemetry"
-        if self.share:  # the broker hands each window to one recorder of the group; a
-            # recorder of a group records, the boards' state is for serve and the views
-            client.subscribe(f"$share/{self.share}/{telemetry}", 0)
+        if self.share:  # the broker hands each window to one recorder of the group
+            telemetry = f"$share/{self.share}/{telemetry}"
+        self._telemetry_topic = telemetry if self.shard is None else ""
+        if self.share:  # a recorder of a group records; the boards' state is serve's
+            client.subscribe(telemetry, 0)
         else:
             topics = [(f"{self.prefix}/+/status", 0)]
             if self.publish_alerts:  # to clear what an earlier run left retained
@@ -152,6 +157,7 @@ class Monitor:
     def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
                         properties: Any) -> None:
         self.pager.ended(mid)
+        self._unsubacked.add(mid)
         with contextlib.suppress(queue.Full):
             self._inbox.put_nowait(WAKE)  # the monitor's thread asks for the next page now
 
@@ -174,7 +180,17 @@ class Monitor:
         self.stop_requested = True
 
     def stop(self) -> None:
+        """Disconnect. A recorder first unsubscribes from the telemetry and waits (up to
+        STOP_WAIT_S) for the broker's UNSUBACK: every window the broker sent before it has
+        then been read into the inbox (one stream, in order), where `drain` takes it."""
         self._stopping = True
+        if self.history is not None and self.broker_up and self._telemetry_topic:
+            self._unsubacked.clear()  # mids repeat: only this one's answer counts
+            rc, mid = self.client.unsubscribe(self._telemetry_topic)
+            deadline = time.monotonic() + STOP_WAIT_S
+            while rc == mqtt.MQTT_ERR_SUCCESS and mid not in self._unsubacked \
+                    and time.monotonic() < deadline and self.broker_up:
+                time.sleep(0.01)
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -220,7 +236,11 @@ class Monitor:
         if not topic:
             return  # WAKE
         alert = topic.startswith(f"{self.prefix}/alerts/")
-        if self.shard is not None or topic.endswith("/status"):
+        # A board is learnt from its status (an agent's retained birth) or its telemetry;
+        # its info and summary are then asked for (paging.py). A recorder of a share group
+        # takes the telemetry only.
+        if self.share is None and (self.shard is not None
+                                   or topic.endswith(("/status", "/telemetry"))):
             device = topic.rsplit("/", 2)[-1 if alert else -2]
             if not self.owns(device):
                 return  # another shard's board: dropped on its topic, never parsed
@@ -243,6 +263,8 @@ class Monitor:
                 return
 
     def evaluate(self) -> None:
+        if self.share:
+            return  # a recorder of a group sees part of each board's windows: no alerts
         now = time.time()
         with self.lock:
             fired, cleared, changed = self.alerts.update(list(self.fleet.devices.values()), now)
