@@ -81,6 +81,8 @@ ALWAYS = (  # every known device, whatever its state
      "Messages from the device the monitor refused since it started"),
     ("edgeforge_monitor_windows_total", "counter",
      "Telemetry windows of the device this monitor took since it started"),
+    ("edgeforge_model_info", "gauge",
+     "1, labelled with the engine the device runs and its model's version and sha256"),
 )
 
 
@@ -109,6 +111,15 @@ class MetricsText:
                                                         dev.bad_messages)
         lines["edgeforge_monitor_windows_total"] = _sample("edgeforge_monitor_windows_total",
                                                            dev.id, dev.windows)
+        # An info metric (Prometheus's pattern for text): join on `device` to split any
+        # series by engine or model, e.g. `... * on(device) group_left(engine) ...`.
+        engine = t.get("engine") or dev.info.get("engine") or ""
+        version = dev.info.get("model_version")
+        lines["edgeforge_model_info"] = _sample(
+            "edgeforge_model_info", dev.id, 1.0,
+            f',engine="{_label(str(engine))}",model_version="'
+            f'{_label("" if version is None else str(version))}",model_sha256="'
+            f'{_label(dev.model_sha256 or "")}"')
         return lines
 
     def render(self) -> bytes:

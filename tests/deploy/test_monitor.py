@@ -200,6 +200,14 @@ def test_prometheus_serves_the_latest_values_per_device(fleet: dict[str, Agent],
             time.sleep(0.2)
             text = metrics(port)
         assert mismatches(text) == []
+        for device in ("b1", "b2"):  # which engine and model each board runs, as labels
+            # (no model_version: these agents run a bundle folder, not a versioned store)
+            info = re.search(rf'^edgeforge_model_info{{device="{device}",engine="(\w+)",'
+                             rf'model_version="",model_sha256="([0-9a-f]{{64}})"}} 1.0$',
+                             text, re.M)
+            sent = [m for m in sub.telemetry() if m["device"] == device][-1]
+            assert info is not None and info.groups() == (sent["engine"],
+                                                          sent["model_sha256"]), text[-2000:]
         # Prometheus's own linter: base units, _total on counters, no abbreviated units.
         lint = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
                               capture_output=True, timeout=60)
