@@ -38,10 +38,9 @@ class Pager:
         self._mid: int | None = None  # the UNSUBACK that ends the page in flight
         self._ended: int | None = None  # the last UNSUBACK (paho's thread)
         self._reset = False  # a new connection: page every known board again (paho's thread)
-        self.pages = 0
 
     def learn(self, device: str) -> None:
-        """A board seen (its status): page it unless it is known."""
+        """A board seen (its status or telemetry): page it unless it is known."""
         if device not in self._known:
             self._known.add(device)
             self._waiting.append(device)
@@ -76,4 +75,3 @@ class Pager:
             self._waiting = page + self._waiting
             return
         self._mid = mid
-        self.pages += 1
