@@ -81,8 +81,7 @@ def recent(history: Path, since: float) -> int:
     """How many windows of the history end after `since` (the expired ones do not)."""
     h = History(history, 7 * 86400)
     try:
-        return int(h.db.execute("SELECT COUNT(*) FROM windows WHERE ts_ms >= ?",
-                                (int(since * 1000),)).fetchone()[0])
+        return h.total(since)
     finally:
         h.close()
 

@@ -99,8 +99,7 @@ class Monitor:
         # the log and in Prometheus) instead of growing without limit.
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(INBOX)
         self._retained_at = 0.0  # when the last retained message came (paho's thread)
-        self._unsubacked: set[int] = set()  # UNSUBACKs received (paho's thread)
-        self._telemetry_topic = ""  # the telemetry subscription (a recorder's stop ends it)
+        self._unsuback: int | None = None  # the last UNSUBACK's mid (paho's thread)
         self.dropped = 0
         self._dropped_said = 0
         client = make_client(mqtt_cfg, f"edge-monitor-{secrets.token_hex(4)}")
@@ -129,10 +128,7 @@ class Monitor:
         # (`record` at 5,000 boards: 16.6 % -> 14.1 % of a core without) and guard against
         # nothing TCP does not: both are lost only when the monitor falls that far behind,
         # and nothing is kept for it while it is away.
-        telemetry = f"{self.prefix}/+/telemetry"
-        if self.share:  # the broker hands each window to one recorder of the group
-            telemetry = f"$share/{self.share}/{telemetry}"
-        self._telemetry_topic = telemetry if self.shard is None else ""
+        telemetry = self.telemetry_filter()
         if self.share:  # a recorder of a group records; the boards' state is serve's
             client.subscribe(telemetry, 0)
         else:
@@ -146,6 +142,13 @@ class Monitor:
         if not self.quiet:
             log.info("connected to %s:%d", self.mqtt_cfg.host, self.mqtt_cfg.port)
 
+    def telemetry_filter(self) -> str:
+        """The fleet's telemetry topic filter (a shard subscribes per board instead)."""
+        telemetry = f"{self.prefix}/+/telemetry"
+        if self.share:  # the broker hands each window to one recorder of the group
+            return f"$share/{self.share}/{telemetry}"
+        return telemetry
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.retain:
             self._retained_at = time.monotonic()
@@ -157,7 +160,7 @@ class Monitor:
     def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
                         properties: Any) -> None:
         self.pager.ended(mid)
-        self._unsubacked.add(mid)
+        self._unsuback = mid
         with contextlib.suppress(queue.Full):
             self._inbox.put_nowait(WAKE)  # the monitor's thread asks for the next page now
 
@@ -184,11 +187,11 @@ class Monitor:
         STOP_WAIT_S) for the broker's UNSUBACK: every window the broker sent before it has
         then been read into the inbox (one stream, in order), where `drain` takes it."""
         self._stopping = True
-        if self.history is not None and self.broker_up and self._telemetry_topic:
-            self._unsubacked.clear()  # mids repeat: only this one's answer counts
-            rc, mid = self.client.unsubscribe(self._telemetry_topic)
+        if self.history is not None and self.broker_up:
+            # The broker answers in order: this is the last UNSUBACK to come.
+            rc, mid = self.client.unsubscribe(self.telemetry_filter())
             deadline = time.monotonic() + STOP_WAIT_S
-            while rc == mqtt.MQTT_ERR_SUCCESS and mid not in self._unsubacked \
+            while rc == mqtt.MQTT_ERR_SUCCESS and self._unsuback != mid \
                     and time.monotonic() < deadline and self.broker_up:
                 time.sleep(0.01)
         self.client.disconnect()

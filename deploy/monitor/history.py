@@ -177,9 +177,11 @@ class History:
                               "device_id WHERE devices.name = ?", (device,)).fetchone()
         return int(row[0])
 
-    def total(self) -> int:
-        """How many windows are committed, of every device."""
-        return int(self.db.execute("SELECT COUNT(*) FROM windows").fetchone()[0])
+    def total(self, since_ts: float = 0.0) -> int:
+        """How many windows of every device are committed, those ending at `since_ts` or
+        later."""
+        return int(self.db.execute("SELECT COUNT(*) FROM windows WHERE ts_ms >= ?",
+                                   (int(since_ts * 1000),)).fetchone()[0])
 
     def devices(self) -> list[str]:
         names = {r[0] for r in self.db.execute(

@@ -17,8 +17,9 @@ import pytest
 
 from benchmarks.fleet_sim import SLOW_P99_MS, FleetSim, window_message
 from deploy.monitor.history import PRUNE_ROWS, History
+from tests.deploy.test_monitor import metric, metrics, wait
 from tests.support import ROOT, run_cli
-from tests.support.broker import Broker, Subscriber
+from tests.support.broker import Broker, Subscriber, free_port
 
 # 10,000 boards: 30,000 retained messages, more than mosquitto writes to one subscriber at once
 # with its default limits (a plain `+/summary` subscription got 1,535 of the 10,000 summaries):
@@ -208,9 +209,6 @@ def test_two_serve_shards_split_the_boards_each_board_in_one_every_window_once(
     """`serve --shard 0/2` and `--shard 1/2`: each board's metrics are on exactly one of the
     two /metrics pages, both have some, and the windows the two took of each board add up
     to the windows it sent (none twice, none missed)."""
-    from tests.deploy.test_monitor import metric, metrics, wait
-    from tests.support.broker import free_port
-
     broker = Broker(tmp_path / "broker")
     broker.start()
     sim = FleetSim("127.0.0.1", broker.port, 200, window_s=1.0)
