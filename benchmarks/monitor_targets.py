@@ -131,6 +131,10 @@ def main() -> int:
                    help="no `serve --prometheus` (and no scrape): the recorders alone")
     p.add_argument("--out", type=Path, default=Path("build/bench-monitor"))
     args = p.parse_args()
+    if args.boards < 1 or args.window_s <= 0 or args.duration <= 0 or args.recorders < 1 \
+            or not 0 <= args.slow <= args.boards or (args.expired or 0) < 0:
+        p.error("--boards and --recorders at least 1, --window-s and --duration above 0, "
+                "--slow 0 to --boards, --expired 0 or more")
     if args.expired is None:
         args.expired = int(args.boards / args.window_s * args.duration)
     args.out.mkdir(parents=True, exist_ok=True)
