@@ -48,8 +48,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${missing[@]}" >/dev/null
 fi
+# Two runs start together in CI (one per release): the one that loses the race to mount
+# finds it mounted.
 [ -e /proc/sys/fs/binfmt_misc/register ] \
-    || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc \
+    || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null \
+    || [ -e /proc/sys/fs/binfmt_misc/register ] \
     || { echo "install-board: cannot mount binfmt_misc (needs root)" >&2; exit 1; }
 update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
 [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] \
