@@ -11,8 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import SMALL_CONFIG, build_bundle, run_cli
+from tests.support import SMALL_CONFIG, Agent, build_bundle, run_cli
 from tests.support.broker import Broker
+
+
+@pytest.fixture(autouse=True)
+def no_agent_outlives_its_test() -> Iterator[None]:
+    """Kills and reaps any agent subprocess a test left running (a failed assertion before
+    its stop), so the failure stays in that test."""
+    yield
+    while Agent.started:
+        Agent.started.pop().kill()
 
 
 @pytest.fixture(scope="session")

@@ -138,7 +138,13 @@ def make_store(bundle: Path, tmp_path: Path, key: Path, version: int = 1) -> Pat
 
 
 class Agent:
-    """`python -m agent run` as a real subprocess, its log captured to a file."""
+    """`python -m agent run` as a real subprocess, its log captured to a file.
+
+    Every agent started is kept in `Agent.started` until the test ends: the autouse fixture
+    `no_agent_outlives_its_test` (tests/conftest.py) kills one a failed assertion left
+    running, which would otherwise be reported (ResourceWarning) in a later test."""
+
+    started: list[Agent] = []
 
     def __init__(self, bundle: Path, port: int, workdir: Path, *overrides: str,
                  duration: float | None = None, env: dict[str, str] | None = None,
@@ -160,6 +166,7 @@ class Agent:
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                          env={**os.environ, **(env or {})})
+        Agent.started.append(self)
 
     def wait(self, timeout: float = 60) -> int:
         return self.proc.wait(timeout)
