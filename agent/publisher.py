@@ -25,7 +25,8 @@ Predictions (agent/predictions.py): a durable one (folder, mqtt) waits for room 
 goes through the spool like telemetry, and only then is its file moved (`done`); a request
 that named an MQTT 5 response topic also gets the same message there, with its correlation
 data, while connected. A live one (video, camera) is published at QoS 0 while connected;
-otherwise its seq is burnt and it counts in `dropped_total` (folded in once a window). The
+otherwise, or when paho refuses it, its seq is burnt and it counts in `dropped_total`
+(folded in once a window and at the stop). The
 live seq is kept in memory and saved on a clean stop.
 With source.kind mqtt this thread also receives the requests on <id>/infer and
 <id>/infer/<request_id> and puts them on the loop's queue without waiting; a request that
@@ -149,6 +150,7 @@ class Publisher(threading.Thread):
         self._attempt = 0
         self._next_attempt = 0.0
         self._socket_open = False
+        self._first_attempt = threading.Event()  # set once the broker answered or failed
         self.error: BaseException | None = None
         self.client = self._make_client(f"edgeforge-{device}")
 
@@ -178,6 +180,13 @@ class Publisher(threading.Thread):
             log.error("publisher inbox full (%d): %s not queued; counted in dropped_total",
                       INBOX, type(item).__name__)
             return False
+
+    def first_attempt(self, timeout_s: float = CONNECT_TIMEOUT_S + 1.0) -> bool:
+        """Wait until the first connection attempt connected, was refused or failed (at most
+        `timeout_s`: a connect's own timeout and a second); True if it has. The runner starts
+        a source after it, so a video's first frames do not meet a broker that is up but not
+        yet connected."""
+        return self._first_attempt.wait(timeout_s)
 
     def stalled_s(self) -> float:
         """Seconds since this thread last went round its loop."""
@@ -224,12 +233,14 @@ class Publisher(threading.Thread):
             self._hand_over()
 
     def _drain_inbox(self, block: bool) -> None:
-        """Spool every queued window and result (at most INBOX, so a stop stays prompt)."""
-        try:
-            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        for _ in range(INBOX):
+        """Spool every queued window and result (at most INBOX, so a stop stays prompt; the
+        rest wait for the next pass)."""
+        for n in range(INBOX):
+            try:
+                item = self._inbox.get(timeout=0.05) if block and n == 0 else \
+                    self._inbox.get_nowait()
+            except queue.Empty:
+                return
             if isinstance(item, Window):
                 self._record(item)
             elif isinstance(item, CommandResult):
@@ -244,10 +255,6 @@ class Publisher(threading.Thread):
                 self._prediction(item)
             else:
                 self._model_change(item)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
 
     def _count_losses(self) -> None:
         """Burn the seqs of what the full inbox refused, so the gap shows and is counted."""
@@ -268,16 +275,7 @@ class Publisher(threading.Thread):
             return  # a window cut short before its first inference says nothing; a real
             # source's idle window does: the board is up and had nothing to do
         fields.update(self.stats.sample())
-        if self.live_unsent:
-            # Live results that met no broker: burnt seqs and dropped_total, once a window
-            # (not one SQLite commit per frame during an outage).
-            unsent, self.live_unsent = self.live_unsent, 0
-            self._live_seq += unsent
-            try:
-                self.spool.skip("live_result", unsent)
-            except sqlite3.OperationalError as exc:
-                log.error("spool %s: cannot count %d unsent live result(s) (%s)",
-                          self.spool.path, unsent, exc)
+        self._count_unsent()
         if self.commands is not None:
             self.commands.window(window, fields)
         depth, dropped = self.spool.depth, self.spool.dropped_total
@@ -307,6 +305,18 @@ class Publisher(threading.Thread):
             self.client.publish(self.topics.summary, self._summary, qos=0, retain=True)
         log.info("%s", console_line(window.index, seq, fields, self.connected, self.spool))
 
+    def _count_unsent(self) -> None:
+        """Add the live results that met no broker (or that paho refused) to dropped_total:
+        once a window and at the stop, not one SQLite commit per frame during an outage."""
+        if not self.live_unsent:
+            return
+        unsent, self.live_unsent = self.live_unsent, 0
+        try:
+            self.spool.skip("live_result", unsent)
+        except sqlite3.OperationalError as exc:
+            log.error("spool %s: cannot count %d unsent live result(s) (%s)",
+                      self.spool.path, unsent, exc)
+
     def _event(self, kind: str, detail: str) -> None:
         log.warning("event %s: %s", kind, detail)
 
@@ -333,11 +343,10 @@ class Publisher(threading.Thread):
                            "ts": round(time.time(), 3), **item.fields})
 
         if not item.durable:
-            if not self.connected:
-                self.live_unsent += 1
-                return
             seq, self._live_seq = self._live_seq, self._live_seq + 1
-            self.client.publish(self.topics.result, payload(seq), qos=0)
+            if not self.connected or self.client.publish(
+                    self.topics.result, payload(seq), qos=0).rc != mqtt.MQTT_ERR_SUCCESS:
+                self.live_unsent += 1  # its seq is burnt: the gap shows
             return
         sent: list[bytes] = []
 
@@ -430,6 +439,7 @@ class Publisher(threading.Thread):
         log.warning("mqtt: %s %s:%d (%s); retrying in %.1f s, spooling meanwhile (%d waiting)",
                     "lost the broker at" if was_connected else "cannot reach broker",
                     self.cfg.host, self.cfg.port, why, delay, self.spool.depth)
+        self._first_attempt.set()
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
                     reason_code: Any, properties: Any) -> None:
@@ -437,8 +447,10 @@ class Publisher(threading.Thread):
             log.warning("mqtt: broker %s:%d refused the connection: %s (check mqtt.username, "
                         "mqtt.password and the broker's ACL)", self.cfg.host, self.cfg.port,
                         reason_code)
+            self._first_attempt.set()
             return
         self.connected = True
+        self._first_attempt.set()
         self._attempt = 0
         client.publish(self.topics.status, ONLINE, qos=1, retain=True)
         client.publish(self.topics.info, encode({**self.info, "ts": round(time.time(), 3)}),
@@ -529,6 +541,7 @@ class Publisher(threading.Thread):
                     break
             self.client.disconnect()
             self.client.loop(timeout=0.05)
+        self._count_unsent()
         self.spool.set("seq.result", max(self._live_seq,
                                           int(self.spool.get("seq.result", 1) or 1)))
         left = self.spool.depth

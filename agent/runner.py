@@ -181,10 +181,16 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
                              healthy=functools.partial(supervise, publisher, commands, source),
                              fell_back=inbox.fell_back, feed=feed)
         commands.start()
-        if source is not None:
-            source.start()
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         publisher.start()
+        if source is not None:
+            # A live source's results go out only while connected: let the first attempt
+            # settle, so a video's first frames do not meet a broker not yet connected.
+            if not publisher.first_attempt():
+                log.warning("mqtt: no answer from %s:%d yet; the source starts anyway and its "
+                            "live results count as dropped until connected", cfg.mqtt.host,
+                            cfg.mqtt.port)
+            source.start()
         log.info("running %s on %s %s: model loaded in %.0f ms, first inference %.1f ms "
                  "(%s ms after the process started), %d warm-up runs; source %s, batch %d, %s, "
                  "%d thread(s), windows of %g s; telemetry to %s:%d %s", device,

@@ -17,7 +17,7 @@ from paho.mqtt.properties import Properties
 
 from agent.telemetry import RESULT_SCHEMA
 from tests.support import Agent
-from tests.support.broker import Broker, Subscriber
+from tests.support.broker import Broker, SlowRelay, Subscriber
 from tests.support.media import (
     HttpStream,
     host_top,
@@ -100,6 +100,29 @@ def test_video_file_frames_get_the_hosts_prediction_frame_by_frame(
         assert r["top"] == expected[r["engine"]][int(r["source_id"])], r["source_id"]
     assert "ended after 24 frame(s)" in agent.output()
     assert served(sub)["frames_dropped"] == 0
+
+
+def test_a_videos_first_frames_wait_for_a_broker_slow_to_answer(
+        bundle: Path, broker: Broker, tmp_path: Path) -> None:
+    """Before: the source started with the agent, and a short video was over before the
+    broker's CONNACK came, so its results met no connection and were dropped."""
+    video = tmp_path / "clip.mkv"
+    make_video(bundle, video, 12)
+    relay = SlowRelay(broker.port, 1.5)
+    sub = Subscriber(broker.port)
+    try:
+        agent = Agent(bundle, relay.port, tmp_path, "source.kind=video", f"source.path={video}",
+                      "source.queue=64", "source.realtime=false", "loop.window_s=1")
+        sub.wait_for(lambda: "ended after 12 frame(s)" in agent.output(), 60, "the video's end")
+        sub.wait_for(lambda: served(sub)["frames_in"] == 12, 30, "the video's telemetry")
+        stop(agent)
+    finally:
+        sub.close()
+        relay.close()
+    got = results(sub.on("/result"))
+    assert [r["source_id"] for r in got] == [str(i) for i in range(12)], agent.output()
+    assert served(sub)["results_published"] == 12
+    assert [r["seq"] for r in got] == list(range(1, 13))
 
 
 def test_a_truncated_video_is_one_line_and_the_agent_keeps_running(
@@ -268,5 +291,7 @@ def test_a_source_faster_than_inference_drops_stale_frames_and_counts_every_one(
     assert counts["frames_dropped"] > 0
     # Every frame is either inferred or counted as dropped (at most one left in the queue).
     assert 199 <= counts["inferences"] + counts["frames_dropped"] <= 200
-    assert len(got) == counts["results_published"] == counts["inferences"]
+    assert len(got) == counts["results_published"] == counts["inferences"], (
+        [r["seq"] for r in got], sub.telemetry(), agent.output()[-4000:],
+        (broker.workdir / "mosquitto.log").read_text()[-3000:])
     assert [r["seq"] for r in got] == list(range(got[0]["seq"], got[0]["seq"] + len(got)))

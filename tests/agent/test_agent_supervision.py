@@ -112,14 +112,16 @@ def test_supervise_names_a_dead_a_failed_and_a_stuck_thread() -> None:
         supervise(thread(), thread(stalled=601.0)))
 
 
+def window(i: int) -> Window:
+    """A closed window of 20 inferences, as the loop hands it over."""
+    return Window(i, time.time(), 0.5, 1, array("d", [0.001] * 20))
+
+
 def test_a_full_publisher_inbox_burns_seqs_and_counts_every_window_it_refused(
         tmp_path: Path) -> None:
     """Nothing is dropped in silence: a refused window is a seq gap and in dropped_total."""
     spool = Spool(tmp_path / "s.db", 2**24, 3600)
     pub = Publisher(MqttConfig(port=1, host="127.0.0.1"), "b", spool, ResourceStats(), {}, "x")
-
-    def window(i: int) -> Window:
-        return Window(i, time.time(), 0.5, 1, array("d", [0.001] * 20))
 
     accepted = [pub.submit(window(i)) for i in range(INBOX + 5)]
     assert accepted.count(False) == 5
@@ -131,6 +133,25 @@ def test_a_full_publisher_inbox_burns_seqs_and_counts_every_window_it_refused(
     assert spool.depth == INBOX
     assert spool.dropped_total == 5
     assert spool.get("seq.telemetry") == INBOX + 5 + 1  # the next window shows the gap
+    spool.close()
+
+
+def test_windows_submitted_while_the_publisher_drains_a_full_inbox_are_all_spooled_or_counted(
+        tmp_path: Path) -> None:
+    """Before: a pass took INBOX items, fetched one more and let it go, uncounted."""
+    spool = Spool(tmp_path / "s.db", 2**24, 3600)
+    pub = Publisher(MqttConfig(port=1, host="127.0.0.1"), "b", spool, ResourceStats(), {}, "x")
+
+    assert all(pub.submit(window(i)) for i in range(INBOX))
+    pub.start()
+    refused = [pub.submit(window(INBOX + i)) for i in range(INBOX)].count(False)
+    deadline = time.monotonic() + 30
+    while spool.depth + spool.dropped_total < 2 * INBOX and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pub.close(1.0)
+    assert spool.depth == 2 * INBOX - refused
+    assert spool.dropped_total == refused
+    assert spool.get("seq.telemetry") == 2 * INBOX + 1
     spool.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -137,3 +138,56 @@ class Subscriber:
             time.sleep(0.05)
         raise AssertionError(f"timed out after {timeout} s waiting for {what}; got "
                              f"{[(t, p[:80]) for t, p, _ in self.messages][-10:]}")
+
+
+class SlowRelay:
+    """A TCP relay on a free loopback port in front of a real broker that holds each new
+    connection for `delay_s` before passing bytes both ways: a broker slow to answer (network
+    latency, a loaded host), not a fake of MQTT."""
+
+    def __init__(self, port: int, delay_s: float) -> None:
+        self.target = port
+        self.delay_s = delay_s
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.server.getsockname()[1])
+        self._stop = threading.Event()
+        self._accepter = threading.Thread(target=self._accept, name="relay", daemon=True)
+        self._accepter.start()
+
+    def _accept(self) -> None:
+        self.server.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                client, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        time.sleep(self.delay_s)
+        upstream = socket.create_connection(("127.0.0.1", self.target))
+
+        def pipe(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+
+        back = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+        back.start()
+        pipe(client, upstream)
+        back.join(5)
+        client.close()
+        upstream.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.close()
+        self._accepter.join(5)
