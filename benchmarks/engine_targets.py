@@ -36,8 +36,10 @@ is missed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import platform
 import re
 import statistics
 import subprocess
@@ -245,6 +247,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def host_cpu() -> str:
+    """The host CPU and the x86 features int8 kernels pick by (the ratio depends on them)."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return (f"{fields.get('model name', platform.processor() or 'unknown CPU')} (family "
+            f"{fields.get('cpu family', '?')} model {fields.get('model', '?')}); int8 features: "
+            f"{', '.join(f for f in wanted if f in flags) or 'none of ' + ', '.join(wanted)}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bundle", type=Path, default=Path("models"))
@@ -294,12 +310,14 @@ def main() -> int:
         *((f"agent loop / bare {e} loop, img per CPU-s (median of rounds)", o["ratio"],
            0.97, ">=") for e, o in over.items()),
     ]
-    results = {"speed_p50_ms": p50, "overhead": over, "torch_free": free,
+    cpu = host_cpu()
+    results = {"host_cpu": cpu, "speed_p50_ms": p50, "overhead": over, "torch_free": free,
                "download_onnx": onnx, "download_torch": torch_dl,
                "checks": as_json(checks)}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, args.out / "engines.png")
-    print(f"\np50 batch 1: torchscript {p50['torchscript'] * 1000:.0f} us, onnxruntime "
+    print(f"\nhost CPU: {cpu}")
+    print(f"p50 batch 1: torchscript {p50['torchscript'] * 1000:.0f} us, onnxruntime "
           f"{p50['onnxruntime'] * 1000:.0f} us; downloads: onnx {onnx['mb']:.1f} MB, torch "
           f"{torch_dl['mb']:.1f} MB; torch-free cold starts {free['cold_start_ms']} ms")
     for e, o in over.items():
