@@ -23,9 +23,11 @@ import numpy as np
 from agent.command_inbox import CommandInbox
 from agent.config import LoopConfig, MqttConfig
 from agent.loop import InferenceLoop, Inputs, LoopControl, Model
+from agent.predictions import result
 from agent.publisher import INBOX, Publisher
 from agent.runner import supervise
 from agent.sdnotify import Notifier
+from agent.sources import Frame, now_pair
 from agent.spool import SYSTEM_STATE_DIR, Spool
 from agent.stats import ResourceStats
 from agent.telemetry import Window
@@ -152,6 +154,23 @@ def test_windows_submitted_while_the_publisher_drains_a_full_inbox_are_all_spool
     assert spool.depth == 2 * INBOX - refused
     assert spool.dropped_total == refused
     assert spool.get("seq.telemetry") == 2 * INBOX + 1
+    spool.close()
+
+
+def test_live_results_that_meet_no_broker_are_counted_even_when_the_agent_stops_first(
+        tmp_path: Path) -> None:
+    """Before: unsent live results were folded into dropped_total only by a later window, so
+    those of a run's last moments were lost from every counter."""
+    spool = Spool(tmp_path / "s.db", 2**24, 3600)
+    pub = Publisher(MqttConfig(port=1, host="127.0.0.1"), "b", spool, ResourceStats(), {}, "x")
+    pub.start()
+    assert pub.first_attempt()  # refused: the broker is not there
+    for i in range(5):
+        frame = Frame(str(i), *now_pair())
+        assert pub.submit(result("video", frame, [], {}, "x", durable=False))
+    pub.close(2.0)
+    assert spool.dropped_total == 5
+    assert spool.get("seq.result") == 6  # the next live result shows the gap
     spool.close()
 
 
