@@ -26,8 +26,8 @@ goes through the spool like telemetry, and only then is its file moved (`done`);
 that named an MQTT 5 response topic also gets the same message there, with its correlation
 data, while connected. A live one (video, camera) is published at QoS 0 while connected;
 otherwise, or when paho refuses it, its seq is burnt and it counts in `dropped_total`
-(folded in once a window and at the stop). The
-live seq is kept in memory and saved on a clean stop.
+(folded in once a window and at the stop). The live seq is kept in memory and saved on a
+clean stop.
 With source.kind mqtt this thread also receives the requests on <id>/infer and
 <id>/infer/<request_id> and puts them on the loop's queue without waiting; a request that
 finds it full gets a `busy` error result.
