@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent.errors import Refused
 from agent.signing import key_id
+from agent.untrusted import loads_json, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class Nonces:
         self.seen: dict[str, float] = {}
         self.floor = 0.0  # commands issued before this are refused (the store was lost)
         try:
-            raw = json.loads(path.read_text())
+            raw = loads_json(read_regular(path, 16_000_000, "nonce store"), str(path))
             if not isinstance(raw, dict):
                 raise ValueError("not a JSON object")
             self.seen = {str(k): float(v) for k, v in raw.items()}

@@ -28,6 +28,9 @@ from typing import Any, TypeVar
 import yaml
 
 from agent.errors import ConfigError
+from agent.untrusted import Untrusted, read_regular
+
+MAX_CONFIG_BYTES = 1_000_000  # config.yaml is a few kB; anything larger is not a config
 
 # Every top-level section any edgeforge command knows. A name outside this list is a typo.
 SECTIONS = (
@@ -138,6 +141,9 @@ class SourceConfig:
     publish: str = "every"  # live sources: every | change (top label changed) | rate
     max_per_s: float = 2.0  # publish: rate -> at most this many live results per second
     max_image_mb: float = 8.0  # folder and mqtt: a larger file or request is refused unread
+    max_image_pixels: int = 50_000_000  # a larger image is refused from its header, undecoded
+    settle_s: float = 5.0  # folder: a file unchanged this long is complete (and a truncated
+    # one that stays unchanged this long is failed)
 
     def __post_init__(self) -> None:
         require(self.kind in SOURCE_KINDS, "kind",
@@ -166,6 +172,9 @@ class SourceConfig:
                 f"must be one of {', '.join(PUBLISH_POLICIES)}, got {self.publish!r}")
         in_range(self.max_per_s, "max_per_s", 0.01, 1000, " results per second")
         in_range(self.max_image_mb, "max_image_mb", 0.001, 256, " MB")
+        # The top is Pillow's own decompression-bomb limit, which refuses larger images first.
+        in_range(self.max_image_pixels, "max_image_pixels", 1, 178_956_970, " pixels")
+        in_range(self.settle_s, "settle_s", 0.1, 3600, " s")
 
     @property
     def queue_size(self) -> int:
@@ -372,21 +381,45 @@ def _migrate(raw: dict[str, Any], origin: str) -> None:
                     key, new_section, new_key, new_section, new_key, value)
 
 
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last
+    in silence), naming both lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice, at lines {first[key]} and {line} "
+                        f"(keep one)", key_node.start_mark)
+                first[key] = line
+            except TypeError:
+                pass  # an unhashable key: the base class names it
+        return super().construct_mapping(node, deep)  # type: ignore[no-any-return]
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_CONFIG_BYTES, "config file").decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file (pass --config with an existing "
                           f"file, or copy config.yaml from the project)") from None
+    except Untrusted as exc:
+        raise ConfigError(str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=StrictLoader)  # noqa: S506 -- a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where} "
                           f"({getattr(exc, 'problem', None) or exc})") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path}: nested too deeply to be a config file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -400,10 +433,25 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     if not sep or not dot or not section or not key:
         raise ConfigError(f"--set {item!r}: expected section.key=value, "
                           f"for example --set train.epochs=1")
+    if text.strip() in ("null", "Null", "NULL", "~"):
+        return section, key, None
+    if not text.strip():
+        raise ConfigError(f"--set {item!r}: no value (write {dotted.strip()}=null for none, "
+                          f"or quote an empty string: {dotted.strip()}='\"\"')")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = yaml.load(text, Loader=StrictLoader)  # noqa: S506 -- a SafeLoader
     except yaml.YAMLError:
         value = text  # not YAML: take the text as a string and let the type check decide
+    except RecursionError:
+        raise ConfigError(f"--set {item!r}: nested too deeply") from None
+    if "#" in text and not (isinstance(value, str) and "#" in value):
+        # YAML starts a comment at "#": what follows it would be dropped without a word
+        raise ConfigError(f"--set {item!r}: YAML reads {text.strip()!r} as {value!r} (a '#' "
+                          f"starts a comment): quote the value, e.g. "
+                          f"{dotted.strip()}='\"{text.strip()}\"'")
+    if value is None:
+        raise ConfigError(f"--set {item!r}: YAML reads {text.strip()!r} as null: write null "
+                          f"if that is meant, or quote the value")
     return section, key, value
 
 

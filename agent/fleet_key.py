@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.errors import ConfigError
 from agent.signing import configured_key, key_id
+from agent.untrusted import loads_json, read_regular
 
 
 def keys_path(spool: Path) -> Path:
@@ -76,7 +77,8 @@ class FleetKey:
         """
         current = configured_key(configured)
         try:
-            raw = json.loads(path.read_text()) if path.is_file() else {"rotations": []}
+            raw = loads_json(read_regular(path, 1_000_000, "key rotations file"), str(path)) \
+                if path.exists() else {"rotations": []}
             rotations = [dict(r) for r in raw["rotations"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path}: unreadable key rotations ({exc}): move it away and "

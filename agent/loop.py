@@ -123,6 +123,7 @@ class Feed:
 
     frames: FrameQueue
     predictor: Predictor
+    max_pixels: int = 50_000_000  # source.max_image_pixels
 
 
 def warm_up(model: Model, count: int) -> float:
@@ -365,7 +366,8 @@ class InferenceLoop:
             try:
                 if frame.error is not None:
                     raise ImageError(frame.error)
-                tensors.append(prep.encoded(frame.data) if frame.data is not None
+                tensors.append(prep.encoded(frame.data, self.feed.max_pixels)
+                               if frame.data is not None
                                else prep.image(frame.image))
             except ImageError as exc:
                 served.frames_failed += 1

@@ -47,10 +47,12 @@ from agent.engines import ENGINES, TORCHSCRIPT
 from agent.errors import BundleError
 from agent.preprocess import RESIZE_POLICIES, Preprocess
 from agent.signing import SIGNATURE_FILE
+from agent.untrusted import Untrusted, loads_json, read_regular
 
 SCHEMA_NAME = "edgeforge.bundle"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 4_000_000  # a manifest is a few kB; a larger one is refused unread
 BOARD_MODEL = "quantized_cnn_scripted.pt"
 SAMPLE_FILE = "sample.pt"  # for agents that predate SAMPLE_ARRAYS
 SAMPLE_ARRAYS = "sample.npz"
@@ -70,8 +72,11 @@ def embedded_metadata(model: bytes | Path) -> dict[str, Any] | None:
             names = [n for n in z.namelist() if n.endswith(f"extra/{METADATA_FILE}")]
             if not names:
                 return None
-            data = json.loads(z.read(names[0]))
-    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            info = z.getinfo(names[0])
+            if info.file_size > MAX_MANIFEST_BYTES:
+                raise Untrusted(f"embedded {METADATA_FILE} is {info.file_size:,} bytes")
+            data = loads_json(z.read(info), f"embedded {METADATA_FILE}", MAX_MANIFEST_BYTES)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise BundleError(f"not a loadable TorchScript file ({exc})") from None
     if not isinstance(data, dict):
         raise BundleError(f"embedded {METADATA_FILE} is not a JSON object")
@@ -86,7 +91,9 @@ def manifest_bytes(bundle: Path) -> bytes:
     """
     path = bundle / MANIFEST
     try:
-        return path.read_bytes()
+        return read_regular(path, MAX_MANIFEST_BYTES, "manifest")
+    except Untrusted as exc:
+        raise BundleError(f"{exc} (copy the bundle again)") from None
     except FileNotFoundError:
         raise BundleError(f"{path}: no manifest (point model.dir at a bundle built by "
                           f"edge-optimize)") from None
@@ -266,8 +273,8 @@ class Manifest:
             BundleError: not JSON, another or newer schema, or missing fields.
         """
         try:
-            raw = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raw = loads_json(data, "manifest", MAX_MANIFEST_BYTES)
+        except Untrusted as exc:
             raise BundleError(f"{origin}: unreadable manifest ({exc}) (copy the bundle "
                               f"again)") from None
         if not isinstance(raw, dict):

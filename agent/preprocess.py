@@ -6,7 +6,9 @@ the board builds the same object from the manifest and runs `Preprocess.image` o
 file, frame and request. Both end in `normalize`, so a PNG of a test image gives the board
 bit for bit the tensor the host measured accuracy on.
 
-    decode     encoded bytes -> RGB uint8 (Pillow; EXIF orientation applied, alpha dropped)
+    decode     encoded bytes -> RGB uint8 (Pillow; EXIF orientation applied, alpha dropped;
+               the first frame of an animation; 16-bit samples scaled to 8 bits, palette,
+               grey, CMYK and YCbCr converted; 32-bit float and CIELab pixels refused)
     resize     "shorter": scale so the shorter side fits the input, keeping the aspect ratio,
                then crop the centre; "stretch": scale to the input size exactly
     normalize  uint8 / 255, minus mean, over std, per channel
@@ -19,6 +21,7 @@ host's `batch` turns the result into a tensor.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,6 +36,10 @@ if TYPE_CHECKING:  # torch only on the host (batch); Pillow where an image is de
 
 RESIZE_POLICIES = ("shorter", "stretch")
 MAX_PIXELS = 50_000_000  # a larger image is refused before it is decoded (a 50 MP photo)
+# The formats a camera, phone or application sends (JPEG includes phones' MPO). Pillow reads
+# many more (EPS even runs Ghostscript); an input from the network gets only these decoders.
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -58,6 +65,38 @@ def pillow() -> Any:
         raise ImageError("decoding images needs Pillow: pip install 'edgeforge[images]' "
                          "(on Raspberry Pi OS: apt install python3-pil)") from None
     return Image
+
+
+def to_rgb(img: PILImage.Image) -> PILImage.Image:
+    """A decoded image of any Pillow mode -> 8-bit RGB with the same look.
+
+    16-bit grey (PNG, TIFF, PGM) keeps its top 8 bits, as 16-bit colour already does when
+    Pillow reads it; 32-bit integer grey is read as 16-bit or 8-bit data when its values fit;
+    transparency (alpha, or a palette's transparent index) is dropped.
+
+    Raises:
+        ImageError: 32-bit float or integer pixels out of the 16-bit range, CIELab pixels.
+    """
+    mode = img.mode
+    if mode in ("RGB", "L", "1", "CMYK", "YCbCr", "RGBX", "RGBA", "LA"):
+        return img.convert("RGB")
+    if mode in ("P", "PA"):  # with a transparent index, Pillow wants RGBA first
+        return img.convert("RGBA").convert("RGB")
+    if mode in ("La", "RGBa"):  # premultiplied alpha
+        return img.convert("RGBA").convert("RGB")
+    if mode in _SIXTEEN_BIT or mode == "I":
+        grey = np.asarray(img).astype(np.int64)
+        low, high = (int(grey.min()), int(grey.max())) if grey.size else (0, 0)
+        if low < 0 or high > 65535:
+            raise ImageError(f"32-bit integer pixels from {low} to {high} (save the image "
+                             f"as 8- or 16-bit)")
+        if mode in _SIXTEEN_BIT or high > 255:
+            grey >>= 8
+        return pillow().fromarray(grey.astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        raise ImageError("32-bit floating-point pixels (save the image as 8- or 16-bit)")
+    raise ImageError(f"pixel format {mode} has no RGB conversion here (save the image as "
+                     f"RGB)")
 
 
 @dataclass(frozen=True)
@@ -92,11 +131,14 @@ class Preprocess:
 
     # --- one image (the board) ------------------------------------------------------------
 
-    def decode(self, data: bytes) -> PILImage.Image:
-        """Encoded bytes (JPEG, PNG, anything Pillow reads) -> an RGB image.
+    def decode(self, data: bytes, max_pixels: int = MAX_PIXELS) -> PILImage.Image:
+        """Encoded bytes (JPEG, PNG, BMP, GIF, TIFF, WebP, PPM) -> an RGB image.
+
+        The size in the header is checked against `max_pixels` before any pixel is decoded.
 
         Raises:
-            ImageError: not an image, truncated, or larger than MAX_PIXELS.
+            ImageError: not an image of those formats, truncated or corrupt, larger than
+                `max_pixels`, or of a pixel format that has no faithful RGB (see `to_rgb`).
         """
         image_mod = pillow()
         from PIL import ImageOps, UnidentifiedImageError
@@ -104,17 +146,31 @@ class Preprocess:
         if not data:
             raise ImageError("empty: 0 bytes")
         try:
-            img = image_mod.open(io.BytesIO(data))
+            with warnings.catch_warnings():
+                # Our own limit (below) decides; Pillow's would warn between its two limits.
+                warnings.simplefilter("ignore", image_mod.DecompressionBombWarning)
+                img = image_mod.open(io.BytesIO(data), formats=FORMATS)
             width, height = img.size
-            if width * height > MAX_PIXELS:
-                raise ImageError(f"{width}x{height} is larger than {MAX_PIXELS:,} pixels")
+            if width * height > max_pixels:
+                raise ImageError(f"{width}x{height} is larger than {max_pixels:,} pixels "
+                                 f"(source.max_image_pixels)")
             img.load()
-            return ImageOps.exif_transpose(img).convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(img))
+        except ImageError:
+            raise
+        except image_mod.DecompressionBombError as exc:  # the header claims a huge image
+            raise ImageError(f"larger than {max_pixels:,} pixels, source.max_image_pixels "
+                             f"({exc})") from None
         except UnidentifiedImageError:
-            raise ImageError(f"not an image Pillow can read ({len(data):,} bytes starting "
-                             f"{data[:8]!r})") from None
-        except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
-            raise ImageError(f"corrupt or truncated image ({exc})") from None
+            raise ImageError(f"not an image of a format read here ({', '.join(FORMATS)}; "
+                             f"{len(data):,} bytes starting {data[:8]!r})") from None
+        except MemoryError:
+            raise ImageError("too large to decode in the memory left") from None
+        except Exception as exc:  # noqa: BLE001 -- a decoder fed hostile bytes can raise
+            # anything (OSError for truncation, but also ValueError, struct.error,
+            # IndexError, ZeroDivisionError...): each is this input's fault, not the agent's.
+            raise ImageError(f"corrupt or truncated image ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})") from None
 
     def fit(self, img: PILImage.Image) -> np.ndarray:
         """Resize (and crop) an RGB image to the input size: uint8 HWC."""
@@ -145,13 +201,13 @@ class Preprocess:
         chw = np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1))[None]
         return normalize(chw, self.mean, self.std)[0]
 
-    def encoded(self, data: bytes) -> np.ndarray:
+    def encoded(self, data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         """Encoded image bytes -> the model's float CHW input (decode, fit, normalize).
 
         Raises:
             ImageError: see `decode`.
         """
-        return self.image(self.decode(data))
+        return self.image(self.decode(data, max_pixels))
 
     def warm_up(self) -> None:
         """Import and exercise Pillow once, so the first real input is not the one that

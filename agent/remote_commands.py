@@ -57,6 +57,7 @@ from agent.regression import Verdict, compare
 from agent.signing import key_id
 from agent.store import Store
 from agent.telemetry import CMD_SCHEMA, COMMANDS, Window
+from agent.untrusted import Untrusted, loads_json
 from agent.update import decode_files, smoke_test, verify_release
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,9 @@ def parse_request(payload: bytes, max_bytes: int) -> tuple[str, dict[str, Any], 
         raise Refused("too_large", f"payload of {len(payload):,} bytes is over "
                       f"update.max_payload_mb ({max_bytes:,} bytes)", request_id=rid)
     try:
-        msg = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Refused("malformed", f"payload is not JSON ({exc}; truncated?)",
-                      request_id=rid) from None
+        msg = loads_json(payload, "payload", max_bytes)
+    except Untrusted as exc:
+        raise Refused("malformed", f"{exc} (truncated?)", request_id=rid) from None
     if not isinstance(msg, dict):
         raise Refused("malformed", "payload is not a JSON object", request_id=rid)
     rid = msg.get("request_id")

@@ -141,7 +141,7 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
     src = cfg.source
     frames = queue_for(src) if src.serving else None
     source = start_source(src, frames) if frames is not None else None
-    feed = Feed(frames, Predictor(src)) if frames is not None else None
+    feed = Feed(frames, Predictor(src), src.max_image_pixels) if frames is not None else None
     try:
         # Built before anything is recorded: it checks the TLS files (ConfigError).
         publisher = Publisher(cfg.mqtt, device, spool, ResourceStats(), make_info(bundle, checked),

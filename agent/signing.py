@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.errors import BundleError, ConfigError
+from agent.untrusted import loads_json
 
 SIGNATURE_FILE = "signature.json"
 SIGNATURE_SCHEMA = "edgeforge.signature/1"
@@ -108,7 +109,7 @@ def verify(manifest: bytes, signature: bytes | None,
         raise BundleError(f"{origin}: unsigned (no {SIGNATURE_FILE}): sign it on the host with "
                           f"edge-deploy sign")
     try:
-        fields = json.loads(signature)
+        fields = loads_json(signature, SIGNATURE_FILE, 64_000)
         if not isinstance(fields, dict) or fields.get("schema") != SIGNATURE_SCHEMA:
             raise ValueError(f"schema {fields.get('schema') if isinstance(fields, dict) else ''!r}")
         raw = base64.b64decode(fields["signature"], validate=True)

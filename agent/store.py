@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import BundleError
+from agent.untrusted import loads_json, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ class Store:
         """state.json: {"stack": [{"id", "version", "sha256", "applied_utc", "how"}...],
         "max_version": int, "pending": id or None, "rejected": [ids]}."""
         try:
-            raw = json.loads((self.root / STATE).read_text(encoding="utf-8"))
+            raw = loads_json(read_regular(self.root / STATE, 16_000_000, "model store state"),
+                             STATE)
             if isinstance(raw, dict):
                 return raw
         except (OSError, ValueError):

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.untrusted import loads_json
+
 TELEMETRY_SCHEMA = "edgeforge.telemetry/1"
 INFO_SCHEMA = "edgeforge.info/1"
 EVENT_SCHEMA = "edgeforge.event/1"
@@ -130,10 +132,7 @@ def decode_telemetry(payload: bytes) -> dict[str, Any]:
 def _json_message(payload: bytes, kind: str, schema: str,
                   keys: Sequence[str]) -> dict[str, Any]:
     """A JSON object of `schema` with every one of `keys`, or ValueError saying what is not."""
-    try:
-        msg = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{kind} payload is not JSON ({exc})") from None
+    msg = loads_json(payload, f"{kind} payload")
     if not isinstance(msg, dict):
         raise ValueError(f"{kind} payload is not a JSON object")
     if msg.get("schema") != schema:

@@ -41,6 +41,7 @@ from agent.fleet_key import pem_of, rotation_statement
 from agent.signing import key_id
 from agent.telemetry import COMMANDS
 from agent.torch_matrix import PROFILES
+from agent.untrusted import MAX_JSON_DEPTH, json_depth
 from deploy import files
 from deploy.broker import DEFAULT_DIR as DEFAULT_BROKER_DIR
 from deploy.broker import BrokerFiles, mosquitto_conf
@@ -207,6 +208,8 @@ def parse_args_kv(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"argument {item!r}: expected KEY=VALUE, e.g. rate_hz=5")
         if key in out:
             raise ConfigError(f"argument {key!r} is given twice: give it once")
+        if json_depth(value.encode()) > MAX_JSON_DEPTH:
+            raise ConfigError(f"argument {key!r}: nested more than {MAX_JSON_DEPTH} levels deep")
         try:
             out[key] = json.loads(value, parse_constant=_no_constant)
         except ValueError as exc:

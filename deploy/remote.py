@@ -27,6 +27,7 @@ from agent.config import MqttConfig
 from agent.manifest import Manifest
 from agent.mqtt import make_client
 from agent.telemetry import CMD_SCHEMA, OFFLINE, ONLINE, Topics
+from agent.untrusted import loads_json
 from deploy.errors import FleetError
 
 FINAL_UPDATE_RESULTS = ("confirmed", "rolled_back", "refused", "failed", "unchanged")
@@ -160,8 +161,10 @@ class Fleet:
             if parts[-1] != "cmd_result":
                 return False
             try:
-                msg = json.loads(payload)
+                msg = loads_json(payload, "cmd_result")
             except ValueError:
+                return False
+            if not isinstance(msg, dict):
                 return False
             key = (parts[-2], str(msg.get("request_id")))
             if key in pending and key not in done:
@@ -187,7 +190,7 @@ class Fleet:
             if topic != self.topics(device).info:
                 return False
             try:
-                info = json.loads(payload)
+                info = loads_json(payload, "info")
             except ValueError:
                 return False
             if not isinstance(info, dict) or info.get("model_sha256") != sha256:

@@ -8,7 +8,6 @@ RuntimeError, the engine interface's contract (the loop's fallback catches exact
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import onnxruntime as ort
 
 from agent.engines import ONNX_METADATA_KEY, no_session
 from agent.errors import BundleError
+from agent.untrusted import Untrusted, loads_json
 
 ENGINE = "onnxruntime"
 
@@ -81,8 +81,8 @@ def metadata(session: ort.InferenceSession) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
-        data = json.loads(raw)
-    except json.JSONDecodeError:
+        data = loads_json(raw, "the model's edgeforge metadata")
+    except Untrusted:
         return None
     return data if isinstance(data, dict) else None
 

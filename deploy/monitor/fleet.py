@@ -14,7 +14,6 @@ dropped, so nothing unchecked is stored.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from agent.telemetry import (
     decode_summary,
     decode_telemetry,
 )
+from agent.untrusted import loads_json
 
 NON_NEGATIVE = ("seq", "window_s", "inferences", "throughput_ips", "latency_p50_ms",
                 "latency_p90_ms", "latency_p99_ms", "latency_max_ms", "latency_mean_ms",
@@ -195,7 +195,7 @@ class Fleet:
             return None
         if kind == "info":
             try:
-                info = json.loads(payload)
+                info = loads_json(payload, "info", self.max_payload_bytes)
                 if not isinstance(info, dict):
                     raise ValueError("not a JSON object")
             except ValueError as exc:
