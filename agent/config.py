@@ -13,6 +13,7 @@ The board sections (`device`, `model`, `source`, `loop`, `mqtt`, `spool`, `updat
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import math
@@ -77,6 +78,21 @@ def in_range(value: float, key: str, lo: float, hi: float, unit: str = "") -> No
     require(isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value) and lo <= value <= hi, key,
             f"must be {show(lo)}-{show(hi)}{unit}, got {value!r}")
+
+
+def number_argument(lo: float = -math.inf) -> typing.Callable[[str], float]:
+    """An argparse `type`: a finite number >= `lo` (argparse's float takes nan and inf)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < lo:
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number{f' >= {lo:g}' if math.isfinite(lo) else ''}, got "
+                f"{text}")
+        return value
+    return parse
 
 
 # --- board sections ---------------------------------------------------------------------

@@ -325,8 +325,12 @@ class Manifest:
         Loading from these bytes leaves no window for the file to change after the check.
         """
         path = self._listed(bundle, name)
-        try:
-            data = path.read_bytes()
+        size = self.files[name].get("bytes")
+        try:  # no more than the manifest says it holds (a file that is larger is not it)
+            data = read_regular(path, size if isinstance(size, int) and size >= 0 else 1 << 32,
+                                f"size the manifest gives {name}")
+        except Untrusted as exc:
+            raise BundleError(f"{exc} (copy the bundle again)") from None
         except OSError as exc:
             raise BundleError(f"{path}: cannot read ({exc.strerror})") from None
         self._compare(path, hashlib.sha256(data).hexdigest())

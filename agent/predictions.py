@@ -37,7 +37,8 @@ class Prediction:
     fields: dict[str, Any]  # everything but schema, device, seq and ts
     durable: bool
     reply: Reply | None = None
-    done: Callable[[bool, str], None] | None = field(default=None, repr=False)
+    done: Callable[[bool | None, str], None] | None = field(default=None, repr=False)
+    marker: str | None = None  # spooled with the result (agent/spool.py: answered)
 
 
 def softmax(logits: npt.ArrayLike) -> np.ndarray:
@@ -105,4 +106,5 @@ def result(kind: str, frame: Frame, top: list[dict[str, Any]], stages_s: dict[st
         fields["request_id"] = frame.reply.request_id
     if error is not None:
         fields["error"] = error
-    return Prediction(fields, durable=durable, reply=frame.reply, done=frame.done)
+    return Prediction(fields, durable=durable, reply=frame.reply, done=frame.done,
+                      marker=frame.marker)

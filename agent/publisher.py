@@ -35,6 +35,7 @@ finds it full gets a `busy` error result.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import random
@@ -141,6 +142,8 @@ class Publisher(threading.Thread):
         self._request_count = 0
         self._live_seq = int(spool.get("seq.result", 1) or 1)
         self.live_unsent = 0  # live results not sent: no broker at the time
+        self._spool_down = False  # the last write to the spool failed (said once)
+        self._spool_lost = 0  # messages lost since then
         self._deadline: float | None = None  # monotonic time by which to be gone
         self.connected = False
         self._summary: bytes | None = None  # the last window's, retained on <id>/summary
@@ -263,11 +266,7 @@ class Publisher(threading.Thread):
         for counter, count in lost.items():
             if counter == "live_result":
                 self._live_seq += count  # the gap shows; dropped_total counts them below
-            try:
-                self.spool.skip(counter, count)
-            except sqlite3.OperationalError as exc:
-                log.error("spool %s: cannot count %d lost %s message(s) (%s)", self.spool.path,
-                          count, counter, exc)
+            self.spool.skip(counter, count)  # held in memory while the spool cannot write
 
     def _record(self, window: Window) -> None:
         fields = telemetry_fields(window)
@@ -293,11 +292,13 @@ class Publisher(threading.Thread):
 
         try:
             _, seq = self.spool.append(self.topics.telemetry, payload, "telemetry", self.cfg.qos)
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:
             # Disk full or I/O error: lose this window, not the agent (a restart would not help).
-            log.error("spool %s: cannot store window %d (%s); its telemetry is lost",
-                      self.spool.path, window.index, exc)
+            self._cannot_spool(f"window {window.index}", exc)
+            log.info("%s", console_line(window.index, made[-1]["seq"] if made else 0, fields,
+                                        self.connected, self.spool, "lost"))
             return
+        self._spooling_again()
         # The latest window's summary, retained, not spooled: state, not a record (only the
         # newest matters; one written while offline goes out on the next connect).
         self._summary = encode(summary_of(made[-1]))
@@ -305,17 +306,30 @@ class Publisher(threading.Thread):
             self.client.publish(self.topics.summary, self._summary, qos=0, retain=True)
         log.info("%s", console_line(window.index, seq, fields, self.connected, self.spool))
 
+    def _cannot_spool(self, what: str, exc: sqlite3.Error) -> None:
+        """A write to the spool failed: said once (with the real reason) until one works."""
+        self._spool_lost += 1
+        if self._spool_down:
+            return
+        self._spool_down = True
+        log.error("spool %s: cannot write (%s): %s and every message until it can write "
+                  "again is lost, its seq skipped and counted in dropped_total; serving goes "
+                  "on (free space on %s)", self.spool.path, exc, what, self.spool.path.parent)
+
+    def _spooling_again(self) -> None:
+        if self._spool_down:
+            self._spool_down = False
+            log.warning("spool %s: writing again; %d message(s) were lost while it could not",
+                        self.spool.path, self._spool_lost)
+            self._spool_lost = 0
+
     def _count_unsent(self) -> None:
         """Add the live results that met no broker (or that paho refused) to dropped_total:
         once a window and at the stop, not one SQLite commit per frame during an outage."""
         if not self.live_unsent:
             return
         unsent, self.live_unsent = self.live_unsent, 0
-        try:
-            self.spool.skip("live_result", unsent)
-        except sqlite3.OperationalError as exc:
-            log.error("spool %s: cannot count %d unsent live result(s) (%s)",
-                      self.spool.path, unsent, exc)
+        self.spool.skip("live_result", unsent)  # held in memory while the spool cannot write
 
     def _event(self, kind: str, detail: str) -> None:
         log.warning("event %s: %s", kind, detail)
@@ -324,7 +338,12 @@ class Publisher(threading.Thread):
             return encode({"schema": EVENT_SCHEMA, "device": self.device, "seq": seq,
                            "ts": round(time.time(), 3), "event": kind, "detail": detail})
 
-        self.spool.append(self.topics.event, payload, "event", qos=1)
+        try:
+            self.spool.append(self.topics.event, payload, "event", qos=1)
+        except sqlite3.Error as exc:
+            self._cannot_spool(f"event {kind}", exc)
+            return
+        self._spooling_again()
 
     def _result(self, fields: dict[str, Any]) -> None:
         def payload(seq: int) -> bytes:
@@ -333,9 +352,10 @@ class Publisher(threading.Thread):
 
         try:
             self.spool.append(self.topics.cmd_result, payload, "cmd_result", qos=1)
-        except sqlite3.OperationalError as exc:
-            log.error("spool %s: cannot store the result of %s (%s)", self.spool.path,
-                      fields.get("request_id"), exc)
+        except sqlite3.Error as exc:
+            self._cannot_spool(f"the result of command {fields.get('request_id')}", exc)
+            return
+        self._spooling_again()
 
     def _prediction(self, item: Prediction) -> None:
         def payload(seq: int) -> bytes:
@@ -355,11 +375,14 @@ class Publisher(threading.Thread):
             return sent[-1]
 
         try:
-            self.spool.append(self.topics.result, keep, "result", self.cfg.qos)
-        except sqlite3.OperationalError as exc:
-            log.error("spool %s: cannot store the result for %s (%s); it is lost",
-                      self.spool.path, item.fields.get("source_id"), exc)
+            self.spool.append(self.topics.result, keep, "result", self.cfg.qos,
+                              marker=item.marker)
+        except sqlite3.Error as exc:
+            self._cannot_spool(f"the result for {item.fields.get('source_id')}", exc)
+            if item.done is not None:
+                item.done(None, f"its result could not be spooled ({exc})")  # taken again
             return
+        self._spooling_again()
         if item.done is not None:
             item.done(True, "")
         reply = item.reply
@@ -369,9 +392,21 @@ class Publisher(threading.Thread):
                 props.CorrelationData = reply.correlation
             self.client.publish(reply.response_topic, sent[-1], qos=1, properties=props)
 
-    def request(self, topic: str, payload: bytes, properties: Any) -> None:
-        """An image on <id>/infer[/<request_id>]: onto the loop's queue, or a busy answer."""
+    def request(self, topic: str, payload: bytes, properties: Any, retained: bool = False
+                ) -> None:
+        """An image on <id>/infer[/<request_id>]: onto the loop's queue, or a busy answer.
+
+        A retained request is answered once: its marker (topic and payload digest) is
+        spooled with its result, and the broker's copy at every later connect is skipped.
+        """
         assert self.requests is not None
+        marker = None
+        if retained:
+            marker = "request:" + hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()
+            if self.spool.answered(marker):
+                log.info("mqtt: retained request on %s already answered; skipped (clear it "
+                         "with an empty retained message)", topic)
+                return
         captured, ts = now_pair()
         rid = topic[len(self.topics.infer) + 1:] if topic != self.topics.infer else ""
         response = getattr(properties, "ResponseTopic", None) if properties else None
@@ -386,7 +421,7 @@ class Publisher(threading.Thread):
             rid = text if correlation.isascii() and text.isprintable() else correlation.hex()
         rid = rid[:128] or f"req-{self._request_count}"
         frame = Frame(rid, captured, ts, 0.0, data=bytes(payload),
-                      reply=Reply(rid, response, correlation))
+                      reply=Reply(rid, response, correlation), marker=marker)
         if len(payload) > self.max_request_bytes:
             frame.error = (f"request of {len(payload):,} bytes is over source.max_image_mb "
                            f"({self.max_request_bytes:,} bytes)")
@@ -480,7 +515,8 @@ class Publisher(threading.Thread):
             return
         if self.requests is not None and (message.topic == self.topics.infer
                                           or message.topic.startswith(self.topics.infer + "/")):
-            self.request(message.topic, message.payload, getattr(message, "properties", None))
+            self.request(message.topic, message.payload, getattr(message, "properties", None),
+                         bool(message.retain))
             return
         if self.commands is None or not message.topic.startswith(self.topics.cmd_prefix):
             return
@@ -506,7 +542,7 @@ class Publisher(threading.Thread):
         if self._acked:
             try:
                 self.spool.ack(self._acked)
-            except sqlite3.OperationalError as exc:
+            except sqlite3.Error as exc:
                 # The rows stay and are sent again after a restart: a duplicate, not a loss.
                 log.error("spool %s: cannot record acknowledgements (%s)", self.spool.path, exc)
             self._acked.clear()
@@ -547,10 +583,16 @@ class Publisher(threading.Thread):
         left = self.spool.depth
         if left:
             log.info("mqtt: %d message(s) stay spooled for the next start", left)
+        if self.spool.trouble:
+            log.warning("spool %s: stopping with %d message(s) lost and not yet counted in the "
+                        "file (%s)", self.spool.path, self.spool.dropped_total
+                        - int(self.spool.get("dropped_total", 0) or 0), self.spool.trouble)
 
 
-def console_line(index: int, seq: int, f: dict[str, Any], connected: bool, spool: Spool) -> str:
-    """One readable line per window, as journald shows it."""
+def console_line(index: int, seq: int, f: dict[str, Any], connected: bool, spool: Spool,
+                 lost: str = "") -> str:
+    """One readable line per window, as journald shows it (`lost`: the window was not
+    spooled)."""
     def num(value: Any, fmt: str, unit: str = "") -> str:
         return "n/a" if value is None else f"{value:{fmt}}{unit}"
 
@@ -565,4 +607,5 @@ def console_line(index: int, seq: int, f: dict[str, Any], connected: bool, spool
             f"{num(f['latency_p99_ms'], '.3f')} max {num(f['latency_max_ms'], '.3f')}{acc} | "
             f"cpu {num(f['proc_cpu_percent'], '.0f', '%')} rss {num(f['rss_mb'], '.0f', ' MB')} "
             f"temp {num(f['soc_temp_c'], '.1f', ' C')} | mqtt "
-            f"{'up' if connected else 'down'}, spool {spool.depth}, dropped {spool.dropped_total}")
+            f"{'up' if connected else 'down'}, spool {spool.depth}, dropped {spool.dropped_total}"
+            + (f" | this window {lost}: the spool cannot write" if lost else ""))

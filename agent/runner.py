@@ -140,7 +140,7 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
     inbox = CommandInbox()
     src = cfg.source
     frames = queue_for(src) if src.serving else None
-    source = start_source(src, frames) if frames is not None else None
+    source = start_source(src, frames, spool.markers("file:")) if frames is not None else None
     feed = Feed(frames, Predictor(src), src.max_image_pixels) if frames is not None else None
     try:
         # Built before anything is recorded: it checks the TLS files (ConfigError).

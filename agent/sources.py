@@ -50,8 +50,11 @@ class Frame:
     data: bytes | None = None  # ... or encoded bytes, decoded in the loop's preprocess stage
     reply: Reply | None = None
     error: str | None = None  # why the source could not read it (counted as failed)
-    # folder: called with (ok, why) once the result is durable or the input failed
-    done: Callable[[bool, str], None] | None = field(default=None, repr=False)
+    # folder: called with (ok, why) once the result is durable (True) or the input failed
+    # (False), or with None when its result could not be spooled (the input is taken again)
+    done: Callable[[bool | None, str], None] | None = field(default=None, repr=False)
+    # which input this is, durably: spooled with its result, so it is answered once
+    marker: str | None = None
 
 
 class FrameQueue:
@@ -177,12 +180,14 @@ def queue_for(cfg: SourceConfig) -> FrameQueue:
     return FrameQueue(cfg.queue_size, policy)
 
 
-def start_source(cfg: SourceConfig, frames: FrameQueue) -> SourceThread | None:
+def start_source(cfg: SourceConfig, frames: FrameQueue,
+                 answered: frozenset[str] = frozenset()) -> SourceThread | None:
     """The thread feeding `frames` for cfg.kind (None for random, sample and mqtt, whose
-    inputs come from the bundle or the publisher), not yet started."""
+    inputs come from the bundle or the publisher), not yet started; `answered`: the spool's
+    markers of files already answered (agent/folder_source.py)."""
     if cfg.kind == "folder":
         from agent.folder_source import FolderSource
-        return FolderSource(cfg, frames)
+        return FolderSource(cfg, frames, answered)
     if cfg.kind in LIVE_KINDS:
         from agent.video_source import VideoSource
         return VideoSource(cfg, frames)

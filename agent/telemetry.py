@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -103,29 +104,58 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
 
 
+# The type of every telemetry and summary key that is not a plain number (a number or null):
+# a monitor refuses a message whose value is of another type.
+WHOLE_KEYS = ("seq", "batch_size", "inferences", "spool_depth", "dropped_total", "throttled",
+              "frames_in", "frames_dropped", "frames_failed", "results_published")
+FLAG_KEYS = ("under_voltage", "freq_capped", "throttling")
+NAME_KEYS = ("source", "engine")
+REQUIRED = ("seq", "ts", "device")  # never null
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_value(kind: str, key: str, value: Any) -> None:
+    """ValueError unless `value` has the type `key` has in telemetry and summaries."""
+    if value is None:
+        if key in REQUIRED:
+            raise ValueError(f"{kind} {key} is null")
+        return
+    if key == "schema":
+        return  # checked against the expected schema already
+    if key == "device":  # any topic level; the monitor checks it against the topic's
+        if not isinstance(value, str) or not 0 < len(value) <= 256:
+            raise ValueError(f"{kind} device must be a name of 1-256 characters, got "
+                             f"{value!r:.60}")
+        return
+    if key in FLAG_KEYS:
+        if not isinstance(value, bool):
+            raise ValueError(f"{kind} {key} must be true, false or null, got {value!r:.60}")
+    elif key in NAME_KEYS:
+        if not isinstance(value, str) or not NAME.fullmatch(value):
+            raise ValueError(f"{kind} {key} must be a name (letters, digits, ._:+-; up to 128),"
+                             f" got {value!r:.60}")
+    elif key == "model_sha256":
+        if not isinstance(value, str) or not SHA256.fullmatch(value):
+            raise ValueError(f"{kind} model_sha256 must be 64 lowercase hex digits, got "
+                             f"{value!r:.80}")
+    elif key in WHOLE_KEYS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{kind} {key} must be a whole number, got {value!r:.60}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{kind} {key} must be a number or null, got {value!r:.60}")
+
+
 def decode_telemetry(payload: bytes) -> dict[str, Any]:
     """Parse and check one telemetry payload.
 
     Raises:
-        ValueError: not JSON, another schema, missing keys, or a non-number where a number
-            belongs. The message says which.
+        ValueError: not JSON, another schema, missing keys, or a value of the wrong type
+            (check_value). The message says which.
     """
     msg = _json_message(payload, "telemetry", TELEMETRY_SCHEMA, TELEMETRY_KEYS)
-    for key in TELEMETRY_KEYS:
-        if key in ("schema", "device", "model_sha256", "under_voltage", "freq_capped",
-                   "throttling"):
-            continue
-        value = msg[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValueError(f"telemetry {key} must be a number or null, got {value!r}")
-    for key in OPTIONAL_TELEMETRY_KEYS:
-        value = msg.get(key)
-        if key in ("source", "engine"):
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"telemetry {key} must be a name, got {value!r}")
-        elif value is not None and (isinstance(value, bool)
-                                    or not isinstance(value, (int, float))):
-            raise ValueError(f"telemetry {key} must be a number or null, got {value!r}")
+    for key in (*TELEMETRY_KEYS, *OPTIONAL_TELEMETRY_KEYS):
+        check_value("telemetry", key, msg.get(key))
     return msg
 
 
@@ -157,15 +187,7 @@ def decode_summary(payload: bytes) -> dict[str, Any]:
     """
     msg = _json_message(payload, "summary", SUMMARY_SCHEMA, SUMMARY_KEYS)
     for key in SUMMARY_KEYS:
-        value = msg[key]
-        if key == "throttling":
-            if value is not None and not isinstance(value, bool):
-                raise ValueError(f"summary throttling must be true, false or null, got {value!r}")
-        elif key in ("schema", "device", "model_sha256", "engine"):
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"summary {key} must be a name or null, got {value!r}")
-        elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValueError(f"summary {key} must be a number or null, got {value!r}")
+        check_value("summary", key, msg[key])
     return {k: msg[k] for k in SUMMARY_KEYS}
 
 

@@ -35,6 +35,7 @@ from agent.config import (
     default_config_path,
     load_config,
     loop_changes,
+    number_argument,
 )
 from agent.errors import ConfigError, EdgeforgeError
 from agent.fleet_key import pem_of, rotation_statement
@@ -78,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
                            help="config file (default: ./config.yaml if present)")
             s.add_argument("--set", dest="overrides", action="append", default=[],
                            metavar="SECTION.KEY=VALUE", help="override one config key")
-            s.add_argument("--timeout", type=float, default=120.0, metavar="S",
+            s.add_argument("--timeout", type=number_argument(0), default=120.0, metavar="S",
                            help="seconds to wait for the boards' answers (default 120)")
 
     s = sub.add_parser("keygen", help="make the fleet's Ed25519 signing key pair")
@@ -139,12 +140,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="install even if not a newer version")
     s.add_argument("--no-watch", action="store_true",
                    help="return when applied, without waiting for the trial's verdict")
-    s.add_argument("--canary-pct", type=float, default=10.0, metavar="PCT",
+    s.add_argument("--canary-pct", type=number_argument(0), default=10.0, metavar="PCT",
                    help="the first wave: this share of the boards, at least one (default 10; "
                         "100 sends to all at once)")
-    s.add_argument("--growth", type=float, default=2.0, metavar="X",
+    s.add_argument("--growth", type=number_argument(0), default=2.0, metavar="X",
                    help="each later wave is X times the one before (default 2)")
-    s.add_argument("--max-failed-pct", type=float, default=0.0, metavar="PCT",
+    s.add_argument("--max-failed-pct", type=number_argument(0), default=0.0, metavar="PCT",
                    help="stop after a wave in which more than this share rolled back, was "
                         "refused or did not answer (default 0: any)")
     s.add_argument("--dry-run", action="store_true",
@@ -178,7 +179,7 @@ def parser() -> argparse.ArgumentParser:
     common(s, mqtt=True)
     s.add_argument("device")
     s.add_argument("sha256")
-    s.add_argument("--since", type=float, default=0.0,
+    s.add_argument("--since", type=number_argument(0), default=0.0,
                    help="ignore birth messages older than this epoch time")
     return p
 

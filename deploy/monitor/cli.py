@@ -35,7 +35,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent.config import MqttConfig, default_config_path, load_config
+from agent.config import MqttConfig, default_config_path, load_config, number_argument
 from agent.errors import ConfigError, EdgeforgeError
 from agent.mqtt import make_client
 from agent.telemetry import encode
@@ -329,7 +329,7 @@ def _common(p: argparse.ArgumentParser, default: Any) -> None:
     p.add_argument("--set", dest="overrides" if default is None else "overrides_after",
                    action="append", default=default if default is argparse.SUPPRESS else [],
                    metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
-    p.add_argument("--listen", type=float, default=default, metavar="S",
+    p.add_argument("--listen", type=number_argument(0), default=default, metavar="S",
                    help="seconds to listen before a snapshot (default monitor.listen_s)")
 
 

@@ -24,6 +24,7 @@ from agent.telemetry import (
     ONLINE,
     OPTIONAL_TELEMETRY_KEYS,
     TELEMETRY_KEYS,
+    check_value,
     decode_summary,
     decode_telemetry,
 )
@@ -96,6 +97,22 @@ def sane(msg: dict[str, Any], kind: str, now: float | None,
     if p50 is not None and p99 is not None and p99 < p50:
         raise ValueError(f"{kind} latency_p99_ms {p99} is below latency_p50_ms {p50}")
     return msg
+
+
+def check_info(info: dict[str, Any]) -> None:
+    """ValueError unless the fields of a board's `info` the monitor shows and exports have
+    their types: model_sha256 (hex), model_version (whole number), engine (name), ts."""
+    for key in ("model_sha256", "engine", "device"):
+        check_value("info", key, info.get(key))
+    version = info.get("model_version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                or version < 0):
+        raise ValueError(f"info model_version must be a whole number or null, got "
+                         f"{version!r:.60}")
+    ts = info.get("ts")
+    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float))
+                           or not math.isfinite(ts)):
+        raise ValueError(f"info ts must be a number, got {ts!r:.60}")
 
 
 @dataclass
@@ -201,6 +218,11 @@ class Fleet:
             except ValueError as exc:
                 if payload:
                     self._bad(dev, f"info is not a JSON object ({exc})")
+                return None
+            try:
+                check_info(info)
+            except ValueError as exc:
+                self._bad(dev, str(exc))
                 return None
             if info.get("device") != device_id:
                 self._bad(dev, f"info names device {info.get('device')!r} on {topic}")
