@@ -326,11 +326,12 @@ class Manifest:
         """
         path = self._listed(bundle, name)
         size = self.files[name].get("bytes")
+        limit = size if isinstance(size, int) and size >= 0 else 1 << 32
         try:  # no more than the manifest says it holds (a file that is larger is not it)
-            data = read_regular(path, size if isinstance(size, int) and size >= 0 else 1 << 32,
-                                f"size the manifest gives {name}")
+            data = read_regular(path, limit, name)
         except Untrusted as exc:
-            raise BundleError(f"{exc} (copy the bundle again)") from None
+            raise BundleError(f"{path}: does not match the manifest ({exc}: its sha256 cannot "
+                              f"match); refusing to load it (copy the bundle again)") from None
         except OSError as exc:
             raise BundleError(f"{path}: cannot read ({exc.strerror})") from None
         self._compare(path, hashlib.sha256(data).hexdigest())

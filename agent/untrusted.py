@@ -91,7 +91,8 @@ def json_depth(data: bytes) -> int:
 
 def loads_json(data: bytes | str, what: str = "payload", max_bytes: int = MAX_JSON_BYTES,
                max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """Parse JSON that came from outside; NaN and Infinity are refused as not JSON.
+    """Parse JSON that came from outside (NaN and Infinity are read as floats, as Python's
+    json does: callers that take numbers check them, and name the key).
 
     Raises:
         Untrusted: over `max_bytes`, nested deeper than `max_depth`, not UTF-8 or not JSON.
@@ -104,12 +105,9 @@ def loads_json(data: bytes | str, what: str = "payload", max_bytes: int = MAX_JS
     if depth > max_depth:
         raise Untrusted(f"{what} nests {depth} levels deep, over the limit of {max_depth}")
     try:
-        return json.loads(raw, parse_constant=_no_constant)
+        return json.loads(raw)
     except UnicodeDecodeError as exc:
         raise Untrusted(f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise Untrusted(f"{what} is not JSON ({exc})") from None
 
-
-def _no_constant(name: str) -> Any:
-    raise Untrusted(f"{name} is not a JSON number")

@@ -295,6 +295,18 @@ def test_bad_mqtt_commands_are_refused_and_the_agent_keeps_publishing_without_a_
         sub.close()
 
 
+def good_telemetry(device: str) -> dict[str, Any]:
+    """A telemetry message every monitor takes, from `device`, now."""
+    return {"schema": "edgeforge.telemetry/1", "device": device, "seq": 1, "ts": time.time(),
+            "window_s": 10.0, "batch_size": 1, "inferences": 100, "throughput_ips": 10.0,
+            "latency_p50_ms": 1.0, "latency_p90_ms": 1.5, "latency_p99_ms": 2.0,
+            "latency_max_ms": 3.0, "latency_mean_ms": 1.1, "proc_cpu_percent": 50.0,
+            "sys_cpu_percent": 60.0, "rss_mb": 200.0, "mem_percent": 10.0, "load_1m": 1.0,
+            "soc_temp_c": 50.0, "cpu_freq_mhz": 1500.0, "throttled": None,
+            "under_voltage": None, "freq_capped": None, "throttling": None, "spool_depth": 0,
+            "dropped_total": 0, "model_sha256": "ab" * 32}
+
+
 @pytest.mark.slow
 def test_bad_telemetry_is_counted_and_never_reaches_history_or_prometheus(
         broker: Broker, tmp_path: Path) -> None:
@@ -303,15 +315,7 @@ def test_bad_telemetry_is_counted_and_never_reaches_history_or_prometheus(
     hist = ("--set", f"monitor.history={history}")
     serve = background(broker.port, tmp_path, "serve", "--prometheus", f"127.0.0.1:{port}")
     record = background(broker.port, tmp_path, *hist, "record")
-    now = time.time()
-    good = {"schema": "edgeforge.telemetry/1", "device": "good", "seq": 1, "ts": now,
-            "window_s": 10.0, "batch_size": 1, "inferences": 100, "throughput_ips": 10.0,
-            "latency_p50_ms": 1.0, "latency_p90_ms": 1.5, "latency_p99_ms": 2.0,
-            "latency_max_ms": 3.0, "latency_mean_ms": 1.1, "proc_cpu_percent": 50.0,
-            "sys_cpu_percent": 60.0, "rss_mb": 200.0, "mem_percent": 10.0, "load_1m": 1.0,
-            "soc_temp_c": 50.0, "cpu_freq_mhz": 1500.0, "throttled": None,
-            "under_voltage": None, "freq_capped": None, "throttling": None, "spool_depth": 0,
-            "dropped_total": 0, "model_sha256": "ab" * 32}
+    good = good_telemetry("good")
 
     def variant(**changes: Any) -> bytes:
         return json.dumps({**good, **changes}).encode()
