@@ -39,6 +39,9 @@ MAX_PIXELS = 50_000_000  # a larger image is refused before it is decoded (a 50 
 # The formats a camera, phone or application sends (JPEG includes phones' MPO). Pillow reads
 # many more (EPS even runs Ghostscript); an input from the network gets only these decoders.
 FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+# A resize larger than this (a 1x100000 strip scaled to a 32-pixel short side) resizes only
+# the part the crop keeps.
+MAX_FIT_PIXELS = 16_000_000
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -183,9 +186,14 @@ class Preprocess:
                 scale = max(width / img.width, height / img.height)
                 w = max(width, round(img.width * scale))
                 h = max(height, round(img.height * scale))
-                img = img.resize((w, h), image_mod.Resampling.BILINEAR)
                 left, top = (w - width) // 2, (h - height) // 2
-                img = img.crop((left, top, left + width, top + height))
+                if w * h <= MAX_FIT_PIXELS:
+                    img = img.resize((w, h), image_mod.Resampling.BILINEAR)
+                    img = img.crop((left, top, left + width, top + height))
+                else:  # an extreme aspect ratio: resize only the centre, never the whole strip
+                    img = img.resize((width, height), image_mod.Resampling.BILINEAR,
+                                     box=(left / scale, top / scale, (left + width) / scale,
+                                          (top + height) / scale))
         return np.array(img, dtype=np.uint8)
 
     def image(self, rgb: PILImage.Image | np.ndarray) -> np.ndarray:

@@ -12,7 +12,9 @@ class asserted:
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 
 from agent.manifest import sha256_of
@@ -28,8 +31,10 @@ from deploy.monitor.history import History
 from deploy.remote import update_args
 from tests.deploy.test_fleet_update import request, results, send, start_agent
 from tests.deploy.test_monitor import background, metric, metrics, stop, wait
-from tests.support import ROOT, copy_bundle, edit_manifest, make_store, resampled_copy
+from tests.support import ROOT, Agent, copy_bundle, edit_manifest, make_store, resampled_copy
 from tests.support.broker import Broker, Subscriber, free_port
+from tests.support.hostile import image_cases
+from tests.support.media import png_bytes, sample_images
 
 ONE_LINE = re.compile(r"^(\w+Error: |edge-[\w -]+: )")
 
@@ -369,3 +374,105 @@ def test_bad_telemetry_is_counted_and_never_reaches_history_or_prometheus(
         assert recorded.devices() == ["good"]
     finally:
         recorded.close()
+
+
+def answered_as(case: str, answer: str, expected: str | None) -> str | None:
+    """Why `answer` ("ok" or an error) is not what `expected` says, or None."""
+    if expected is None or (expected == "ok" and answer == "ok") or \
+            (expected != "ok" and expected in answer):
+        return None
+    return f"{case}: expected {expected!r}, got {answer[:150]!r}"
+
+
+@pytest.mark.slow
+def test_bad_images_over_mqtt_get_one_answer_each_and_the_agent_lives_on(
+        bundle: Path, broker: Broker, tmp_path: Path) -> None:
+    """Every image case as an MQTT request: a prediction or an error result naming the
+    problem, each exactly once; the agent's counters show every refusal; still serving."""
+    images, _ = sample_images(bundle)
+    cases = image_cases(images[0].permute(1, 2, 0).contiguous().numpy())
+    cases["over max_image_mb"] = (b"\x89PNG" + bytes(1_100_000), "over source.max_image_mb")
+    sub = Subscriber(broker.port)
+    agent = Agent(bundle, broker.port, tmp_path, "source.kind=mqtt", "source.queue=256",
+                  "source.max_image_mb=1")
+    try:
+        sub.wait_for(lambda: bool(sub.on("/info")), 60, "the birth message")
+        time.sleep(0.5)  # subscribed to infer right after the birth message
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="image-sweep")
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        ids = {f"case-{i}": name for i, name in enumerate(cases)}
+        for rid, name in ids.items():
+            pub.publish(f"edgeforge/testboard/infer/{rid}", cases[name][0], qos=1) \
+                .wait_for_publish(10)
+        pub.publish("edgeforge/testboard/infer/last", png_bytes(images[1]), qos=1) \
+            .wait_for_publish(10)
+        sub.wait_for(lambda: len(sub.on("/result")) >= len(ids) + 1, 120, "every answer")
+        pub.disconnect()
+        pub.loop_stop()
+        sub.wait_for(lambda: sum(m["frames_in"] or 0 for m in sub.telemetry())
+                     >= len(ids) + 1, 30, "every request counted in telemetry")
+        assert agent.proc.poll() is None, agent.output()
+    finally:
+        agent.kill()
+        sub.close()
+    got = [json.loads(p) for p, _ in sub.on("/result")]
+    by_id = {r["request_id"]: r for r in got}
+    assert len(by_id) == len(got) == len(ids) + 1  # one answer each
+    assert by_id["last"]["top"] and "error" not in by_id["last"]
+    rows = [(ids[rid], "ok" if "error" not in by_id[rid] else by_id[rid]["error"])
+            for rid in ids]
+    wrong = [w for name, answer in rows if (w := answered_as(name, answer, cases[name][1]))]
+    assert not wrong, "\n".join(wrong)
+    failed = sum(m["frames_failed"] or 0 for m in sub.telemetry())
+    assert failed == sum(answer != "ok" for _, answer in rows)
+    assert "Traceback" not in agent.output()
+    print("\n".join(f"mqtt {name:36} {answer[:110]}" for name, answer in rows))
+
+
+@pytest.mark.slow
+def test_bad_images_in_a_folder_are_each_moved_aside_once_with_their_reason(
+        bundle: Path, broker: Broker, tmp_path: Path) -> None:
+    """Every image case as a file in a watched folder: done/ with one result, or failed/
+    with a reason file beside it, never retried; then a restart takes nothing again."""
+    images, _ = sample_images(bundle)
+    cases = image_cases(images[0].permute(1, 2, 0).contiguous().numpy())
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    files = {f"case{i:03d}.png": name for i, name in enumerate(cases)}
+    for file, name in files.items():
+        (inbox / file).write_bytes(cases[name][0])
+    old = time.time() - 60  # written long ago: complete
+    for file in files:
+        os.utime(inbox / file, (old, old))
+    sub = Subscriber(broker.port)
+    for _ in range(2):  # the second run finds nothing to take again
+        agent = Agent(bundle, broker.port, tmp_path, "source.kind=folder",
+                      f"source.path={inbox}", "source.poll_s=0.2", "source.settle_s=1")
+        try:
+            wait(lambda a=agent: "watching" in a.output(), 60, "the folder watched")
+            wait(lambda: not list(inbox.glob("*.png")), 120, "every file handled")
+            time.sleep(1.0)
+            agent.proc.send_signal(signal.SIGTERM)
+            assert agent.wait(20) == 0, agent.output()
+        finally:
+            agent.kill()
+        assert "Traceback" not in agent.output()
+    sub.close()
+    got = {r["source_id"]: r for r in (json.loads(p) for p, _ in sub.on("/result"))}
+    assert len(sub.on("/result")) == len(got)  # one each, over both runs
+    rows = []
+    for file, name in files.items():
+        if (inbox / "done" / file).exists():
+            assert file in got and "error" not in got[file], file
+            rows.append((name, "ok"))
+        else:
+            reason = (inbox / "failed" / f"{file}.reason.txt").read_text().strip()
+            assert (inbox / "failed" / file).read_bytes() == cases[name][0], file
+            assert file not in got, file
+            rows.append((name, reason.split(" ", 1)[1]))
+    wrong = [w for name, answer in rows if (w := answered_as(name, answer, cases[name][1]))]
+    assert not wrong, "\n".join(wrong)
+    failed = sum(m["frames_failed"] or 0 for m in sub.telemetry())
+    assert failed == sum(answer != "ok" for _, answer in rows)
+    print("\n".join(f"folder {name:34} {answer[:110]}" for name, answer in rows))
