@@ -462,7 +462,8 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
         raise ConfigError(f"--set {item!r}: nested too deeply") from None
     if "#" in text and not (isinstance(value, str) and "#" in value):
         # YAML starts a comment at "#": what follows it would be dropped without a word
-        raise ConfigError(f"--set {item!r}: YAML reads {text.strip()!r} as {value!r} (a '#' "
+        read = "nothing" if value is None else repr(value)
+        raise ConfigError(f"--set {item!r}: YAML reads {text.strip()!r} as {read} (a '#' "
                           f"starts a comment): quote the value, e.g. "
                           f"{dotted.strip()}='\"{text.strip()}\"'")
     if value is None:

@@ -27,6 +27,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent.manifest import sha256_of
+from agent.telemetry import SUMMARY_KEYS
 from deploy.monitor.history import History
 from deploy.remote import update_args
 from tests.deploy.test_fleet_update import request, results, send, start_agent
@@ -91,23 +92,67 @@ def test_bad_config_files_and_overrides_get_one_line_and_exit_2(tmp_path: Path) 
         "section-scalar": ("loop: 5\n", "must be a mapping"),
         "monitor-stale": ("monitor: {stale_s: -1}\n", "stale_s"),
         "monitor-payload": ("monitor: {max_payload_kb: .inf}\n", "finite"),
+        "key-twice": ("mqtt:\n  port: 1883\n  port: 1884\n", "given twice, at lines 2 and 3"),
+        "section-twice": ("loop: {}\nmqtt: {}\nloop: {}\n", "given twice, at lines 1 and 3"),
+        "key-twice-flow": ("loop: {window_s: 5, window_s: 6}\n", "given twice"),
+        "key-twice-deep": ("source:\n  kind: folder\n  path: /x\n  kind: video\n",
+                           "'kind' is given twice, at lines 2 and 4"),
+        "monitor-key-twice": ("monitor:\n  stale_s: 5\n  stale_s: 6\n", "given twice"),
+        "nested-deep": ("loop: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested too deeply"),
+        "not-utf8": (b"loop: {window_s: 5}\n# \xff\xfe\n", "cannot read config file"),
+        "too-large": ("# padding\n" * 200_000, "over the config file limit"),
+        "pixels-zero": ("source: {max_image_pixels: 0}\n", "max_image_pixels"),
+        "pixels-huge": ("source: {max_image_pixels: 1000000000}\n", "max_image_pixels"),
+        "pixels-float": ("source: {max_image_pixels: 2.5}\n", "whole number"),
+        "settle-zero": ("source: {settle_s: 0}\n", "settle_s"),
+        "settle-nan": ("source: {settle_s: .nan}\n", "finite"),
+        "yaml-tag": ("loop: !!python/object:os.system {}\n", "not valid YAML"),
+        "yaml-alias-bomb": ("a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\nloop: *a\n",
+                            "unknown section"),
     }
     cases: dict[str, tuple[list[str | Path], str]] = {}
     for name, (text, expected) in files.items():
         path = tmp_path / f"{name}.yaml"
-        path.write_text(text)
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text)
         command = ["deploy.monitor.cli", "check"] if name.startswith("monitor") \
             else ["agent", "check"]
         cases[f"config {name}"] = ([*command, "--config", path], expected)
     cases["config missing"] = (["agent", "check", "--config", tmp_path / "nope.yaml"],
                                "no such config file")
+    os.mkfifo(tmp_path / "fifo.yaml")
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    (tmp_path / "dir.yaml").mkdir()
+    for name, path, expected in (("fifo", tmp_path / "fifo.yaml", "is a FIFO"),
+                                 ("/dev/zero", Path("/dev/zero"), "is a character device"),
+                                 ("link to /dev/zero", tmp_path / "zero.yaml",
+                                  "is a character device"),
+                                 ("directory", tmp_path / "dir.yaml", "is a directory"),
+                                 ("/dev/null", Path("/dev/null"), "is a character device")):
+        cases[f"config {name}"] = (["agent", "check", "--config", path], expected)
+        cases[f"monitor config {name}"] = (["deploy.monitor.cli", "check", "--config", path],
+                                           expected)
+        cases[f"optimize config {name}"] = (["optimizer", "report", "--config", path], expected)
     for item, expected in (("loop.window_s=.inf", "finite"), ("loop.window_s=.nan", "finite"),
                            ("loop.window_s=inf", "must be a number"),
                            ("loop.rate_hz=1e5", "0-10,000"), ("loop", "section.key"),
                            ("nosuch.key=1", "unknown section"),
                            ("loop.batch_size=2.5", "whole number"), ("mqtt.qos=3", "qos"),
                            ("spool.max_age_s=0", "max_age_s"),
-                           ("update.watch_windows=0", "watch_windows")):
+                           ("update.watch_windows=0", "watch_windows"),
+                           ("mqtt.host=#broker", "a '#' starts a comment"),
+                           ("device.id=board #2", "a '#' starts a comment"),
+                           ("mqtt.port=1883 # the default", "a '#' starts a comment"),
+                           ("mqtt.host=", "no value"), ("mqtt.host= ", "no value"),
+                           ("mqtt.port=", "no value"),
+                           ("loop.window_s=" + "[" * 5000, "nested too deeply"),
+                           ("source.max_image_pixels=-1", "max_image_pixels"),
+                           ("source.settle_s=.inf", "finite"),
+                           ("loop.window_s=[1, 2]", "must be a number"),
+                           ("mqtt.host={a: 1}", "must be a string"),
+                           ("mqtt.port=!!float 5", "whole number")):
         cases[f"--set {item}"] = (["agent", "check", "--set", item], expected)
     sweep(cases)
 
@@ -160,6 +205,29 @@ def test_bad_cli_arguments_get_one_line_and_a_non_zero_exit(tmp_path: Path) -> N
                                        "--share 'a/b': a group name"),
         "monitor broker down": (["deploy.monitor.cli", "--once", "--listen", "0.5", *dev],
                                 "cannot reach the broker"),
+        "monitor --listen nan": (["deploy.monitor.cli", "--once", "--listen", "nan", *dev],
+                                 "must be a finite number"),
+        "monitor --listen inf": (["deploy.monitor.cli", "--once", "--listen", "inf", *dev],
+                                 "must be a finite number"),
+        "monitor --listen -1": (["deploy.monitor.cli", "check", "--listen", "-1", *dev],
+                                "must be a finite number >= 0"),
+        "monitor --listen text": (["deploy.monitor.cli", "--once", "--listen", "soon", *dev],
+                                  "expected a number"),
+        "run --duration inf": (["agent", "run", "--duration", "inf"], "finite"),
+        "bench --iters nan": (["agent", "bench", "--iters", "nan"], "expected a int"),
+        "cmd --timeout nan": (["deploy.cli", "cmd", "b", "diagnostics", "--timeout", "nan",
+                               *dev], "must be a finite number"),
+        "update --canary-pct nan": (["deploy.cli", "update", "--all", tmp_path / "nope",
+                                     "--canary-pct", "nan", *dev], "must be a finite number"),
+        "update --growth inf": (["deploy.cli", "update", "--all", tmp_path / "nope",
+                                 "--growth", "inf", *dev], "must be a finite number"),
+        "update --max-failed-pct -inf": (["deploy.cli", "update", "--all", tmp_path / "nope",
+                                          "--max-failed-pct=-inf", *dev],
+                                         "must be a finite number"),
+        "wait --since nan": (["deploy.cli", "wait", "b", "ab" * 32, "--since", "nan", *dev],
+                             "must be a finite number"),
+        "cmd set deep": (["deploy.cli", "cmd", "b", "set", "x=" + "[" * 5000, *dev],
+                         "nested more than"),
     })
 
 
@@ -205,6 +273,37 @@ def test_bad_bundle_files_get_one_line_and_exit_2(bundle: Path, tmp_path: Path) 
                                   if k != "logit_tolerance"})
     newer = damaged("newer")
     edit_manifest(newer, schema="edgeforge.bundle/99")
+    odd: dict[str, tuple[Path, str]] = {}
+
+    def manifest_as(name: str, make: Any, expected: str) -> None:
+        b = damaged(name)
+        (b / "manifest.json").unlink()
+        make(b / "manifest.json")
+        odd[f"manifest {name}"] = (b, expected)
+
+    manifest_as("fifo", os.mkfifo, "is a FIFO, not a regular file")
+    manifest_as("link to /dev/zero", lambda p: p.symlink_to("/dev/zero"),
+                "is a character device")
+    manifest_as("directory", lambda p: p.mkdir(), "is a directory")
+    manifest_as("nested 100000 deep", lambda p: p.write_bytes(b"[" * 100_000 + b"]" * 100_000),
+                "nests 100000 levels deep")
+    manifest_as("5 MB", lambda p: p.write_bytes(b" " * 5_000_000 + b"{}"),
+                "over the manifest limit")
+    manifest_as("not UTF-8", lambda p: p.write_bytes(b'{"schema": "\xff\xfe"}'), "not UTF-8")
+    manifest_as("a JSON list", lambda p: p.write_text("[]"), "not a JSON object")
+    manifest_as("empty", lambda p: p.write_bytes(b""), "unreadable manifest")
+    model_fifo = damaged("model-fifo")
+    (model_fifo / "quantized_cnn_scripted.pt").unlink()
+    os.mkfifo(model_fifo / "quantized_cnn_scripted.pt")
+    odd["model file a FIFO"] = (model_fifo, "missing from the bundle")
+    model_big = damaged("model-big")
+    with (model_big / "quantized_cnn.onnx").open("ab") as f:
+        f.write(bytes(1 << 20))
+    odd["model file larger than listed"] = (model_big, "does not match the manifest")
+    sample_fifo = damaged("sample-fifo")
+    (sample_fifo / "sample.npz").unlink()
+    os.mkfifo(sample_fifo / "sample.npz")
+    odd["sample a FIFO"] = (sample_fifo, "sample.npz")
     cases = {
         "no manifest": (no_manifest, "manifest"),
         "manifest not JSON": (not_json, "unreadable manifest"),
@@ -227,6 +326,7 @@ def test_bad_bundle_files_get_one_line_and_exit_2(bundle: Path, tmp_path: Path) 
                               "cannot read the sample"),
         "sample label range": (resample("range", lambda s: {**s, "labels": s["labels"] + 50}),
                                "labels must be 0-9"),
+        **odd,
     }
     sweep({name: (["agent", "check", "--set", f"model.dir={path}"], expected)
            for name, (path, expected) in cases.items()})
@@ -270,14 +370,18 @@ def test_bad_mqtt_commands_are_refused_and_the_agent_keeps_publishing_without_a_
         before = max(sub.seqs())
         for name, payload, _ in cases.values():
             send(broker.port, name, payload, fleet_key)
-        send(broker.port, "set", b"not json at all")
-        send(broker.port, "set", b'["a list"]')
-        sub.wait_for(lambda: len(results(sub)) >= len(cases) + 2, 90, "every answer")
+        raw = [b"not json at all", b'["a list"]', b"[" * 60_000 + b"]" * 60_000,
+               b"\xff\xfe{}", b"12345", b'"just a string"', b"null", b'{"request_id": 5}',
+               b'{"request_id": ["a"]}', b'{"request_id": "' + b"x" * 100 + b'"}',
+               b'{"request_id": null, "args": ' + b"[" * 5000 + b"]" * 5000 + b"}"]
+        for payload in raw:
+            send(broker.port, "set", payload)
+        sub.wait_for(lambda: len(results(sub)) >= len(cases) + len(raw), 90, "every answer")
         got = {m["request_id"]: m for m in results(sub)}
         for rid, (_, _, code) in cases.items():
             assert got[rid]["ok"] is False and got[rid]["code"] == code, got[rid]
             assert got[rid]["result"] in ("refused", "failed"), got[rid]
-        assert sum(1 for m in results(sub) if m["request_id"] is None) == 2
+        assert sum(1 for m in results(sub) if m["request_id"] is None) == len(raw)
         print("\n".join(f"{rid:14} {got[rid]['result']:8} {got[rid]['code']:15} "
                         f"{got[rid]['reason'][:90]}" for rid in cases))
         # The malformed sample was staged, failed, removed, and is listed as rejected.
@@ -344,17 +448,58 @@ def test_bad_telemetry_is_counted_and_never_reaches_history_or_prometheus(
         "string-number": ("telemetry", variant(rss_mb="200")),
         "status": ("status", b"rebooting"),
         "info": ("info", b"{broken"),
+        "float-seq": ("telemetry", variant(seq=7.5)),
+        "bool-seq": ("telemetry", variant(seq=True)),
+        "string-seq": ("telemetry", variant(seq="7")),
+        "null-seq": ("telemetry", variant(seq=None)),
+        "null-ts": ("telemetry", variant(ts=None)),
+        "object-device": ("telemetry", variant(device={"id": "x"})),
+        "list-engine": ("telemetry", variant(engine=["torchscript"])),
+        "engine-spaces": ("telemetry", variant(engine="a b c")),
+        "engine-long": ("telemetry", variant(engine="e" * 500)),
+        "number-source": ("telemetry", variant(source=5)),
+        "short-sha": ("telemetry", variant(model_sha256="ab" * 8)),
+        "upper-sha": ("telemetry", variant(model_sha256="AB" * 32)),
+        "object-sha": ("telemetry", variant(model_sha256={"a": 1})),
+        "string-flag": ("telemetry", variant(throttling="yes")),
+        "number-flag": ("telemetry", variant(under_voltage=1)),
+        "float-dropped": ("telemetry", variant(dropped_total=1.5)),
+        "float-frames": ("telemetry", variant(frames_in=2.5)),
+        "list-rss": ("telemetry", variant(rss_mb=[200])),
+        "bool-rss": ("telemetry", variant(rss_mb=False)),
+        "deep-telemetry": ("telemetry", b"[" * 50_000 + b"]" * 50_000),
+        "deep-in-object": ("telemetry", variant()[:-1] + b',"x":' + b"[" * 50_000
+                           + b"]" * 50_000 + b"}"),
+        "not-utf8": ("telemetry", variant()[:-2] + b'\xff"}'),
+        "empty": ("telemetry", b""),
+        "deep-info": ("info", b"[" * 50_000 + b"]" * 50_000),
+        "info-list": ("info", b"[1]"),
+        "info-version-text": ("info", json.dumps({"device": "bad-info-version-text",
+                                                  "model_version": "v2"}).encode()),
+        "info-sha-short": ("info", json.dumps({"device": "bad-info-sha-short",
+                                               "model_sha256": "abc"}).encode()),
+        "info-engine-object": ("info", json.dumps({"device": "bad-info-engine-object",
+                                                   "engine": {"x": 1}}).encode()),
+        "info-ts-text": ("info", json.dumps({"device": "bad-info-ts-text",
+                                             "ts": "now"}).encode()),
+        "summary-deep": ("summary", b"[" * 50_000 + b"]" * 50_000),
+        "summary-float-seq": ("summary", json.dumps({**{k: good.get(k) for k in SUMMARY_KEYS},
+                                                     "schema": "edgeforge.summary/1",
+                                                     "device": "bad-summary-float-seq",
+                                                     "seq": 1.5}).encode()),
+        "status-binary": ("status", b"\xff\xfe"),
     }
     sub = Subscriber(broker.port, client_id="sweep-pub")
     try:
         wait(lambda: metrics(port) != "", 30, "the metrics endpoint")
         time.sleep(1.0)  # both monitors subscribed (serve answers before it connects)
         for name, (kind, payload) in bad.items():
-            if kind == "info":  # as an agent: its retained birth first, then its info, retained
+            if kind in ("info", "summary"):  # as an agent: its retained birth first, then
+                # the retained message (the monitor pages the boards it knows)
                 sub.client.publish(f"edgeforge/bad-{name}/status", b"online", qos=1,
                                    retain=True).wait_for_publish(10)
             sub.client.publish(f"edgeforge/bad-{name}/{kind}", payload, qos=1,
-                               retain=kind == "info").wait_for_publish(10)
+                               retain=kind in ("info", "summary")).wait_for_publish(10)
         sub.client.publish("edgeforge/good/telemetry", variant(), qos=1).wait_for_publish(10)
         wait(lambda: all(metric(metrics(port), "edgeforge_bad_messages_total", f"bad-{n}")
                          == 1.0 for n in bad)
@@ -365,6 +510,8 @@ def test_bad_telemetry_is_counted_and_never_reaches_history_or_prometheus(
             assert metric(text, "edgeforge_latency_p99_seconds", f"bad-{name}") is None, name
             assert metric(text, "edgeforge_soc_temperature_celsius", f"bad-{name}") is None, \
                 name
+        assert serve.poll() is None and record.poll() is None
+        print(f"{len(bad)} bad telemetry, summary, info and status messages, each counted once")
     finally:
         sub.close()
         stop(serve)
