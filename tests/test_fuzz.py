@@ -188,8 +188,9 @@ def test_a_running_agent_and_monitor_live_through_generated_malformed_inputs(
     assert "Traceback" not in out and " ERROR " not in out, out[-3000:]
     for log in tmp_path.glob("monitor-*.log"):
         assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    codes = ", ".join(sorted({c["code"] for c in commands}))
     print(f"fuzz seed {SEED}: {IMAGES} images, {errors} refused with a reason, "
           f"{IMAGES - errors} classified; {MESSAGES} JSON messages, every one counted by the "
-          f"monitor and refused by the agent ({len({c['code'] for c in commands})} codes); RSS "
-          f"growth agent {agent_growth:+.1f} MB, monitor {serve_growth:+.1f} MB")
+          f"monitor and refused by the agent ({codes}); RSS growth agent "
+          f"{agent_growth:+.1f} MB, monitor {serve_growth:+.1f} MB")
     assert agent_growth < RSS_GROWTH_MB and serve_growth < RSS_GROWTH_MB
