@@ -39,6 +39,7 @@ import paho.mqtt.client as mqtt
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agent.config import number_argument  # noqa: E402
 from benchmarks.targets import as_json, report  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402  (the tests' real-mosquitto helper)
 
@@ -149,9 +150,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--bundle", type=Path, default=Path("models"))
-    p.add_argument("--round-s", type=float, default=20.0)
+    p.add_argument("--round-s", type=number_argument(0), default=20.0)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--soak-s", type=float, default=600.0)
+    p.add_argument("--soak-s", type=number_argument(0), default=600.0)
     p.add_argument("--engine", choices=("onnxruntime", "torchscript"), default="onnxruntime")
     p.add_argument("--out", type=Path, default=Path("build/bench-agent"))
     args = p.parse_args()

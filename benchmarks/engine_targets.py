@@ -53,7 +53,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.bundle import Bundle  # noqa: E402
-from agent.config import AgentConfig, load_config  # noqa: E402
+from agent.config import (  # noqa: E402
+    AgentConfig,
+    load_config,
+    number_argument,
+)
 from agent.loop import InferenceLoop, Inputs, LoopControl, Model, warm_up  # noqa: E402
 from agent.publisher import Publisher  # noqa: E402
 from agent.sdnotify import Notifier  # noqa: E402
@@ -265,7 +269,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bundle", type=Path, default=Path("models"))
     p.add_argument("--rounds", type=int, default=151)
-    p.add_argument("--slice-s", type=float, default=0.2)
+    p.add_argument("--slice-s", type=number_argument(0), default=0.2)
     p.add_argument("--starts", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("build/bench-engines"))
     args = p.parse_args()

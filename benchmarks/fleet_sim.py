@@ -32,6 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agent.config import number_argument  # noqa: E402
 from agent.telemetry import (  # noqa: E402
     INFO_SCHEMA,
     OFFLINE,
@@ -251,8 +252,8 @@ class FleetSim:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--boards", type=int, required=True)
-    p.add_argument("--window-s", type=float, default=10.0)
-    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--window-s", type=number_argument(0), default=10.0)
+    p.add_argument("--duration", type=number_argument(0), default=60.0)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--prefix", default="edgeforge")

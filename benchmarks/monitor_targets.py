@@ -50,6 +50,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agent.config import number_argument  # noqa: E402
 from benchmarks.fleet_sim import FleetSim  # noqa: E402
 from benchmarks.targets import Check, as_json, report  # noqa: E402
 from deploy.monitor.history import History  # noqa: E402
@@ -117,8 +118,8 @@ def expire(history: Path, windows: int, max_age_s: float) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--boards", type=int, default=5000)
-    p.add_argument("--window-s", type=float, default=10.0)
-    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--window-s", type=number_argument(0), default=10.0)
+    p.add_argument("--duration", type=number_argument(0), default=60.0)
     p.add_argument("--slow", type=int, default=50)
     p.add_argument("--recorders", type=int, default=1)
     p.add_argument("--expired", type=int, default=None,

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.bundle import Bundle  # noqa: E402
+from agent.config import number_argument  # noqa: E402
 from agent.telemetry import percentile  # noqa: E402
 from agent.timing import time_passes  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402  (the tests' real-mosquitto helper)
@@ -189,7 +190,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bundle", type=Path, default=ROOT / "models")
     p.add_argument("--images", type=int, default=200)
-    p.add_argument("--video-s", type=float, default=60.0)
+    p.add_argument("--video-s", type=number_argument(0), default=60.0)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     if not (args.bundle / "manifest.json").is_file():
