@@ -24,8 +24,9 @@ from agent.engines import TORCHSCRIPT, Runner
 from agent.errors import BundleError
 from agent.manifest import MANIFEST, Manifest, embedded_metadata, manifest_bytes
 from agent.preprocess import normalize
-from agent.signing import SIGNATURE_FILE, Signature, verify
+from agent.signing import MAX_SIGNATURE_BYTES, SIGNATURE_FILE, Signature, verify
 from agent.timing import race
+from agent.untrusted import Untrusted, read_regular
 
 RACE_ROUNDS, RACE_PASSES = 7, 15  # engine: auto's timing, interleaved rounds per engine
 
@@ -64,8 +65,9 @@ class Bundle:
         if public_key is not None:
             sig_path = directory / SIGNATURE_FILE
             try:
-                sig = sig_path.read_bytes() if sig_path.is_file() else None
-            except OSError as exc:
+                sig = read_regular(sig_path, MAX_SIGNATURE_BYTES, SIGNATURE_FILE) \
+                    if sig_path.exists() else None
+            except (OSError, Untrusted) as exc:
                 raise BundleError(f"{sig_path}: unreadable ({exc})") from None
             signature = verify(raw, sig, public_key, str(directory))
         # Parsed from the bytes just verified: nothing can change between check and use.

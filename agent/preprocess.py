@@ -158,7 +158,11 @@ class Preprocess:
                 raise ImageError(f"{width}x{height} is larger than {max_pixels:,} pixels "
                                  f"(source.max_image_pixels)")
             img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # noqa: BLE001 -- a broken EXIF block: keep the orientation
+                pass
+            return to_rgb(img)
         except ImageError:
             raise
         except image_mod.DecompressionBombError as exc:  # the header claims a huge image

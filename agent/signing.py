@@ -29,9 +29,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.errors import BundleError, ConfigError
-from agent.untrusted import loads_json
+from agent.untrusted import Untrusted, loads_json, read_regular
 
 SIGNATURE_FILE = "signature.json"
+MAX_SIGNATURE_BYTES = 64_000  # a signature is a few hundred bytes
 SIGNATURE_SCHEMA = "edgeforge.signature/1"
 
 
@@ -48,10 +49,12 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
         ConfigError: missing, unreadable, or not an Ed25519 public key.
     """
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
+        key = serialization.load_pem_public_key(read_regular(path, 64_000, "public key"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such public key (edge-deploy flash installs it; or set "
                           f"update.public_key to the .pub file edge-deploy keygen wrote)") from None
+    except Untrusted as exc:
+        raise ConfigError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: not a PEM public key ({exc})") from None
     if not isinstance(key, Ed25519PublicKey):
@@ -109,7 +112,7 @@ def verify(manifest: bytes, signature: bytes | None,
         raise BundleError(f"{origin}: unsigned (no {SIGNATURE_FILE}): sign it on the host with "
                           f"edge-deploy sign")
     try:
-        fields = loads_json(signature, SIGNATURE_FILE, 64_000)
+        fields = loads_json(signature, SIGNATURE_FILE, MAX_SIGNATURE_BYTES)
         if not isinstance(fields, dict) or fields.get("schema") != SIGNATURE_SCHEMA:
             raise ValueError(f"schema {fields.get('schema') if isinstance(fields, dict) else ''!r}")
         raw = base64.b64decode(fields["signature"], validate=True)

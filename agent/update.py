@@ -27,10 +27,11 @@ from agent.bundle import Bundle
 from agent.config import LoopConfig
 from agent.errors import BundleError, Refused
 from agent.loop import Inputs
-from agent.manifest import MANIFEST, Manifest
+from agent.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest
 from agent.signing import SIGNATURE_FILE, Signature, verify
 from agent.store import Store, version_id
 from agent.timing import Latency, time_passes
+from agent.untrusted import Untrusted, read_regular
 
 
 @dataclass(frozen=True)
@@ -166,9 +167,13 @@ def activate(src: Path, store: Store, public_key: Ed25519PublicKey | None,
     manifest = Manifest.read(src)
     names = [n for n in manifest.release_files()
              if n != SIGNATURE_FILE or (src / SIGNATURE_FILE).is_file()]
+    def limit(name: str) -> int:
+        size = manifest.files.get(name, {}).get("bytes")
+        return size if isinstance(size, int) and size >= 0 else MAX_MANIFEST_BYTES
+
     try:
-        files = {name: (src / name).read_bytes() for name in names}
-    except OSError as exc:
+        files = {name: read_regular(src / name, limit(name), name) for name in names}
+    except (OSError, Untrusted) as exc:
         raise BundleError(f"{src}: cannot read the bundle ({exc})") from None
     signature = verify(files[MANIFEST], files.get(SIGNATURE_FILE), public_key, str(src)) \
         if public_key is not None else None

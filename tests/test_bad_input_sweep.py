@@ -32,7 +32,15 @@ from deploy.monitor.history import History
 from deploy.remote import update_args
 from tests.deploy.test_fleet_update import request, results, send, start_agent
 from tests.deploy.test_monitor import background, metric, metrics, stop, wait
-from tests.support import ROOT, Agent, copy_bundle, edit_manifest, make_store, resampled_copy
+from tests.support import (
+    ROOT,
+    Agent,
+    copy_bundle,
+    edit_manifest,
+    make_store,
+    resampled_copy,
+    signed_copy,
+)
 from tests.support.broker import Broker, Subscriber, free_port
 from tests.support.hostile import image_cases
 from tests.support.media import png_bytes, sample_images
@@ -231,7 +239,8 @@ def test_bad_cli_arguments_get_one_line_and_a_non_zero_exit(tmp_path: Path) -> N
     })
 
 
-def test_bad_bundle_files_get_one_line_and_exit_2(bundle: Path, tmp_path: Path) -> None:
+def test_bad_bundle_files_get_one_line_and_exit_2(bundle: Path, fleet_key: Path,
+                                                  tmp_path: Path) -> None:
     def damaged(name: str) -> Path:
         return copy_bundle(bundle, tmp_path / name)
 
@@ -328,8 +337,17 @@ def test_bad_bundle_files_get_one_line_and_exit_2(bundle: Path, tmp_path: Path) 
                                "labels must be 0-9"),
         **odd,
     }
-    sweep({name: (["agent", "check", "--set", f"model.dir={path}"], expected)
-           for name, (path, expected) in cases.items()})
+    signed_fifo = signed_copy(bundle, tmp_path / "sig-fifo", fleet_key, 1)
+    (signed_fifo / "signature.json").unlink()
+    os.mkfifo(signed_fifo / "signature.json")
+    os.mkfifo(tmp_path / "key.pub")
+    trusted = ["--set", f"update.public_key={fleet_key}.pub"]
+    sweep({**{name: (["agent", "check", "--set", f"model.dir={path}"], expected)
+              for name, (path, expected) in cases.items()},
+           "signature a FIFO": (["agent", "check", "--set", f"model.dir={signed_fifo}",
+                                 *trusted], "is a FIFO"),
+           "public key a FIFO": (["agent", "check", "--set", f"model.dir={bundle}", "--set",
+                                  f"update.public_key={tmp_path / 'key.pub'}"], "is a FIFO")})
 
 
 @pytest.mark.slow
