@@ -43,7 +43,7 @@ from tests.support import (
 )
 from tests.support.broker import Broker, Subscriber, free_port
 from tests.support.hostile import image_cases
-from tests.support.media import png_bytes, sample_images
+from tests.support.media import png_bytes, sample_images, write_pngs
 
 ONE_LINE = re.compile(r"^(\w+Error: |edge-[\w -]+: )")
 
@@ -646,3 +646,47 @@ def test_bad_images_in_a_folder_are_each_moved_aside_once_with_their_reason(
     failed = sum(m["frames_failed"] or 0 for m in sub.telemetry())
     assert failed == sum(answer != "ok" for _, answer in rows)
     print("\n".join(f"folder {name:34} {answer[:110]}" for name, answer in rows))
+
+
+@pytest.mark.slow
+def test_signals_at_any_moment_stop_the_agent_cleanly_and_lose_no_file(
+        bundle: Path, broker: Broker, tmp_path: Path) -> None:
+    """SIGTERM and SIGINT at moments from start-up to serving: never a traceback, a clean
+    exit once the agent runs (0; before its handlers, what the signal means: SIGTERM ends
+    it, Ctrl-C exits 130), and over all the runs every file gets exactly one result."""
+    inbox = tmp_path / "inbox"
+    names = write_pngs(bundle, inbox, 300)
+    old = time.time() - 60
+    for name in names:
+        os.utime(inbox / name, (old, old))
+    sub = Subscriber(broker.port)
+    rows = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        for delay in (0.05, 0.5, 1.5, 3.0, 5.0, 7.0):
+            agent = Agent(bundle, broker.port, tmp_path, "source.kind=folder",
+                          f"source.path={inbox}", "source.poll_s=0.1", "loop.rate_hz=60")
+            try:
+                time.sleep(delay)
+                agent.proc.send_signal(sig)
+                code = agent.wait(30)
+            finally:
+                agent.kill()
+            out = agent.output()
+            assert "Traceback" not in out, out
+            allowed = {0, 130} if sig == signal.SIGINT else {0, -signal.SIGTERM}
+            assert code in allowed, (sig.name, delay, code, out[-2000:])
+            rows.append((sig.name, delay, code))
+    agent = Agent(bundle, broker.port, tmp_path, "source.kind=folder", f"source.path={inbox}",
+                  "source.poll_s=0.1")
+    try:
+        wait(lambda: len(list((inbox / "done").glob("*.png"))) == len(names), 120,
+             "every file done")
+        sub.wait_for(lambda: len({json.loads(p)["source_id"] for p, _ in sub.on("/result")})
+                     == len(names), 60, "every result")
+        time.sleep(1.0)
+    finally:
+        agent.kill()
+        sub.close()
+    got = [json.loads(p)["source_id"] for p, _ in sub.on("/result")]
+    assert sorted(got) == names  # each exactly once
+    print("\n".join(f"signal {name} after {delay:g} s: exit {code}" for name, delay, code in rows))

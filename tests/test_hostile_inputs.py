@@ -52,6 +52,12 @@ def publisher(port: int, name: str) -> mqtt.Client:
     return c
 
 
+def aged(path: Path) -> None:
+    """Give a file an mtime a minute ago: written long before, so complete."""
+    old = time.time() - 60
+    os.utime(path, (old, old))
+
+
 def grey_sample(bundle: Path, count: int) -> list[np.ndarray]:
     """`count` of the bundle's sample images in 8-bit grey (HxW uint8)."""
     images, _ = sample_images(bundle)
@@ -68,9 +74,10 @@ def test_a_png_whose_header_claims_ten_billion_pixels_is_refused_over_mqtt_and_i
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     (inbox / "bomb.png").write_bytes(bomb_png())
+    aged(inbox / "bomb.png")
     sub = Subscriber(broker.port)
     agent = Agent(bundle, broker.port, tmp_path, "source.kind=folder", f"source.path={inbox}",
-                  "source.poll_s=0.2", "source.settle_s=0.5")
+                  "source.poll_s=0.2")
     wait(lambda: (inbox / "failed" / "bomb.png").exists(), 60, "the bomb moved aside")
     names = write_pngs(bundle, inbox, 2)
     sub.wait_for(lambda: len(sub.on("/result")) >= 2, 60, "the next files' results")
@@ -169,7 +176,7 @@ def test_a_file_written_with_a_pause_is_classified_once_complete_not_failed(
     data = png_bytes(images[1])
     sub = Subscriber(broker.port)
     agent = Agent(bundle, broker.port, tmp_path, "source.kind=folder", f"source.path={inbox}",
-                  "source.poll_s=0.2", "source.settle_s=4")
+                  "source.poll_s=0.2")  # the default settle_s: 5 s
     wait(lambda: "watching" in agent.output(), 60, "the folder watched")
 
     def slow_writer() -> None:
@@ -198,16 +205,18 @@ def test_a_file_answered_before_a_crash_is_not_answered_again(
     is in the spool, the file still in the folder. Before: classified again at the start."""
     inbox = tmp_path / "inbox"
     names = write_pngs(bundle, inbox, 3)
+    for name in names:
+        aged(inbox / name)
     spool = tmp_path / "spool.db"
     sub = Subscriber(broker.port)
     agent = Agent(bundle, broker.port, tmp_path, "source.kind=folder", f"source.path={inbox}",
-                  "source.poll_s=0.2", "source.settle_s=0.5", "source.after=keep")
+                  "source.poll_s=0.2", "source.after=keep")
     sub.wait_for(lambda: len(sub.on("/result")) >= 3, 60, "three results")
     stop(agent)
     first = results(sub.on("/result"))
     # after=keep leaves the files where a crash before the move would have left them
     agent = Agent(bundle, broker.port, tmp_path, "source.kind=folder", f"source.path={inbox}",
-                  "source.poll_s=0.2", "source.settle_s=0.5", "source.after=move")
+                  "source.poll_s=0.2", "source.after=move")
     wait(lambda: sorted(p.name for p in (inbox / "done").glob("*.png")) == names, 60,
          "the files handled")
     time.sleep(1.0)
@@ -224,18 +233,19 @@ def test_kill_9_at_random_moments_gives_every_file_exactly_one_result(
     """Before: after kill -9 and a restart, one image of 2,000 got two results."""
     inbox = tmp_path / "inbox"
     names = write_pngs(bundle, inbox, 400)
+    for name in names:
+        aged(inbox / name)
     sub = Subscriber(broker.port)
     rng = np.random.default_rng(7)
     for _ in range(6):
         agent = Agent(bundle, broker.port, tmp_path, "source.kind=folder",
-                      f"source.path={inbox}", "source.poll_s=0.1", "source.settle_s=0.2",
-                      "loop.rate_hz=100")
+                      f"source.path={inbox}", "source.poll_s=0.1", "loop.rate_hz=100")
         wait(lambda a=agent: "watching" in a.output(), 60, "the folder watched")
         time.sleep(float(rng.uniform(0.2, 1.5)))
         agent.proc.kill()
         agent.proc.wait(10)
     agent = Agent(bundle, broker.port, tmp_path, "source.kind=folder", f"source.path={inbox}",
-                  "source.poll_s=0.1", "source.settle_s=0.2")
+                  "source.poll_s=0.1")
     wait(lambda: "watching" in agent.output(), 60, "the folder watched")
     wait(lambda: len(list((inbox / "done").glob("*.png"))) == len(names), 120, "every file done")
     sub.wait_for(lambda: len({r["source_id"] for r in results(sub.on("/result"))})
@@ -462,9 +472,10 @@ def test_sigterm_while_reading_a_fifo_in_the_folder_is_a_clean_stop(
     inbox.mkdir()
     os.mkfifo(inbox / "pipe.png")
     names = write_pngs(bundle, inbox, 1)
+    aged(inbox / names[0])
     sub = Subscriber(broker.port)
     agent = Agent(bundle, broker.port, tmp_path, "source.kind=folder", f"source.path={inbox}",
-                  "source.poll_s=0.2", "source.settle_s=0.3")
+                  "source.poll_s=0.2")
     sub.wait_for(lambda: bool(sub.on("/result")), 60, "the image's result")
     stop(agent)
     sub.close()

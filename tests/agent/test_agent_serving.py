@@ -72,7 +72,7 @@ def test_folder_source_classifies_each_image_once_as_the_host_does_and_moves_it(
     assert sorted(p.name for p in (inbox / "done").iterdir()) == sorted(names)
     assert sorted(p.name for p in (inbox / "failed").iterdir()) == ["broken.jpg",
                                                                     "broken.jpg.reason.txt"]
-    assert "not an image" in (inbox / "failed" / "broken.jpg.reason.txt").read_text()
+    assert "corrupt or truncated" in (inbox / "failed" / "broken.jpg.reason.txt").read_text()
     assert (inbox / "notes.txt").exists()
     out = agent.output()
     assert sum("broken.jpg" in line for line in out.splitlines()) == 1, out
