@@ -28,6 +28,9 @@ data, while connected. A live one (video, camera) is published at QoS 0 while co
 otherwise, or when paho refuses it, its seq is burnt and it counts in `dropped_total`
 (folded in once a window and at the stop). The live seq is kept in memory and saved on a
 clean stop.
+A message the spool cannot store (the disk is full, an I/O error) is lost, not the agent:
+one line says so with SQLite's reason, its seq is skipped and it counts in `dropped_total`
+(agent/spool.py), and a watched file whose result it was stays to be taken again.
 With source.kind mqtt this thread also receives the requests on <id>/infer and
 <id>/infer/<request_id> and puts them on the loop's queue without waiting; a request that
 finds it full gets a `busy` error result.
@@ -42,7 +45,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -290,15 +293,12 @@ class Publisher(threading.Thread):
             made.append(msg)
             return encode(msg)
 
-        try:
-            _, seq = self.spool.append(self.topics.telemetry, payload, "telemetry", self.cfg.qos)
-        except sqlite3.Error as exc:
-            # Disk full or I/O error: lose this window, not the agent (a restart would not help).
-            self._cannot_spool(f"window {window.index}", exc)
+        seq = self._spool(f"window {window.index}", self.topics.telemetry, payload, "telemetry",
+                          self.cfg.qos)
+        if seq is None:
             log.info("%s", console_line(window.index, made[-1]["seq"] if made else 0, fields,
                                         self.connected, self.spool, "lost"))
             return
-        self._spooling_again()
         # The latest window's summary, retained, not spooled: state, not a record (only the
         # newest matters; one written while offline goes out on the next connect).
         self._summary = encode(summary_of(made[-1]))
@@ -306,22 +306,28 @@ class Publisher(threading.Thread):
             self.client.publish(self.topics.summary, self._summary, qos=0, retain=True)
         log.info("%s", console_line(window.index, seq, fields, self.connected, self.spool))
 
-    def _cannot_spool(self, what: str, exc: sqlite3.Error) -> None:
-        """A write to the spool failed: said once (with the real reason) until one works."""
-        self._spool_lost += 1
-        if self._spool_down:
-            return
-        self._spool_down = True
-        log.error("spool %s: cannot write (%s): %s and every message until it can write "
-                  "again is lost, its seq skipped and counted in dropped_total; serving goes "
-                  "on (free space on %s)", self.spool.path, exc, what, self.spool.path.parent)
-
-    def _spooling_again(self) -> None:
+    def _spool(self, what: str, topic: str, make: Callable[[int], bytes], counter: str,
+               qos: int, marker: str | None = None) -> int | None:
+        """Append to the spool; its seq, or None when the write failed (disk full, I/O
+        error: this message is lost, not the agent, since a restart would not help). A
+        failure is said once, with SQLite's reason, until a write works again."""
+        try:
+            _, seq = self.spool.append(topic, make, counter, qos, marker=marker)
+        except sqlite3.Error as exc:
+            self._spool_lost += 1
+            if not self._spool_down:
+                self._spool_down = True
+                log.error("spool %s: cannot write (%s): %s and every message until it can "
+                          "write again is lost, its seq skipped and counted in dropped_total; "
+                          "serving goes on (free space on %s)", self.spool.path, exc, what,
+                          self.spool.path.parent)
+            return None
         if self._spool_down:
             self._spool_down = False
             log.warning("spool %s: writing again; %d message(s) were lost while it could not",
                         self.spool.path, self._spool_lost)
             self._spool_lost = 0
+        return seq
 
     def _count_unsent(self) -> None:
         """Add the live results that met no broker (or that paho refused) to dropped_total:
@@ -338,24 +344,15 @@ class Publisher(threading.Thread):
             return encode({"schema": EVENT_SCHEMA, "device": self.device, "seq": seq,
                            "ts": round(time.time(), 3), "event": kind, "detail": detail})
 
-        try:
-            self.spool.append(self.topics.event, payload, "event", qos=1)
-        except sqlite3.Error as exc:
-            self._cannot_spool(f"event {kind}", exc)
-            return
-        self._spooling_again()
+        self._spool(f"event {kind}", self.topics.event, payload, "event", 1)
 
     def _result(self, fields: dict[str, Any]) -> None:
         def payload(seq: int) -> bytes:
             return encode({"schema": CMD_RESULT_SCHEMA, "device": self.device, "seq": seq,
                            "ts": round(time.time(), 3), **fields})
 
-        try:
-            self.spool.append(self.topics.cmd_result, payload, "cmd_result", qos=1)
-        except sqlite3.Error as exc:
-            self._cannot_spool(f"the result of command {fields.get('request_id')}", exc)
-            return
-        self._spooling_again()
+        self._spool(f"the result of command {fields.get('request_id')}", self.topics.cmd_result,
+                    payload, "cmd_result", 1)
 
     def _prediction(self, item: Prediction) -> None:
         def payload(seq: int) -> bytes:
@@ -374,15 +371,11 @@ class Publisher(threading.Thread):
             sent.append(payload(seq))
             return sent[-1]
 
-        try:
-            self.spool.append(self.topics.result, keep, "result", self.cfg.qos,
-                              marker=item.marker)
-        except sqlite3.Error as exc:
-            self._cannot_spool(f"the result for {item.fields.get('source_id')}", exc)
+        if self._spool(f"the result for {item.fields.get('source_id')}", self.topics.result,
+                       keep, "result", self.cfg.qos, item.marker) is None:
             if item.done is not None:
-                item.done(None, f"its result could not be spooled ({exc})")  # taken again
+                item.done(None, "its result could not be spooled")  # taken again later
             return
-        self._spooling_again()
         if item.done is not None:
             item.done(True, "")
         reply = item.reply
