@@ -98,3 +98,47 @@ def test_unwritable_location_is_a_config_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(ConfigError, match="spool.path"):
         Spool(blocker / "s.db", 10**6, 3600)
+
+
+def test_a_full_database_rolls_back_whole_counts_the_loss_and_recovers(tmp_path: Path) -> None:
+    """SQLITE_FULL (here from max_page_count, the error a full disk gives) rolls the
+    transaction back itself: nothing is claimed as stored, the seq is burnt, the loss is
+    counted at once and reaches the file with the next write that succeeds."""
+    import sqlite3
+
+    spool = Spool(tmp_path / "s.db", 10**8, 3600)
+    spool.append("t", payload_of(10), "telemetry")
+    pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+    spool._db.execute(f"PRAGMA max_page_count = {pages + 1}")
+    failed = 0
+    for _ in range(50):
+        try:
+            spool.append("t", payload_of(3000), "telemetry")
+        except sqlite3.Error as exc:
+            assert "full" in str(exc)
+            failed += 1
+    stored = spool._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+    assert failed > 0 and spool.depth == stored  # never claims what is not in the file
+    assert spool.dropped_total == failed and spool.trouble is not None
+    spool.skip("live_result", 2)  # counted in memory while the file is full
+    assert spool.dropped_total == failed + 2
+    spool._db.execute("PRAGMA max_page_count = 1000000")
+    _, seq = spool.append("t", payload_of(10), "telemetry")
+    assert seq == stored + failed + 1 and spool.trouble is None
+    spool.close()
+    again = Spool(tmp_path / "s.db", 10**8, 3600)
+    assert again.dropped_total == failed + 2 and again.next_seq("telemetry") == seq + 1
+    assert again.next_seq("live_result") == 3
+    again.close()
+
+
+def test_a_marker_is_stored_with_its_result_and_forgotten_after_a_week(tmp_path: Path) -> None:
+    clock = Clock()
+    spool = Spool(tmp_path / "s.db", 10**6, 30 * 86400, clock)
+    spool.append("r", payload_of(10), "result", marker="file:a.png:10:1")
+    assert spool.answered("file:a.png:10:1") and not spool.answered("file:b.png:10:1")
+    assert spool.markers("file:") == {"file:a.png:10:1"} and spool.markers("request:") == set()
+    clock.now += 8 * 86400
+    spool.append("r", payload_of(10), "result", marker="file:b.png:10:1")
+    assert spool.markers("file:") == {"file:b.png:10:1"}
+    spool.close()
