@@ -175,8 +175,9 @@ class FolderSource(SourceThread):
                 continue
             if marker(name, key) in self._answered:
                 self._answered.discard(marker(name, key))
-                log.info("folder source: %s already has its result (the last run stopped "
-                         "before handling the file); not classified again", name)
+                if self.cfg.after != "keep":  # kept files are found again at every start
+                    log.info("folder source: %s already has its result (the last run stopped "
+                             "before handling the file); not classified again", name)
                 with self._lock:
                     self._in_flight.add(name)
                 self.finish(name, True, "")
