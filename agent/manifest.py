@@ -47,7 +47,7 @@ from agent.engines import ENGINES, TORCHSCRIPT
 from agent.errors import BundleError
 from agent.preprocess import RESIZE_POLICIES, Preprocess
 from agent.signing import SIGNATURE_FILE
-from agent.untrusted import Untrusted, loads_json, read_regular
+from agent.untrusted import TooLarge, Untrusted, loads_json, read_regular
 
 SCHEMA_NAME = "edgeforge.bundle"
 SCHEMA_VERSION = 1
@@ -329,9 +329,12 @@ class Manifest:
         limit = size if isinstance(size, int) and size >= 0 else 1 << 32
         try:  # no more than the manifest says it holds (a file that is larger is not it)
             data = read_regular(path, limit, name)
+        except TooLarge:
+            raise BundleError(f"{path}: larger than the {limit:,} bytes the manifest lists, so "
+                              f"it does not match the manifest's sha256; refusing to load it "
+                              f"(copy the bundle again)") from None
         except Untrusted as exc:
-            raise BundleError(f"{path}: does not match the manifest ({exc}: its sha256 cannot "
-                              f"match); refusing to load it (copy the bundle again)") from None
+            raise BundleError(f"{exc} (copy the bundle again)") from None
         except OSError as exc:
             raise BundleError(f"{path}: cannot read ({exc.strerror})") from None
         self._compare(path, hashlib.sha256(data).hexdigest())

@@ -106,8 +106,9 @@ class Spool:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             lock = open(f"{self.path}.lock", "a+")  # noqa: SIM115 -- held for our lifetime
         except OSError as exc:
-            raise ConfigError(f"spool.path: cannot create {self.path} ({exc.strerror}): point "
-                              f"spool.path at a writable location") from None
+            raise ConfigError(f"spool.path: cannot create {self.path} ({exc.strerror}: "
+                              f"{exc.filename}): point spool.path at a writable location"
+                              ) from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

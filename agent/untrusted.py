@@ -11,8 +11,9 @@ a hostile input costs a refusal, never a hang, a crash or unbounded memory:
                    that does not recurse, before the parser runs: the parser itself recurses
                    once per level and a deep enough document exhausts the stack)
 
-Both raise `Untrusted` (a ValueError) with a message that says what is wrong; callers put it
-into their own error (ConfigError, BundleError, a counted bad message).
+Both raise `Untrusted` (a ValueError; `TooLarge` for a file over its limit) with a message
+that says what is wrong; callers put it into their own error (ConfigError, BundleError, a
+counted bad message).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class Untrusted(ValueError):
     """An input refused before it is used: not a regular file, too large, too deep."""
 
 
+class TooLarge(Untrusted):
+    """A file larger than its limit."""
+
+
 def read_regular(path: Path | str, limit: int, what: str = "file") -> bytes:
     """The bytes of regular file `path` (symlinks followed), refused if larger than `limit`.
 
@@ -49,7 +54,7 @@ def read_regular(path: Path | str, limit: int, what: str = "file") -> bytes:
             raise Untrusted(f"{path} is {_kind(st.st_mode)}, not a regular file (point the "
                             f"{what} at a regular file)")
         if st.st_size > limit:
-            raise Untrusted(f"{path} is {st.st_size:,} bytes, over the {what} limit of "
+            raise TooLarge(f"{path} is {st.st_size:,} bytes, over the {what} limit of "
                             f"{limit:,} bytes")
         os.set_blocking(fd, True)
         chunks, total = [], 0
@@ -60,7 +65,7 @@ def read_regular(path: Path | str, limit: int, what: str = "file") -> bytes:
             chunks.append(chunk)
             total += len(chunk)
             if total > limit:
-                raise Untrusted(f"{path} grew past the {what} limit of {limit:,} bytes "
+                raise TooLarge(f"{path} grew past the {what} limit of {limit:,} bytes "
                                 f"while it was read")
         return b"".join(chunks)
     finally:

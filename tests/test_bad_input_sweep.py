@@ -11,6 +11,7 @@ class asserted:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -42,7 +43,7 @@ from tests.support import (
     signed_copy,
 )
 from tests.support.broker import Broker, Subscriber, free_port
-from tests.support.hostile import image_cases
+from tests.support.hostile import can_mount, image_cases, small_filesystem
 from tests.support.media import png_bytes, sample_images, write_pngs
 
 ONE_LINE = re.compile(r"^(\w+Error: |edge-[\w -]+: )")
@@ -690,3 +691,38 @@ def test_signals_at_any_moment_stop_the_agent_cleanly_and_lose_no_file(
     got = [json.loads(p)["source_id"] for p, _ in sub.on("/result")]
     assert sorted(got) == names  # each exactly once
     print("\n".join(f"signal {name} after {delay:g} s: exit {code}" for name, delay, code in rows))
+
+
+def test_bad_spool_locations_get_one_line_and_exit_2(bundle: Path, tmp_path: Path) -> None:
+    """Where the spool cannot live: one line naming spool.path, before any window."""
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    os.mkfifo(tmp_path / "fifo.db")
+    (tmp_path / "garbage.db").write_bytes(b"not sqlite " * 100)
+    run = ["agent", "run", "--set", f"model.dir={bundle}", "--set", "mqtt.port=1",
+           "--duration", "1", "--set"]
+    cases: dict[str, tuple[list[str | Path], str]] = {
+        "spool a directory": ([*run, f"spool.path={tmp_path / 'a-dir'}"], "spool.path"),
+        "spool under a file": ([*run, f"spool.path={tmp_path / 'a-file' / 's.db'}"],
+                               "File exists"),
+        "spool a FIFO": ([*run, f"spool.path={tmp_path / 'fifo.db'}"], "spool.path"),
+        "spool /dev/full": ([*run, "spool.path=/dev/full"], "database or disk is full"),
+        "spool /dev/null": ([*run, "spool.path=/dev/null"], "spool.path"),
+        "spool under /proc": ([*run, "spool.path=/proc/edgeforge/s.db"], "spool.path"),
+    }
+    if can_mount():
+        with small_filesystem(tmp_path / "full", 64) as disk:
+            with contextlib.suppress(OSError), (disk / "filler").open("wb") as f:
+                while True:  # until the disk is full (ENOSPC, also at the close)
+                    f.write(bytes(4096))
+                    f.flush()
+            cases["spool on a full disk, new"] = ([*run, f"spool.path={disk / 's.db'}"],
+                                                  "spool.path")
+            sweep(cases)
+    else:
+        sweep(cases)
+    # a spool SQLite cannot read is moved aside and the agent runs (an event says so)
+    proc = subprocess.run([sys.executable, "-m", *run, f"spool.path={tmp_path / 'garbage.db'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert list(tmp_path.glob("garbage.db.corrupt-*"))
