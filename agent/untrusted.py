@@ -5,8 +5,8 @@ payloads, manifests, config files, key files, watched images) goes through one o
 a hostile input costs a refusal, never a hang, a crash or unbounded memory:
 
     read_regular   a regular file only (a FIFO, device, socket or a link to one is refused
-                   before any byte is read: opened non-blocking, checked with fstat), at most
-                   `limit` bytes
+                   before it is opened; then opened non-blocking and checked again with
+                   fstat, in case it was replaced), at most `limit` bytes
     loads_json     at most `max_bytes`, nested at most `max_depth` deep (checked by a scan
                    that does not recurse, before the parser runs: the parser itself recurses
                    once per level and a deep enough document exhausts the stack)
@@ -47,12 +47,12 @@ def read_regular(path: Path | str, limit: int, what: str = "file") -> bytes:
         Untrusted: not a regular file, or larger than `limit` bytes.
         OSError: the file cannot be opened or read (FileNotFoundError included).
     """
+    _regular(path, os.stat(path).st_mode, what)  # never opened otherwise (a device's
+    # open can act: a tape rewinds, a serial line raises DTR)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise Untrusted(f"{path} is {_kind(st.st_mode)}, not a regular file (point the "
-                            f"{what} at a regular file)")
+        _regular(path, st.st_mode, what)  # and it is still one (replaced since the stat?)
         if st.st_size > limit:
             raise TooLarge(f"{path} is {st.st_size:,} bytes, over the {what} limit of "
                             f"{limit:,} bytes")
@@ -70,6 +70,12 @@ def read_regular(path: Path | str, limit: int, what: str = "file") -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _regular(path: Path | str, mode: int, what: str) -> None:
+    if not stat.S_ISREG(mode):
+        raise Untrusted(f"{path} is {_kind(mode)}, not a regular file (point the {what} at a "
+                        f"regular file)")
 
 
 def _kind(mode: int) -> str:
