@@ -168,11 +168,10 @@ class FolderSource(SourceThread):
             # mtime in the future, from a wrong clock or a copy, would otherwise never do).
             settled = (wall - st.st_mtime >= self.cfg.settle_s
                        or now - since >= self.cfg.settle_s)
-            if retry is not None:
-                if now < retry[1] or (retry[0] == key and not settled):
-                    continue  # failed while young and unchanged since: wait for it to settle
-            elif not (closed or settled):
-                continue
+            if retry is not None and (now < retry[1] or (retry[0] == key and not settled)):
+                continue  # failed while young and unchanged since: wait for it to settle
+            if not (closed or settled):
+                continue  # still being written, as far as anyone can tell
             if marker(name, key) in self._answered:
                 self._answered.discard(marker(name, key))
                 if self.cfg.after != "keep":  # kept files are found again at every start

@@ -482,3 +482,29 @@ def test_sigterm_while_reading_a_fifo_in_the_folder_is_a_clean_stop(
     assert [r["source_id"] for r in results(sub.on("/result"))] == names
     assert (inbox / "pipe.png").exists()
 
+
+
+def test_a_file_closed_half_written_is_tried_again_when_complete_not_failed(
+        bundle: Path, broker: Broker, tmp_path: Path) -> None:
+    """A writer that closes the file half written and appends the rest later: the first
+    look finds it truncated while it is young, so it is tried again, not failed."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    images, _ = sample_images(bundle)
+    data = png_bytes(images[4])
+    sub = Subscriber(broker.port)
+    agent = Agent(bundle, broker.port, tmp_path, "source.kind=folder", f"source.path={inbox}",
+                  "source.poll_s=0.2")
+    wait(lambda: "(inotify)" in agent.output(), 60, "the folder watched through inotify")
+    (inbox / "two-part.png").write_bytes(data[: len(data) // 2])  # closed: taken at once
+    wait(lambda: "not usable yet" in agent.output(), 30, "the first, truncated look")
+    with (inbox / "two-part.png").open("ab") as f:
+        f.write(data[len(data) // 2:])
+    sub.wait_for(lambda: bool(sub.on("/result")), 30, "the complete file's result")
+    time.sleep(0.5)
+    stop(agent)
+    sub.close()
+    got = results(sub.on("/result"))
+    assert [r["source_id"] for r in got] == ["two-part.png"] and "error" not in got[0]
+    assert got[0]["top"] == host_top(bundle, [data])[got[0]["engine"]][0]
+    assert not (inbox / "failed" / "two-part.png").exists()
