@@ -149,6 +149,8 @@ class Spool:
                        "NULL, retain INTEGER NOT NULL, payload BLOB NOT NULL)")
             db.execute("CREATE TABLE IF NOT EXISTS answered (marker TEXT PRIMARY KEY, "
                        "ts REAL NOT NULL)")
+            # the week-old markers are deleted by age at each marked result: by index
+            db.execute("CREATE INDEX IF NOT EXISTS answered_by_age ON answered(ts)")
             db.execute("SELECT id, ts, topic, qos, retain, payload FROM outbox LIMIT 1")
         except BaseException:
             db.close()
