@@ -43,7 +43,7 @@ from tests.support import (
     signed_copy,
 )
 from tests.support.broker import Broker, Subscriber, free_port
-from tests.support.hostile import can_mount, image_cases, small_filesystem
+from tests.support.hostile import can_mount, image_cases, small_filesystem, until_answered
 from tests.support.media import png_bytes, sample_images, write_pngs
 
 ONE_LINE = re.compile(r"^(\w+Error: |edge-[\w -]+: )")
@@ -567,27 +567,35 @@ def test_bad_images_over_mqtt_get_one_answer_each_and_the_agent_lives_on(
     agent = Agent(bundle, broker.port, tmp_path, "source.kind=mqtt", "source.queue=256",
                   "source.max_image_mb=1")
     try:
-        sub.wait_for(lambda: bool(sub.on("/info")), 60, "the birth message")
-        time.sleep(0.5)  # subscribed to infer right after the birth message
         pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="image-sweep")
         pub.connect("127.0.0.1", broker.port)
         pub.loop_start()
+        probe = png_bytes(images[2])
+        until_answered(lambda n: pub.publish(f"edgeforge/testboard/infer/probe-{n}", probe,
+                                             qos=1).wait_for_publish(10),
+                       lambda: bool(sub.on("/result")))
         ids = {f"case-{i}": name for i, name in enumerate(cases)}
         for rid, name in ids.items():
             pub.publish(f"edgeforge/testboard/infer/{rid}", cases[name][0], qos=1) \
                 .wait_for_publish(10)
         pub.publish("edgeforge/testboard/infer/last", png_bytes(images[1]), qos=1) \
             .wait_for_publish(10)
-        sub.wait_for(lambda: len(sub.on("/result")) >= len(ids) + 1, 120, "every answer")
+        sub.wait_for(lambda: sum(not json.loads(p)["request_id"].startswith("probe-")
+                                 for p, _ in sub.on("/result")) >= len(ids) + 1, 120,
+                     "every answer")
         pub.disconnect()
         pub.loop_stop()
-        sub.wait_for(lambda: sum(m["frames_in"] or 0 for m in sub.telemetry())
-                     >= len(ids) + 1, 30, "every request counted in telemetry")
+        every = [json.loads(p) for p, _ in sub.on("/result")]  # probes' answers included
+        sub.wait_for(lambda: sum(m["frames_in"] or 0 for m in sub.telemetry()) >= len(every)
+                     and sum(m["frames_failed"] or 0 for m in sub.telemetry())
+                     >= sum("error" in r for r in every), 30,
+                     "every request counted in telemetry")
         assert agent.proc.poll() is None, agent.output()
     finally:
         agent.kill()
         sub.close()
-    got = [json.loads(p) for p, _ in sub.on("/result")]
+    got = [r for r in (json.loads(p) for p, _ in sub.on("/result"))
+           if not r["request_id"].startswith("probe-")]
     by_id = {r["request_id"]: r for r in got}
     assert len(by_id) == len(got) == len(ids) + 1  # one answer each
     assert by_id["last"]["top"] and "error" not in by_id["last"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 import struct
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import pytest
 from tests.deploy.test_monitor import background, metrics, stop, wait
 from tests.support import Agent
 from tests.support.broker import Broker, Subscriber, free_port
-from tests.support.hostile import encode, nested_json
+from tests.support.hostile import encode, nested_json, until_answered
 from tests.support.media import sample_images
 from tests.test_bad_input_sweep import good_telemetry
 
@@ -131,14 +130,30 @@ def test_a_running_agent_and_monitor_live_through_generated_malformed_inputs(
                   "loop.window_s=2")
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fuzzer")
     try:
-        sub.wait_for(lambda: bool(sub.on("/info")), 60, "the agent's birth message")
         wait(lambda: metrics(port) != "", 30, "the metrics endpoint")
-        time.sleep(1.0)  # both subscribed
         pub.connect("127.0.0.1", broker.port)
         pub.loop_start()
 
+        def ours(topic: str) -> list[dict[str, Any]]:
+            """Answers on `topic` to the fuzz inputs, not to the probes."""
+            return [m for m in (json.loads(p) for p, _ in sub.on(topic))
+                    if not str(m.get("request_id")).startswith("probe-")]
+
         def answers() -> int:
-            return len(sub.on("/result"))
+            return len(ours("/result"))
+
+        # every subscription in place first: the agent's requests and commands, the monitor's
+        probe = json.dumps(good_telemetry("probe-board")).encode()
+        until_answered(lambda n: pub.publish("edgeforge/probe-board/telemetry", probe, qos=1)
+                       .wait_for_publish(10),
+                       lambda: 'edgeforge_monitor_windows_total{device="probe-board"' in
+                       metrics(port))
+        until_answered(lambda n: pub.publish(f"edgeforge/testboard/infer/probe-{n}",
+                                             pictures[0], qos=1).wait_for_publish(10),
+                       lambda: len(sub.on("/result")) > 0)
+        until_answered(lambda n: pub.publish("edgeforge/testboard/cmd/set",
+                                             b'{"request_id": "probe-%d"}' % n, qos=1)
+                       .wait_for_publish(10), lambda: len(sub.on("/cmd_result")) > 0)
 
         def send_images(part: list[bytes], first: int) -> None:
             for i, data in enumerate(part, first):
@@ -155,10 +170,10 @@ def test_a_running_agent_and_monitor_live_through_generated_malformed_inputs(
             pub.publish(f"edgeforge/fuzz-{i % 40}/telemetry", data, qos=1).wait_for_publish(10)
             pub.publish("edgeforge/testboard/cmd/set", data, qos=1).wait_for_publish(10)
             if i % 50 == 49:  # the command inbox is small: let it answer
-                sub.wait_for(lambda i=i: len(sub.on("/cmd_result")) >= i + 1 - 8, 60,
+                sub.wait_for(lambda i=i: len(ours("/cmd_result")) >= i + 1 - 8, 60,
                              f"command answers to {i}")
         sub.wait_for(lambda: answers() >= IMAGES, 120, "an answer per image")
-        sub.wait_for(lambda: len(sub.on("/cmd_result")) >= MESSAGES, 120,
+        sub.wait_for(lambda: len(ours("/cmd_result")) >= MESSAGES, 120,
                      "an answer per command")
 
         def counted() -> float:
@@ -178,11 +193,11 @@ def test_a_running_agent_and_monitor_live_through_generated_malformed_inputs(
         agent.kill()
         stop(serve)
         sub.close()
-    got = [json.loads(p) for p, _ in sub.on("/result")]
+    got = ours("/result")
     ids = [r["request_id"] for r in got]
     assert sorted(ids) == sorted(f"fz{i}" for i in range(IMAGES))  # each exactly once
     errors = sum("error" in r for r in got)
-    commands = [json.loads(p) for p, _ in sub.on("/cmd_result")]
+    commands = ours("/cmd_result")
     assert len(commands) == MESSAGES and not any(c["ok"] for c in commands)
     out = agent.output()
     assert "Traceback" not in out and " ERROR " not in out, out[-3000:]

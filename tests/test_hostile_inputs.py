@@ -4,6 +4,7 @@ monitors as subprocesses, a real mosquitto, real files, FIFOs and a real full fi
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -30,6 +31,7 @@ from tests.support.hostile import (
     grey16_png,
     nested_json,
     small_filesystem,
+    until_answered,
 )
 from tests.support.media import host_top, png_bytes, results, sample_images, write_pngs
 
@@ -56,6 +58,20 @@ def aged(path: Path) -> None:
     """Give a file an mtime a minute ago: written long before, so complete."""
     old = time.time() - 60
     os.utime(path, (old, old))
+
+
+def serving(pub: mqtt.Client, sub: Subscriber, image: bytes) -> None:
+    """Wait until the agent answers requests (probes: request ids probe-1, probe-2, ...)."""
+    until_answered(lambda n: pub.publish(f"{INFER}/probe-{n}", image, qos=1)
+                   .wait_for_publish(5),
+                   lambda: any(str(r.get("request_id")).startswith("probe-")
+                               for r in results(sub.on("/result"))))
+
+
+def answers(sub: Subscriber) -> list[dict[str, Any]]:
+    """The results of the requests a test sent, without the probes."""
+    return [r for r in results(sub.on("/result"))
+            if not str(r.get("request_id")).startswith("probe-")]
 
 
 def grey_sample(bundle: Path, count: int) -> list[np.ndarray]:
@@ -88,11 +104,9 @@ def test_a_png_whose_header_claims_ten_billion_pixels_is_refused_over_mqtt_and_i
     # And over MQTT, on a fresh agent: an error result, then the next request is served.
     (tmp_path / "mqtt").mkdir()
     agent = Agent(bundle, broker.port, tmp_path / "mqtt", "source.kind=mqtt")
-    sub.wait_for(lambda: len([p for p, _ in sub.on("/status") if p == b"online"]) >= 2, 60,
-                 "the second agent online")
-    time.sleep(0.5)  # subscribed to infer right after its birth message
     images, _ = sample_images(bundle)
     pub = publisher(broker.port, "bomber")
+    serving(pub, sub, png_bytes(images[0]))
     pub.publish(f"{INFER}/bomb", bomb_png(), qos=1).wait_for_publish(5)
     pub.publish(f"{INFER}/after", png_bytes(images[0]), qos=1).wait_for_publish(5)
     sub.wait_for(lambda: {"bomb", "after"} <= {r.get("request_id") for r in
@@ -119,16 +133,15 @@ def test_16_bit_greyscale_pngs_are_classified_as_their_8_bit_selves(
     expected = host_top(bundle, eight)
     sub = Subscriber(broker.port)
     agent = Agent(bundle, broker.port, tmp_path, "source.kind=mqtt")
-    sub.wait_for(lambda: bool(sub.on("/info")), 60, "the agent's birth message")
-    time.sleep(0.5)
     pub = publisher(broker.port, "sixteen")
+    serving(pub, sub, eight[0])
     for i, data in enumerate(sixteen):
         pub.publish(f"{INFER}/g{i}", data, qos=1).wait_for_publish(5)
-    sub.wait_for(lambda: len(sub.on("/result")) >= 3, 60, "three answers")
+    sub.wait_for(lambda: len(answers(sub)) >= 3, 60, "three answers")
     pub.disconnect()
     stop(agent)
     sub.close()
-    for r in results(sub.on("/result")):
+    for r in answers(sub):
         i = int(r["request_id"][1:])
         assert r["top"] == expected[r["engine"]][i], (r, expected[r["engine"]][i])
 
@@ -266,14 +279,15 @@ def test_a_retained_request_is_answered_once_across_restarts(
     pub.publish(f"{INFER}/kept", png_bytes(images[2]), qos=1, retain=True).wait_for_publish(5)
     pub.disconnect()
     sub = Subscriber(broker.port)
-    for run in range(2):
-        agent = Agent(bundle, broker.port, tmp_path, "source.kind=mqtt")
-        sub.wait_for(lambda run=run: len(sub.on("/info")) > run, 60, "the birth message")
-        time.sleep(2.0)
-        out = stop(agent)
+    agent = Agent(bundle, broker.port, tmp_path, "source.kind=mqtt")
+    sub.wait_for(lambda: bool(sub.on("/result")), 60, "the retained request's answer")
+    stop(agent)
+    agent = Agent(bundle, broker.port, tmp_path, "source.kind=mqtt")
+    wait(lambda: "already answered" in agent.output(), 60, "the retained copy skipped")
+    time.sleep(1.0)
+    stop(agent)
     sub.close()
     assert [r["request_id"] for r in results(sub.on("/result"))] == ["kept"]
-    assert "already answered" in out
 
 
 @pytest.mark.parametrize("how", ["fifo", "link to /dev/zero"])
@@ -405,15 +419,20 @@ def test_deeply_nested_json_in_a_manifest_or_a_command_is_one_line(
     assert "nests 60000 levels deep" in proc.stderr.strip().splitlines()[-1]
     sub = Subscriber(broker.port)
     agent = Agent(bundle, broker.port, tmp_path, "loop.rate_hz=50")
-    sub.wait_for(lambda: bool(sub.on("/info")), 60, "the birth message")
-    time.sleep(0.5)
     pub = publisher(broker.port, "commander")
+    until_answered(lambda n: pub.publish("edgeforge/testboard/cmd/set", b"probe %d" % n, qos=1)
+                   .wait_for_publish(5), lambda: bool(sub.on("/cmd_result")))
     pub.publish("edgeforge/testboard/cmd/set", nested_json(60_000), qos=1).wait_for_publish(5)
-    sub.wait_for(lambda: bool(sub.on("/cmd_result")), 30, "the refusal")
+
+    def deep() -> list[dict[str, Any]]:
+        return [m for m in (json.loads(p) for p, _ in sub.on("/cmd_result"))
+                if "levels deep" in m["reason"]]
+
+    sub.wait_for(lambda: bool(deep()), 30, "the refusal")
     pub.disconnect()
     out = stop(agent)
     sub.close()
-    answer = json.loads(sub.on("/cmd_result")[0][0])
+    answer = deep()[0]
     assert answer["code"] == "malformed" and "levels deep" in answer["reason"], answer
     assert "ERROR" not in out, out
 
@@ -433,13 +452,10 @@ def test_a_spool_disk_that_fills_counts_the_lost_windows_and_recovers(
                       "loop.rate_hz=50", "mqtt.port=1")  # no broker: everything is spooled
         wait(lambda: agent.output().count("window ") >= 3, 60, "three windows spooled")
         filler = disk / "filler"
-        with filler.open("wb") as f:  # fill the disk
-            try:
-                while True:
-                    f.write(bytes(16384))
-                    f.flush()
-            except OSError:
-                pass
+        with contextlib.suppress(OSError), filler.open("wb") as f:
+            while True:  # until the disk is full (ENOSPC, at a write or at the close)
+                f.write(bytes(16384))
+                f.flush()
         wait(lambda: "cannot write" in agent.output(), 30, "the spool's one line")
         time.sleep(2.0)  # a few windows lost
         filler.unlink()

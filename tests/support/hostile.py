@@ -6,8 +6,9 @@ from __future__ import annotations
 import io
 import struct
 import subprocess
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -155,3 +156,21 @@ def _webp_header(width: int, height: int) -> bytes:
     vp8l = b"\x2f" + struct.pack("<I", bits)
     return b"RIFF" + struct.pack("<I", 4 + 8 + len(vp8l)) + b"WEBPVP8L" + \
         struct.pack("<I", len(vp8l)) + vp8l
+
+
+
+def until_answered(send: Callable[[int], object], answered: Callable[[], bool],
+                   timeout_s: float = 60.0) -> None:
+    """Call send(1), send(2), ... every half second until `answered()`: the agent's
+    subscription is in place (a message sent before the broker has it reaches no one)."""
+    deadline = time.monotonic() + timeout_s
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+        send(n)
+        until = time.monotonic() + 0.5
+        while time.monotonic() < until:
+            if answered():
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"no answer to {n} probe(s) in {timeout_s:g} s")
