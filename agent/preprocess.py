@@ -83,10 +83,8 @@ def to_rgb(img: PILImage.Image) -> PILImage.Image:
     mode = img.mode
     if mode in ("RGB", "L", "1", "CMYK", "YCbCr", "RGBX", "RGBA", "LA"):
         return img.convert("RGB")
-    if mode in ("P", "PA"):  # with a transparent index, Pillow wants RGBA first
-        return img.convert("RGBA").convert("RGB")
-    if mode in ("La", "RGBa"):  # premultiplied alpha
-        return img.convert("RGBA").convert("RGB")
+    if mode in ("P", "PA", "La", "RGBa"):  # a palette with a transparent index, or
+        return img.convert("RGBA").convert("RGB")  # premultiplied alpha: through RGBA
     if mode in _SIXTEEN_BIT or mode == "I":
         grey = np.asarray(img).astype(np.int64)
         low, high = (int(grey.min()), int(grey.max())) if grey.size else (0, 0)
