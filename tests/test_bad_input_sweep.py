@@ -511,7 +511,23 @@ def test_bad_telemetry_is_counted_and_never_reaches_history_or_prometheus(
     sub = Subscriber(broker.port, client_id="sweep-pub")
     try:
         wait(lambda: metrics(port) != "", 30, "the metrics endpoint")
-        time.sleep(1.0)  # both monitors subscribed (serve answers before it connects)
+
+        def recorded_good() -> bool:
+            if not history.exists():
+                return False
+            h = History(history, 3600)
+            try:
+                return h.devices() == ["good"]
+            finally:
+                h.close()
+
+        # both monitors subscribed (serve answers before it connects): the good board's
+        # windows are in Prometheus and in the history
+        until_answered(lambda n: sub.client.publish("edgeforge/good/telemetry",
+                                                    variant(seq=n), qos=1)
+                       .wait_for_publish(10),
+                       lambda: metric(metrics(port), "edgeforge_latency_p99_seconds", "good")
+                       == 0.002 and recorded_good())
         for name, (kind, payload) in bad.items():
             if kind in ("info", "summary"):  # as an agent: its retained birth first, then
                 # the retained message (the monitor pages the boards it knows)
