@@ -396,7 +396,11 @@ class Publisher(threading.Thread):
         marker = None
         if retained:
             marker = "request:" + hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()
-            if self.spool.answered(marker):
+            try:
+                done = self.spool.answered(marker)
+            except sqlite3.Error:  # unreadable now: answer it (a duplicate, never a loss)
+                done = False
+            if done:
                 log.info("mqtt: retained request on %s already answered; skipped (clear it "
                          "with an empty retained message)", topic)
                 return
