@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 # does not fit the CPU dies with SIGILL at import).
 from agent.config import AgentConfig, default_config_path, load_config
 from agent.errors import ConfigError, EdgeforgeError
+from agent.interrupts import ctrl_c_held, interrupted
 from agent.torch_matrix import check_runtime
 
 if TYPE_CHECKING:
@@ -158,11 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("%s", unproven)
         if args.command in ("activate", "confirm", "rollback", "versions"):
             return store_command(args, cfg)
-        from agent.bench import bench, engine_line, table
-        from agent.bundle import Bundle, describe
+        with ctrl_c_held():  # numpy's native modules
+            from agent.bench import bench, engine_line, table
+            from agent.bundle import Bundle, describe
 
         if args.command == "run":
-            from agent.runner import run_agent  # paho and psutil only where needed
+            with ctrl_c_held():
+                from agent.runner import run_agent  # paho and psutil only where needed
 
             return run_agent(cfg, args.duration)
         bundle = Bundle.open(Path(cfg.model.dir), fleet_key(cfg).trusted())
@@ -184,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:  # Ctrl-C before the loop installed its own handler
         print("interrupted", file=sys.stderr)
-        return 130
+        return interrupted()
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from agent.config import (
 )
 from agent.errors import ConfigError, EdgeforgeError
 from agent.fleet_key import pem_of, rotation_statement
+from agent.interrupts import interrupted
 from agent.signing import key_id
 from agent.telemetry import COMMANDS
 from agent.torch_matrix import PROFILES
@@ -522,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return interrupted()
 
 
 if __name__ == "__main__":

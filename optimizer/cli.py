@@ -15,6 +15,7 @@ from types import ModuleType
 
 from agent.config import AgentConfig, default_config_path, load_config
 from agent.errors import ConfigError, EdgeforgeError
+from agent.interrupts import interrupted
 from optimizer.config import OptimizerConfig
 
 STEPS = {  # command -> (the pipeline's function, what it does)
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return interrupted()
     return 0
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import BundleError
+from agent.interrupts import ctrl_c_held
 from agent.torch_matrix import dist_version
 
 TORCHSCRIPT, ONNXRUNTIME = "torchscript", "onnxruntime"
@@ -82,10 +83,12 @@ def load(engine: str, data: bytes, path: Path, entry: dict[str, Any], threads: i
                           f"installed on this board (install it, or set model.engine to an "
                           f"installed one)")
     if engine == TORCHSCRIPT:
-        from agent.engines import torchscript
+        with ctrl_c_held():  # torch's native modules
+            from agent.engines import torchscript
         return torchscript.load(data, path, str(entry.get("quantized_engine", "qnnpack")),
                                 threads)
-    from agent.engines import onnxrt
+    with ctrl_c_held():  # onnxruntime's
+        from agent.engines import onnxrt
     return onnxrt.load(data, path, threads, expect)
 
 

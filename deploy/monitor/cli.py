@@ -37,6 +37,7 @@ import paho.mqtt.client as mqtt
 
 from agent.config import MqttConfig, default_config_path, load_config, number_argument
 from agent.errors import ConfigError, EdgeforgeError
+from agent.interrupts import interrupted
 from agent.mqtt import make_client
 from agent.telemetry import encode
 from deploy.monitor.alerts import Alerts
@@ -435,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 0
+        return interrupted(0)
     return 0
 
 
