@@ -1,10 +1,20 @@
 """int8 quantization for the board's engine, behind an accuracy gate.
 
 Modes, in the order the gate tries them:
-    static_per_channel  whole network int8: conv/linear+ReLU fused, per-channel weights
+    static_per_channel  whole network int8: conv/linear(+BN)+ReLU fused, per-channel weights
     static_per_tensor   the same with one scale per weight tensor
     dynamic             int8 weights for nn.Linear only (the reference method)
     fp32                no quantization (always passes: it is the baseline's own accuracy)
+
+Static modes take one of two routes. A model that lists its fusable layers in a `FUSE`
+attribute (the reference SimpleCNN) goes through eager mode, unchanged, so its board files
+stay what the boards were proven on. Any other model goes through FX graph mode
+(`prepare_fx`/`convert_fx`): the graph is traced, so residual adds, BatchNorm, depthwise
+convolutions, hardswish/hardsigmoid, squeeze-excite products and adaptive pooling are fused
+and quantized without a hand-written list, and the result scripts into the same qnnpack
+TorchScript file. PT2E (torch.export + torchao) is not used for that file: its converted graph
+holds quantize/dequantize ops around float kernels, which TorchScript runs in float, not as
+qnnpack int8 kernels. A layer graph mode leaves in float is named in the gate's record.
 
 `quantized_cnn.pt` is a plain dict of tensors and strings, loadable with
 `torch.load(weights_only=True)` (no pickled code); `load_quantized` rebuilds the module.
@@ -49,9 +59,12 @@ def qconfig(engine: str, per_channel: bool) -> tq.QConfig:
     return tq.QConfig(activation=activation, weight=weight)
 
 
-def _prepare_static(model: nn.Module, engine: str, per_channel: bool) -> nn.Module:
-    """Wrap with Quant/DeQuant stubs, fuse the model's FUSE pairs, attach observers."""
+def _prepare_static(model: nn.Module, engine: str, per_channel: bool,
+                    example: torch.Tensor) -> nn.Module:
+    """Attach observers: eager mode for a model with a FUSE list, FX graph mode otherwise."""
     set_engine(engine)
+    if not hasattr(model, "FUSE"):
+        return _prepare_graph(model, engine, per_channel, example)
     wrapped = tq.QuantWrapper(copy.deepcopy(model).eval())
     with known_torch_deprecations():
         groups = [[f"module.{name}" for name in group]
@@ -62,9 +75,44 @@ def _prepare_static(model: nn.Module, engine: str, per_channel: bool) -> nn.Modu
         return tq.prepare(wrapped)
 
 
+def _prepare_graph(model: nn.Module, engine: str, per_channel: bool,
+                   example: torch.Tensor) -> nn.Module:
+    """Trace `model` and attach observers (FX graph mode); hardsigmoid and the other
+    fixed-range ops keep the fixed scales torch's default mapping gives them."""
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    mapping = tq.get_default_qconfig_mapping(engine).set_global(qconfig(engine, per_channel))
+    try:
+        with known_torch_deprecations():
+            return prepare_fx(copy.deepcopy(model).eval(), mapping, (example,))
+    except Exception as exc:  # symbolic tracing raises many kinds; all mean "cannot trace"
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise QuantizationError(f"graph-mode quantization cannot trace {type(model).__name__} "
+                                f"({type(exc).__name__}: {first}) (make forward() free of "
+                                f"data-dependent control flow; the gate tries the next mode)"
+                                ) from None
+
+
 def _convert(prepared: nn.Module) -> nn.Module:
     with known_torch_deprecations():
+        if isinstance(prepared, torch.fx.GraphModule):
+            from torch.ao.quantization.quantize_fx import convert_fx
+
+            converted = convert_fx(prepared)
+            # The traced signature's annotations (arguments and result) are strings under
+            # `from __future__ import annotations` ("torch.Tensor"): names TorchScript
+            # cannot resolve in the generated code. The graph needs none.
+            for node in converted.graph.nodes:
+                node.type = None
+            converted.recompile()
+            return converted.eval()
         return tq.convert(prepared).eval()
+
+
+def float_layers(model: nn.Module) -> list[str]:
+    """Conv and linear layers a static int8 model still runs in float32 (empty: all int8)."""
+    return [name for name, m in model.named_modules()
+            if type(m) in (nn.Conv2d, nn.Linear, nn.Conv1d, nn.Conv3d)]
 
 
 def quantize_static(model: nn.Module, engine: str, calibration: torch.Tensor,
@@ -74,7 +122,7 @@ def quantize_static(model: nn.Module, engine: str, calibration: torch.Tensor,
     Raises:
         QuantizationError: an observer saw no data (its layer is never reached in forward).
     """
-    prepared = _prepare_static(model, engine, per_channel)
+    prepared = _prepare_static(model, engine, per_channel, calibration[:1])
     with torch.inference_mode(), known_torch_deprecations():
         for start in range(0, calibration.shape[0], 64):
             prepared(calibration[start:start + 64])
@@ -137,8 +185,12 @@ def gate(model: nn.Module, cfg: QuantizeConfig, calibration: torch.Tensor,
         passed = mode == "fp32" or drop <= max_drop
         reason = (f"accuracy drop {drop:.2f} pts <= {max_drop} allowed" if passed else
                   f"accuracy drop {drop:.2f} pts > {max_drop} allowed")
+        floats = float_layers(candidate) if mode.startswith("static") else []
+        if floats:
+            reason += f"; kept in float32: {', '.join(floats[:5])}" + \
+                (f" and {len(floats) - 5} more" if len(floats) > 5 else "")
         attempts.append({"mode": mode, "passed": passed, "accuracy_pct": acc,
-                         "drop_pts": drop, "reason": reason})
+                         "drop_pts": drop, "reason": reason, "float_layers": floats})
         if passed:
             return GateResult(mode=mode, model=candidate, attempts=attempts)
     raise AssertionError("unreachable: fp32 always passes the gate")

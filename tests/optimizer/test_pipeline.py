@@ -185,3 +185,33 @@ def test_a_dynamic_int8_bundle_passes_its_own_board_check(bundle: Path, small_co
     check = run_cli("agent", "check", "--set", f"model.dir={out}")
     assert check.returncode == 0 and "max |logit diff| 0" in check.stdout + check.stderr, \
         check.stdout + check.stderr
+
+
+def test_a_residual_model_without_a_fuse_list_becomes_a_static_int8_bundle_the_board_checks(
+        small_config: Path, tmp_path: Path) -> None:
+    """Skip connection, BatchNorm, depthwise convolution, hardswish, squeeze-excite and
+    adaptive pooling (tests/support/residual_model.py) go through graph-mode quantization:
+    the bundle's mode is static int8, no layer is left in float, and the board's check
+    reproduces the sample from both files exactly. The accuracy gate is opened wide
+    (one epoch of training says nothing about accuracy): what is tested is that static int8
+    is built, not chosen as a fallback."""
+    out = tmp_path / "bundle"
+    sets = ["train.factory=tests.support.residual_model:ResidualCNN", "train.epochs=1",
+            "prune.finetune_epochs=0", "data.synthetic_train=512", "data.synthetic_test=200",
+            "quantize.calibration_images=64", "quantize.max_accuracy_drop=100"]
+    for step in ("train", "prune", "quantize", "export"):
+        proc = run_cli("optimizer", step, "--data", "synthetic", "--config", small_config,
+                       "--out", out, *[a for s in sets for a in ("--set", s)])
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    attempt = manifest["quantization"]["attempts"][0]
+    assert manifest["quantization"]["mode"] == "static_per_channel", attempt
+    assert attempt["passed"] and attempt["float_layers"] == []
+    board = load_scripted(out / BOARD_MODEL, "qnnpack")
+    graph = str(board.graph)  # int8 kernels for the skip's add, SE's product, hardswish
+    assert all(f"quantized::{op}" in graph for op in ("add_relu", "mul", "hardswish"))
+    assert set(manifest["engines"]) == {"torchscript", "onnxruntime"}
+    check = run_cli("agent", "check", "--set", f"model.dir={out}")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.count("bit-exact") >= 2 or "max |logit diff| 0" in check.stdout, \
+        check.stdout
