@@ -49,6 +49,7 @@ BATCH = 500  # rows per transaction at most
 FLUSH_S = 1.0  # and at least this often while rows wait
 PRUNE_ROWS = 5000  # rows deleted per flush at most
 PRUNE_EVERY_S = 60.0
+OPEN_WAIT_S = 10.0  # how long a recorder waits for another one that holds the file
 
 
 def parse_since(text: str) -> float:
@@ -76,13 +77,8 @@ class History:
         self.max_age_s = max_age_s
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(path, isolation_level=None)
-            self.db.execute("PRAGMA busy_timeout=10000")  # recorders sharing the file wait
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at each checkpoint
-            self.db.executescript(SCHEMA)
-            self.legacy = self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
-                                          "AND name = 'telemetry'").fetchone() is not None
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=OPEN_WAIT_S)
+            self._set_up(time.monotonic() + OPEN_WAIT_S)
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"{path}: not a usable history file ({exc}); point "
                               f"monitor.history elsewhere or move it aside") from None
@@ -94,6 +90,26 @@ class History:
         self.pruned = 0  # rows deleted by this process
         self.slowest_flush_s = 0.0  # the longest flush (commit and clean-up) so far
         self.slowest_prune_s = 0.0  # the longest clean-up slice so far
+
+    def _set_up(self, deadline: float) -> None:
+        """WAL mode and the tables, waiting out another recorder that opens the file now.
+
+        Switching to WAL needs the file to itself and SQLite reports "database is locked"
+        at once rather than through the busy timeout, so the whole set-up is retried.
+        """
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at each checkpoint
+                self.db.executescript(SCHEMA)
+                self.legacy = self.db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                    "AND name = 'telemetry'").fetchone() is not None
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self.flush()

@@ -51,7 +51,12 @@ class Monitors:
         deadline = time.monotonic() + timeout
         while not all("connected to" in (self.tmp_path / f"{name}.log").read_text()
                       for name in self.names):
-            assert time.monotonic() < deadline, "the monitors did not connect"
+            ended = [name for name, proc in zip(self.names, self.procs, strict=True)
+                     if proc.poll() is not None]
+            assert not ended and time.monotonic() < deadline, (
+                f"the monitors did not connect ({', '.join(ended) or 'none'} ended):\n"
+                + "\n".join(f"{name}: {(self.tmp_path / f'{name}.log').read_text()}"
+                            for name in self.names))
             time.sleep(0.1)
         time.sleep(0.5)  # the SUBSCRIBE sent with it has reached the broker
 
@@ -124,6 +129,26 @@ def test_check_is_ok_only_when_it_has_judged_every_board(tmp_path: Path) -> None
     finally:
         sim.close()
         broker.stop()
+
+
+def test_recorders_that_open_one_new_history_file_at_once_all_get_it(tmp_path: Path) -> None:
+    """Eight processes opening a history file that does not exist yet, at the same moment:
+    each waits its turn to set it up and none is told the file is unusable."""
+    path = tmp_path / "history.sqlite3"
+    code = ("import sys, time; from pathlib import Path; "
+            "from deploy.monitor.history import History; "
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
+            "h = History(Path(sys.argv[1]), 3600); "
+            "h.add({'device': sys.argv[3], 'ts': time.time(), 'seq': 1}); h.close()")
+    start_at = time.time() + 3  # the interpreters have started and imported by then
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), str(start_at),
+                               f"board-{i}"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(8)]
+    outs = [proc.communicate(timeout=60)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 8, outs
+    history = History(path, 3600)
+    assert sorted(history.devices()) == [f"board-{i}" for i in range(8)]
+    history.close()
 
 
 def test_history_stores_numbers_in_batches_and_prunes_in_slices(tmp_path: Path) -> None:
