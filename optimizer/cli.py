@@ -1,7 +1,7 @@
 """edge-optimize: build a verified int8 board bundle from a trained (or trainable) CNN.
 
     edge-optimize run|train|prune|quantize|export|report [--config PATH] [--set s.k=v ...]
-                  [--out DIR] [--data cifar10|synthetic]
+                  [--out DIR] [--data cifar10|synthetic|folder]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from types import ModuleType
 from agent.config import AgentConfig, default_config_path, load_config
 from agent.errors import ConfigError, EdgeforgeError
 from agent.interrupts import interrupted
-from optimizer.config import OptimizerConfig
+from optimizer.config import SOURCES, OptimizerConfig
 
 STEPS = {  # command -> (the pipeline's function, what it does)
     "run": ("step_run", "the whole pipeline (trains only when no baseline exists)"),
@@ -61,8 +61,9 @@ def parser() -> argparse.ArgumentParser:
                        metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
         s.add_argument("--out", type=Path, default=Path("models"),
                        help="bundle directory (default: models/)")
-        s.add_argument("--data", choices=("cifar10", "synthetic"), default=None,
-                       help="dataset (overrides data.source; synthetic = offline stand-in)")
+        s.add_argument("--data", choices=SOURCES, default=None,
+                       help="dataset (overrides data.source; synthetic = offline stand-in; "
+                            "folder = data.root's train/<class>/ images)")
     return p
 
 

@@ -7,22 +7,34 @@ from dataclasses import dataclass, field
 from agent.config import in_range, require
 
 ENGINES = ("qnnpack", "x86", "fbgemm")
+SOURCES = ("cifar10", "synthetic", "folder")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "cifar10"  # cifar10 | synthetic (the offline stand-in)
-    root: str = "data"  # where cifar-10-batches-py lives or is downloaded to
+    source: str = "cifar10"  # cifar10 | synthetic (the offline stand-in) | folder
+    # cifar10: where cifar-10-batches-py lives or is downloaded to; folder: the folder
+    # holding train/<class>/ (and optionally val/<class>/)
+    root: str = "data"
     download: bool = True
     synthetic_train: int = 10000
     synthetic_test: int = 2000
     seed: int = 0
     batch_size: int = 64
-    augment: bool = True  # random crop (padding 4) and horizontal flip while training
+    augment: bool = True  # random crop and horizontal flip while training
+    val_fraction: float = 0.2  # folder without val/: the share of each class held out
+    workers: int | None = None  # folder: image-reading processes; None = min(4, CPUs)
+    max_bad_fraction: float = 0.01  # folder: unreadable images skipped up to this share
 
     def __post_init__(self) -> None:
-        require(self.source in ("cifar10", "synthetic"), "source",
-                f"must be 'cifar10' or 'synthetic', got {self.source!r}")
+        require(self.source in SOURCES, "source",
+                f"must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        require(0.0 < self.val_fraction < 1.0, "val_fraction",
+                f"must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        require(0.0 <= self.max_bad_fraction < 1.0, "max_bad_fraction",
+                f"must be in [0, 1), got {self.max_bad_fraction}")
+        if self.workers is not None:
+            in_range(self.workers, "workers", 0, 64)
         in_range(self.synthetic_train, "synthetic_train", 10, 1_000_000, " images")
         in_range(self.synthetic_test, "synthetic_test", 10, 1_000_000, " images")
         in_range(self.seed, "seed", 0, 2**32 - 1)
@@ -33,8 +45,11 @@ class DataConfig:
 class TrainConfig:
     # Bring your own model: a "package.module:callable" returning an nn.Module, and
     # optionally its trained state_dict (then `train` checks and adopts it, no training).
+    # torchvision's classifiers by name: "torchvision.models:mobilenet_v3_small".
     factory: str = "optimizer.model:SimpleCNN"
     checkpoint: str | None = None
+    weights: str | None = None  # torchvision weights to start from: DEFAULT, IMAGENET1K_V1
+    freeze_backbone: bool = False  # train only the classifier head (transfer learning)
     input_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
     classes: list[str] | None = None  # None: the dataset's own class names
     epochs: int = 10

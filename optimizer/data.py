@@ -1,7 +1,11 @@
-"""Image data for the optimizer: CIFAR-10 from the official archive, or an offline stand-in.
+"""Image data for the optimizer: CIFAR-10 from the official archive, an offline stand-in, or
+a folder of the user's own images (optimizer/folder.py).
 
-Images are kept as uint8 NCHW tensors; `batches` turns them into normalised float batches
-(with random-crop and flip augmentation for training) using the board's own `normalize`.
+Every dataset offers the same reading methods (`Dataset`), so the steps never hold a whole
+split in memory: training batches, test batches in order, the first test images as pixels
+(the bundle's sample) and calibration inputs. CIFAR-10 and the stand-in are small and kept as
+uint8 NCHW tensors; `batches` turns them into normalised float batches (with random-crop and
+flip augmentation for training) using the board's own `normalize`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -37,6 +41,50 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 SYNTHETIC_NOTE = ("generated stand-in dataset (10 classes of 3x32x32 patterns), not CIFAR-10: "
                   "accuracy figures say nothing about CIFAR-10")
+
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+class Dataset(Protocol):
+    """What the optimizer's steps read from a dataset (ImageData, folder.FolderData)."""
+
+    @property
+    def source(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def classes(self) -> list[str]: ...
+    @property
+    def mean(self) -> tuple[float, ...]: ...
+    @property
+    def std(self) -> tuple[float, ...]: ...
+    @property
+    def input_shape(self) -> list[int]: ...
+    @property
+    def preprocess(self) -> Preprocess: ...
+    @property
+    def test_labels(self) -> torch.Tensor: ...
+    @property
+    def train_count(self) -> int: ...
+    def describe(self) -> dict[str, Any]: ...
+
+    def train_batches(self, batch_size: int, *, augment: bool,
+                      generator: torch.Generator) -> Batches:
+        """Shuffled, normalised training batches (augmented if asked)."""
+        ...
+
+    def test_batches(self, batch_size: int = 256) -> Batches:
+        """The test split in order, through the board's preprocessing."""
+        ...
+
+    def test_pixels(self, n: int) -> torch.Tensor:
+        """The first `n` test images as uint8 NCHW at the input size (the bundle's sample)."""
+        ...
+
+    def calibration(self, n: int, seed: int) -> torch.Tensor:
+        """`n` training images chosen by `seed`, through the board's preprocessing."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -64,19 +112,48 @@ class ImageData:
         _, h, w = self.input_shape
         return Preprocess((h, w), self.mean, self.std)
 
+    @property
+    def train_count(self) -> int:
+        return int(self.train_images.shape[0])
+
     def describe(self) -> dict[str, Any]:
         """The data record that goes into reports and the manifest."""
         return {"source": self.source, "description": self.description,
                 "train_images": int(self.train_images.shape[0]),
                 "test_images": int(self.test_images.shape[0])}
 
+    def train_batches(self, batch_size: int, *, augment: bool,
+                      generator: torch.Generator) -> Batches:
+        return batches(self.train_images, self.train_labels, batch_size, self.mean, self.std,
+                       shuffle=True, augment=augment, generator=generator)
 
-def load(cfg: DataConfig) -> ImageData:
-    """Load the dataset `cfg.source` names.
+    def test_batches(self, batch_size: int = 256) -> Batches:
+        prep = self.preprocess
+        for i in range(0, self.test_images.shape[0], batch_size):
+            yield prep.batch(self.test_images[i:i + batch_size]), \
+                self.test_labels[i:i + batch_size]
+
+    def test_pixels(self, n: int) -> torch.Tensor:
+        return self.test_images[:n].clone()
+
+    def calibration(self, n: int, seed: int) -> torch.Tensor:
+        n = min(n, self.train_count)
+        idx = torch.randperm(self.train_count, generator=torch.Generator().manual_seed(seed))[:n]
+        return next(batches(self.train_images[idx], self.train_labels[idx], n, self.mean,
+                            self.std))[0]
+
+
+def load(cfg: DataConfig, input_shape: list[int]) -> Dataset:
+    """Load the dataset `cfg.source` names; a folder's images are read at `input_shape`.
 
     Raises:
-        DataError: CIFAR-10 is missing and cannot be downloaded, or is corrupt.
+        DataError: CIFAR-10 is missing and cannot be downloaded, or is corrupt; the folder
+            is missing, empty or holds too many unreadable images.
     """
+    if cfg.source == "folder":
+        from optimizer.folder import FolderData
+
+        return FolderData.scan(cfg, input_shape)
     if cfg.source == "synthetic":
         return synthetic(cfg.synthetic_train, cfg.synthetic_test, cfg.seed)
     return cifar10(Path(cfg.root), download=cfg.download)

@@ -49,10 +49,16 @@ class SimpleCNN(nn.Module):
 def build(factory: str, num_classes: int) -> nn.Module:
     """Call `package.module:callable` (with num_classes) and return the module in eval mode.
 
+    `torchvision.models:<name>` builds torchvision's classifier `name`, randomly initialised.
+
     Raises:
         ConfigError: the factory cannot be imported or does not return an nn.Module.
     """
+    from optimizer import vision_models
+
     module_name, _, attr = factory.partition(":")
+    if vision_models.is_torchvision(factory):
+        return vision_models.build(attr, num_classes).eval()
     try:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
@@ -66,6 +72,26 @@ def build(factory: str, num_classes: int) -> nn.Module:
         raise ConfigError(f"train.factory: {factory!r} returned {type(model).__name__}, "
                           f"not a torch.nn.Module")
     return model.eval()
+
+
+def check_input(model: nn.Module, input_shape: list[int], factory: str) -> None:
+    """One forward pass of zeros at `input_shape`: the model takes that size.
+
+    Raises:
+        ConfigError: the model cannot run on that input; names the size and the reason.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), known_torch_deprecations():
+            model(torch.zeros(1, *input_shape))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"train.input_shape {list(input_shape)}: {factory} cannot take it "
+                          f"({first}) (give the size the model is made for, e.g. "
+                          f"[3, 224, 224])") from None
+    finally:
+        model.train(was_training)
 
 
 def save_state_dict(model: nn.Module, path: Path) -> None:

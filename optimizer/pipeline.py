@@ -34,19 +34,24 @@ from agent.manifest import (
 from agent.torchwarnings import known_torch_deprecations
 from optimizer import data as datasets
 from optimizer import export as exporting
-from optimizer import latency, onnx_export, quantize, report
+from optimizer import latency, onnx_export, quantize, report, vision_models
 from optimizer.config import OptimizerConfig
-from optimizer.data import ImageData
+from optimizer.data import Dataset
 from optimizer.model import (
     accuracy_pct,
     build,
+    check_input,
     load_state_dict_into,
     predict,
     save_state_dict,
     serialized_bytes,
 )
 from optimizer.prune import compressed_size, prune_, sparsity
-from optimizer.train import evaluate, fit_, normalized_test
+from optimizer.train import evaluate, first_test_inputs, fit_, logits_on_test, per_class_pct
+
+# Test images the fresh-process verification compares on: all of a small test split, and at
+# most about 64 MB of inputs for large images (a 224x224 input is 0.6 MB).
+VERIFY_IMAGES, VERIFY_BYTES = 2000, 64 << 20
 
 BASELINE, PRUNED, QUANTIZED = "baseline_cnn.pth", "pruned_cnn.pth", "quantized_cnn.pt"
 
@@ -57,17 +62,18 @@ class Context:
 
     cfg: OptimizerConfig
     out: Path
-    _data: ImageData | None = field(default=None, repr=False)
+    _data: Dataset | None = field(default=None, repr=False)
+    _checked_input: bool = field(default=False, repr=False)
 
     @property
-    def data(self) -> ImageData:
+    def data(self) -> Dataset:
         if self._data is None:
             print(f"loading data: {self.cfg.data.source}", file=sys.stderr)
-            self._data = datasets.load(self.cfg.data)
+            self._data = datasets.load(self.cfg.data, self.cfg.train.input_shape)
             self._check_shape(self._data)
         return self._data
 
-    def _check_shape(self, d: ImageData) -> None:
+    def _check_shape(self, d: Dataset) -> None:
         want = self.cfg.train.input_shape
         if d.input_shape != want:
             raise ConfigError(f"train.input_shape: {want} does not match the {d.source} images "
@@ -82,7 +88,18 @@ class Context:
         return list(self.cfg.train.classes or self.data.classes)
 
     def fresh_model(self) -> nn.Module:
-        return build(self.cfg.train.factory, len(self.classes))
+        t = self.cfg.train
+        model = build(t.factory, len(self.classes))
+        if not self._checked_input:
+            check_input(model, t.input_shape, t.factory)
+            self._checked_input = True
+        return model
+
+    def freeze(self, model: nn.Module) -> None:
+        """train.freeze_backbone: only the classifier head is trained."""
+        if self.cfg.train.freeze_backbone:
+            n = vision_models.freeze_backbone_(model)
+            print(f"backbone frozen: training {n:,} head parameters", file=sys.stderr)
 
     def load_fp32(self, name: str, produced_by: str) -> nn.Module:
         return load_state_dict_into(self.fresh_model(), self.out / name,
@@ -95,6 +112,13 @@ def step_train(ctx: Context) -> nn.Module:
     t = ctx.cfg.train
     ctx.out.mkdir(parents=True, exist_ok=True)
     model = ctx.fresh_model()
+    if t.weights and not t.checkpoint:
+        if not vision_models.is_torchvision(t.factory):
+            raise ConfigError(f"train.weights: {t.factory} is not a torchvision model "
+                              f"(weights by name are torchvision's; give train.checkpoint, or "
+                              f"set train.weights=null)")
+        model = vision_models.pretrained(t.factory.partition(":")[2], t.weights,
+                                         len(ctx.classes))
     if t.checkpoint:
         load_state_dict_into(model, Path(t.checkpoint), "train.checkpoint",
                              "point train.checkpoint at a state_dict saved from train.factory")
@@ -102,6 +126,7 @@ def step_train(ctx: Context) -> nn.Module:
               file=sys.stderr)
     else:
         d = ctx.cfg.data
+        ctx.freeze(model)
         fit_(model, ctx.data, epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay,
              batch_size=d.batch_size, augment=d.augment, seed=t.seed, label="train")
     save_state_dict(model, ctx.out / BASELINE)
@@ -113,6 +138,7 @@ def step_prune(ctx: Context) -> nn.Module:
     """Prune the baseline, fine-tune with masks, save pruned_cnn.pth."""
     model = ctx.load_fp32(BASELINE, "train")
     before = evaluate(model, ctx.data)
+    ctx.freeze(model)
     prune_(model, ctx.cfg.prune, ctx.data, ctx.cfg.train, ctx.cfg.data)
     save_state_dict(model, ctx.out / PRUNED)
     s = sparsity(model)
@@ -122,11 +148,12 @@ def step_prune(ctx: Context) -> nn.Module:
 
 
 def _calibration(ctx: Context) -> torch.Tensor:
-    n = min(ctx.cfg.quantize.calibration_images, ctx.data.train_images.shape[0])
-    idx = torch.randperm(ctx.data.train_images.shape[0],
-                         generator=torch.Generator().manual_seed(ctx.cfg.train.seed))[:n]
-    return next(datasets.batches(ctx.data.train_images[idx], ctx.data.train_labels[idx], n,
-                                 ctx.data.mean, ctx.data.std))[0]
+    return ctx.data.calibration(ctx.cfg.quantize.calibration_images, ctx.cfg.train.seed)
+
+
+def _verify_count(d: Dataset) -> int:
+    c, h, w = d.input_shape
+    return min(len(d.test_labels), VERIFY_IMAGES, max(1, VERIFY_BYTES // (4 * c * h * w)))
 
 
 def step_quantize(ctx: Context) -> quantize.GateResult:
@@ -134,9 +161,8 @@ def step_quantize(ctx: Context) -> quantize.GateResult:
     q = ctx.cfg.quantize
     baseline = ctx.load_fp32(BASELINE, "train")
     source = baseline if q.source == "baseline" else ctx.load_fp32(PRUNED, "prune")
-    test_inputs = normalized_test(ctx.data)
-    base_acc = accuracy_pct(predict(baseline, test_inputs), ctx.data.test_labels)
-    result = quantize.gate(source, q, _calibration(ctx), (test_inputs, ctx.data.test_labels),
+    base_acc = evaluate(baseline, ctx.data)
+    result = quantize.gate(source, q, _calibration(ctx), lambda m: evaluate(m, ctx.data),
                            base_acc)
     record = {"baseline_accuracy_pct": base_acc, "source": q.source,
               "max_accuracy_drop": q.max_accuracy_drop, "attempts": result.attempts,
@@ -164,29 +190,33 @@ def step_export(ctx: Context) -> Manifest:
     metadata = {"engine": engine, "input_shape": d.input_shape, "normalization": normalization,
                 "classes": ctx.classes, "torch_version": torch.__version__,
                 "quantization_mode": payload["mode"], "data_source": d.source}
-    test_inputs = normalized_test(d)
+    labels = d.test_labels
+    n_verify = _verify_count(d)
+    checked = first_test_inputs(d, n_verify)
     board = ctx.out / BOARD_MODEL
-    exporting.export(module, e, engine, test_inputs[:1], metadata, board)
+    exporting.export(module, e, engine, checked[:1], metadata, board)
     set_engine(engine)
-    expected = predict(module, test_inputs)
-    verification = _verify(ctx, board, engine, test_inputs, expected)
-    n = min(e.sample_size, d.test_images.shape[0])
+    logits = logits_on_test(module, d)
+    verification = _verify(ctx, board, engine, checked, logits[:n_verify], labels[:n_verify])
+    n = min(e.sample_size, len(labels))
     # The sample's logits come from one batch of exactly the sample, as the board computes
     # them: dynamic quantization scales activations per batch, so the same images inside a
     # larger batch give other logits (measured: up to 0.02 apart for a 16-image sample).
-    sample_logits = predict(module, test_inputs[:n], batch_size=n)
-    torch.save({"images": d.test_images[:n].clone(), "labels": d.test_labels[:n].clone(),
+    pixels = d.test_pixels(n)
+    sample_inputs = d.preprocess.batch(pixels)
+    sample_logits = predict(module, sample_inputs, batch_size=n)
+    torch.save({"images": pixels.clone(), "labels": labels[:n].clone(),
                 "logits": sample_logits.clone()}, ctx.out / SAMPLE_FILE)
-    acc = accuracy_pct(expected, d.test_labels)
-    sample_acc = accuracy_pct(sample_logits, d.test_labels[:n])
+    acc = accuracy_pct(logits, labels)
+    sample_acc = accuracy_pct(sample_logits, labels[:n])
     engines = {TORCHSCRIPT: {
         "file": BOARD_MODEL, "runtime": "torch", "runtime_version": torch.__version__,
         "quantized_engine": engine, "sample_logits": f"logits.{TORCHSCRIPT}",
         "sample_accuracy_pct": sample_acc, "logit_tolerance": e.logit_tolerance,
         "accuracy_pct": acc, "verification": verification}}
-    arrays = {"images": d.test_images[:n].numpy(), "labels": d.test_labels[:n].numpy(),
+    arrays = {"images": pixels.numpy(), "labels": labels[:n].numpy(),
               f"logits.{TORCHSCRIPT}": sample_logits.numpy()}
-    onnx_entry = _export_onnx(ctx, record, metadata, test_inputs, n)
+    onnx_entry = _export_onnx(ctx, record, metadata, checked, sample_inputs)
     if onnx_entry is not None:
         arrays[f"logits.{ONNXRUNTIME}"] = onnx_entry.pop("sample_logits_array")
         engines[ONNXRUNTIME] = onnx_entry
@@ -215,7 +245,8 @@ def step_export(ctx: Context) -> Manifest:
                  "accuracy_drop_pts": record["baseline_accuracy_pct"] - acc,
                  "board_model_bytes": files[BOARD_MODEL]["bytes"],
                  "baseline_bytes": base_bytes,
-                 "test_images": int(d.test_labels.shape[0])},
+                 "test_images": len(labels),
+                 "per_class_accuracy_pct": per_class_pct(logits, labels, ctx.classes)},
         sample={"file": SAMPLE_FILE, "arrays": SAMPLE_ARRAYS, "count": n,
                 "accuracy_pct": sample_acc, "logit_tolerance": e.logit_tolerance},
         verification=verification, files=files, engines=engines)
@@ -225,14 +256,13 @@ def step_export(ctx: Context) -> Manifest:
     return manifest
 
 
-def _verify(ctx: Context, path: Path, engine: str, test_inputs: torch.Tensor,
-            expected: torch.Tensor) -> dict[str, Any]:
+def _verify(ctx: Context, path: Path, engine: str, inputs: torch.Tensor,
+            expected: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
     """The board file at `path` reloaded in a fresh process (export.verify), said in a line."""
     e = ctx.cfg.export
     if not e.verify:
         return {"status": "skipped (export.verify=false)", "engine": engine}
-    verification = exporting.verify_in_fresh_process(path, engine, test_inputs,
-                                                     ctx.data.test_labels, expected,
+    verification = exporting.verify_in_fresh_process(path, engine, inputs, labels, expected,
                                                      e.logit_tolerance)
     print(f"verified {path} in a fresh process: {verification['images']} images, max "
           f"|logit diff| {verification['max_abs_logit_diff']:.3g}, accuracy "
@@ -241,7 +271,7 @@ def _verify(ctx: Context, path: Path, engine: str, test_inputs: torch.Tensor,
 
 
 def _export_onnx(ctx: Context, record: dict[str, Any], metadata: dict[str, Any],
-                 test_inputs: torch.Tensor, n: int) -> dict[str, Any] | None:
+                 checked: torch.Tensor, sample_inputs: torch.Tensor) -> dict[str, Any] | None:
     """quantized_cnn.onnx from the same fp32 source and calibration images as the TorchScript
     file, verified in a fresh process and gated on accuracy; its manifest entry, or None when
     export.onnx is off or the model fails the gate (the TorchScript file ships alone)."""
@@ -260,8 +290,7 @@ def _export_onnx(ctx: Context, record: dict[str, Any], metadata: dict[str, Any],
                                {k: metadata[k] for k in ("input_shape", "classes",
                                                          "normalization", "data_source")},
                                path)
-    expected = torch.from_numpy(onnx_export.run(path, test_inputs.numpy()))
-    acc = accuracy_pct(expected, d.test_labels)
+    acc = evaluate(_ort(path, 1), d)
     base = record["baseline_accuracy_pct"]
     drop = base - acc
     if drop > ctx.cfg.quantize.max_accuracy_drop:
@@ -270,8 +299,11 @@ def _export_onnx(ctx: Context, record: dict[str, Any], metadata: dict[str, Any],
               f"{base:.2f}% (> quantize.max_accuracy_drop {ctx.cfg.quantize.max_accuracy_drop}):"
               f" not shipped; the bundle carries the TorchScript file alone", file=sys.stderr)
         return None
-    verification = _verify(ctx, path, ONNXRUNTIME, test_inputs, expected)
-    sample_logits = onnx_export.run(path, test_inputs[:n].numpy(), batch_size=n)
+    expected = torch.from_numpy(onnx_export.run(path, checked.numpy()))
+    verification = _verify(ctx, path, ONNXRUNTIME, checked, expected,
+                           d.test_labels[:checked.shape[0]])
+    n = sample_inputs.shape[0]
+    sample_logits = onnx_export.run(path, sample_inputs.numpy(), batch_size=n)
     import onnxruntime
 
     return {"file": ONNX_MODEL, "runtime": "onnxruntime",
@@ -285,17 +317,19 @@ def _export_onnx(ctx: Context, record: dict[str, Any], metadata: dict[str, Any],
 
 
 def _row(variant: str, file: str | None, payload: bytes, make: Callable[[], Any],
-         ctx: Context, test_inputs: torch.Tensor, runtime: str,
-         verification: str) -> dict[str, Any]:
+         ctx: Context, runtime: str, verification: str) -> dict[str, Any]:
     """Measure one variant; `make` gives a fresh instance per measurement (see latency)."""
     r = ctx.cfg.report
     timing = latency.measure(make, ctx.data.input_shape, threads=r.threads, warmup=r.warmup,
                              iters=r.latency_iters, throughput_batches=r.throughput_batches)
-    acc = accuracy_pct(predict(make(), test_inputs), ctx.data.test_labels)
+    logits = logits_on_test(make(), ctx.data)
+    acc = accuracy_pct(logits, ctx.data.test_labels)
     print(f"  measured {variant}: {acc:.2f}%, p50 {timing['p50_us']:.0f} us", file=sys.stderr)
     return {"variant": variant, "file": file, "bytes": len(payload),
             "xz_bytes": compressed_size(payload), "accuracy_pct": acc, "runtime": runtime,
-            "verification": verification, **timing}
+            "verification": verification,
+            "per_class_accuracy_pct": per_class_pct(logits, ctx.data.test_labels, ctx.classes),
+            **timing}
 
 
 def _scripted(model: nn.Module, engine: str) -> Any:
@@ -317,7 +351,6 @@ def step_report(ctx: Context) -> dict[str, Any]:
     """Measure every variant and write report.md, report.json and report.png."""
     manifest = Manifest.read(ctx.out)
     engine = manifest.engine
-    test_inputs = normalized_test(ctx.data)
     baseline = ctx.load_fp32(BASELINE, "train")
     pruned = ctx.load_fp32(PRUNED, "prune")
     source = pruned if manifest.quantization["source"] == "pruned" else baseline
@@ -329,26 +362,26 @@ def step_report(ctx: Context) -> dict[str, Any]:
     print("measuring variants", file=sys.stderr)
     rows = [
         _row("fp32 baseline", BASELINE, (ctx.out / BASELINE).read_bytes(),
-             lambda: baseline, ctx, test_inputs, "eager", "-"),
+             lambda: baseline, ctx, "eager", "-"),
         _row("pruned fp32", PRUNED, (ctx.out / PRUNED).read_bytes(), lambda: pruned, ctx,
-             test_inputs, "eager", "-"),
+             "eager", "-"),
         _row(f"dynamic int8 ({label})", QUANTIZED if chosen == "dynamic" else None,
              serialized_bytes(dyn.state_dict()), lambda: _scripted(dyn, engine), ctx,
-             test_inputs, "TorchScript (frozen)", "-"),
+             "TorchScript (frozen)", "-"),
         _row(f"static int8 ({label})",
              QUANTIZED if chosen == "static_per_channel" else None,
              serialized_bytes(static.state_dict()), lambda: _scripted(static, engine), ctx,
-             test_inputs, "TorchScript (frozen)", "-"),
+             "TorchScript (frozen)", "-"),
     ]
     board_path = manifest.verified_path(ctx.out, BOARD_MODEL)
     rows.append(_row(f"board file ({chosen})", BOARD_MODEL, board_path.read_bytes(),
-                     lambda: load_scripted(board_path, engine), ctx, test_inputs,
+                     lambda: load_scripted(board_path, engine), ctx,
                      "TorchScript from disk", manifest.verification["status"]))
     onnx_entry = manifest.engine_entries.get(ONNXRUNTIME)
     if onnx_entry is not None:
         onnx_path = manifest.verified_path(ctx.out, str(onnx_entry["file"]))
         rows.append(_row("board file (ONNX int8 QDQ)", onnx_path.name, onnx_path.read_bytes(),
-                         lambda: _ort(onnx_path, ctx.cfg.report.threads), ctx, test_inputs,
+                         lambda: _ort(onnx_path, ctx.cfg.report.threads), ctx,
                          f"ONNX Runtime {onnx_entry['runtime_version']} from disk",
                          onnx_entry["verification"]["status"]))
     base = rows[0]

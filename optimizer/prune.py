@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from optimizer.config import DataConfig, PruneConfig, TrainConfig
-from optimizer.data import ImageData
+from optimizer.data import Dataset
 from optimizer.model import serialized_bytes
 from optimizer.train import fit_
 
@@ -21,7 +21,7 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE)]
 
 
-def prune_(model: nn.Module, cfg: PruneConfig, data: ImageData, train: TrainConfig,
+def prune_(model: nn.Module, cfg: PruneConfig, data: Dataset, train: TrainConfig,
            data_cfg: DataConfig) -> nn.Module:
     """Zero the smallest-|w| weights, fine-tune with the masks held, make them permanent."""
     layers = prunable_layers(model)

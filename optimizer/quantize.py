@@ -23,6 +23,7 @@ qnnpack int8 kernels. A layer graph mode leaves in float is named in the gate's 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from agent.engines.torchscript import set_engine
 from agent.torchwarnings import known_torch_deprecations
 from optimizer.config import QuantizeConfig
 from optimizer.errors import CheckpointError, QuantizationError
-from optimizer.model import accuracy_pct, build, check_fits, load_payload, predict
+from optimizer.model import build, check_fits, load_payload
 
 MODES = ("static_per_channel", "static_per_tensor", "dynamic", "fp32")
 FORMAT = "edgeforge.quantized/1"
@@ -167,11 +168,10 @@ class GateResult:
 
 
 def gate(model: nn.Module, cfg: QuantizeConfig, calibration: torch.Tensor,
-         test: tuple[torch.Tensor, torch.Tensor], baseline_accuracy: float) -> GateResult:
-    """Try each mode in order for `cfg.engine`; keep the first whose accuracy drop on `test`
-    (normalised inputs, labels) is within `cfg.max_accuracy_drop` points."""
+         accuracy: Callable[[nn.Module], float], baseline_accuracy: float) -> GateResult:
+    """Try each mode in order for `cfg.engine`; keep the first whose accuracy drop (by
+    `accuracy`, a model's test accuracy in percent) is within `cfg.max_accuracy_drop`."""
     engine, max_drop = cfg.engine, cfg.max_accuracy_drop
-    test_inputs, test_labels = test
     attempts: list[dict[str, Any]] = []
     for mode in MODES:
         try:
@@ -180,7 +180,7 @@ def gate(model: nn.Module, cfg: QuantizeConfig, calibration: torch.Tensor,
             attempts.append({"mode": mode, "passed": False, "accuracy_pct": None,
                              "drop_pts": None, "reason": f"could not be built: {exc}"})
             continue
-        acc = accuracy_pct(predict(candidate, test_inputs), test_labels)
+        acc = accuracy(candidate)
         drop = baseline_accuracy - acc
         passed = mode == "fp32" or drop <= max_drop
         reason = (f"accuracy drop {drop:.2f} pts <= {max_drop} allowed" if passed else

@@ -22,7 +22,7 @@ from agent.preprocess import Preprocess
 from agent.sources import Frame, FrameQueue
 from optimizer.config import OptimizerConfig
 from optimizer.data import load
-from optimizer.train import normalized_test
+from optimizer.train import first_test_inputs
 from tests.support.media import png_bytes
 
 
@@ -35,8 +35,8 @@ def test_the_boards_tensor_of_a_png_is_the_hosts_tensor_of_the_same_test_image(
     """The host evaluates the stand-in test set through Preprocess.batch; the board decodes
     PNG files of the same images with the manifest's recipe: identical, bit for bit."""
     data = load(replace(load_config(small_config, [], OptimizerConfig).data,
-                        source="synthetic"))
-    host = normalized_test(data)
+                        source="synthetic"), [3, 32, 32])
+    host = first_test_inputs(data, 64)
     board_prep = Manifest.read(bundle).preprocess
     assert board_prep == data.preprocess  # the manifest records what the host used
     for i in range(64):

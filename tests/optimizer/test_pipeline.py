@@ -19,7 +19,7 @@ from optimizer import quantize
 from optimizer.config import DataConfig, PruneConfig, QuantizeConfig, TrainConfig
 from optimizer.data import synthetic
 from optimizer.errors import QuantizationError, VerificationError
-from optimizer.model import SimpleCNN, predict
+from optimizer.model import SimpleCNN, accuracy_pct, predict
 from optimizer.prune import prune_, sparsity, state_sizes
 from tests.support import copy_bundle, run_cli
 
@@ -133,12 +133,15 @@ def test_gate_falls_back_in_order_and_records_why() -> None:
     x = torch.from_numpy(normalize(d.test_images.numpy(), d.mean, d.std))
     model = SimpleCNN()
     cfg = QuantizeConfig(engine="qnnpack", max_accuracy_drop=1.0)
-    result = quantize.gate(model, cfg, x[:32], (x, d.test_labels),
+    def accuracy(m: torch.nn.Module) -> float:
+        return accuracy_pct(predict(m, x), d.test_labels)
+
+    result = quantize.gate(model, cfg, x[:32], accuracy,
                            baseline_accuracy=1000.0)  # nothing int8 can pass
     assert result.mode == "fp32"
     assert [a["mode"] for a in result.attempts] == list(quantize.MODES)
     assert all("> 1.0 allowed" in a["reason"] for a in result.attempts[:3])
-    lenient = quantize.gate(model, cfg, x[:32], (x, d.test_labels), baseline_accuracy=0.0)
+    lenient = quantize.gate(model, cfg, x[:32], accuracy, baseline_accuracy=0.0)
     assert lenient.mode == "static_per_channel" and len(lenient.attempts) == 1
 
 
