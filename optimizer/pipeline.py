@@ -111,14 +111,15 @@ def step_train(ctx: Context) -> nn.Module:
     """Train the baseline (or adopt train.checkpoint) and save baseline_cnn.pth."""
     t = ctx.cfg.train
     ctx.out.mkdir(parents=True, exist_ok=True)
+    n = len(ctx.classes)  # the data is loaded (its workers draw from torch's RNG) first
+    torch.manual_seed(t.seed)  # the same random start for the same train.seed
     model = ctx.fresh_model()
     if t.weights and not t.checkpoint:
         if not vision_models.is_torchvision(t.factory):
             raise ConfigError(f"train.weights: {t.factory} is not a torchvision model "
                               f"(weights by name are torchvision's; give train.checkpoint, or "
                               f"set train.weights=null)")
-        model = vision_models.pretrained(t.factory.partition(":")[2], t.weights,
-                                         len(ctx.classes))
+        model = vision_models.pretrained(t.factory.partition(":")[2], t.weights, n)
     if t.checkpoint:
         load_state_dict_into(model, Path(t.checkpoint), "train.checkpoint",
                              "point train.checkpoint at a state_dict saved from train.factory")
@@ -398,6 +399,7 @@ def step_report(ctx: Context) -> dict[str, Any]:
                         "latency_iters": ctx.cfg.report.latency_iters,
                         "cpu": platform.processor() or platform.machine(),
                         "machine": platform.machine()},
+        "model": {**manifest.architecture, "input_shape": ctx.data.input_shape},
         "quantization": manifest.quantization, "sparsity": sparsity(pruned), "rows": rows,
     }
     paths = report.write(ctx.out, result)

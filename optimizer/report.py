@@ -49,6 +49,10 @@ def markdown(report: dict[str, Any]) -> str:
         "# edgeforge optimization report\n",
         f"- data: **{data['source']}**: {data['description']} "
         f"({data['train_images']} train / {data['test_images']} test images)",
+        *([f"- model: `{report['model']['factory']}` ({report['model']['name']}, "
+           f"{report['model']['parameters']:,} parameters), input "
+           f"{'x'.join(str(v) for v in report['model']['input_shape'])}"]
+          if "model" in report else []),
         f"- engine: `{env['engine']}`; torch {env['torch_version']}; timing threads "
         f"{env['threads']}; {env['latency_iters']} batch-1 runs after {env['warmup']} warm-up "
         f"runs; CPU: {env['cpu']}",
@@ -65,6 +69,7 @@ def markdown(report: dict[str, Any]) -> str:
         parts.append(f"| {a['mode']} | {_fmt(a['accuracy_pct'], '.2f')} | "
                      f"{_fmt(a['drop_pts'], '+.2f')} | "
                      f"{'passed' if a['passed'] else 'failed'}: {a['reason']} |")
+    parts += per_class(report)
     parts += ["", "## Pruning\n",
               f"Overall sparsity of conv and linear weights: "
               f"{100 * report['sparsity']['overall']:.1f} %\n",
@@ -73,6 +78,20 @@ def markdown(report: dict[str, Any]) -> str:
         parts.append(f"| {name} | {s['weights']} | {s['zeros']} | {100 * s['sparsity']:.1f} |")
     parts += ["", "![size, accuracy and latency](report.png)", ""]
     return "\n".join(parts)
+
+
+def per_class(report: dict[str, Any]) -> list[str]:
+    """Per-class test accuracy of every variant, one column each (Markdown lines)."""
+    rows = [r for r in report["rows"] if r.get("per_class_accuracy_pct")]
+    if not rows:
+        return []
+    lines = ["", "## Accuracy per class (test split)\n",
+             "| class | " + " | ".join(r["variant"] for r in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    for name in rows[0]["per_class_accuracy_pct"]:
+        lines.append(f"| {name} | " + " | ".join(
+            _fmt(r["per_class_accuracy_pct"].get(name), ".1f") for r in rows) + " |")
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
