@@ -17,7 +17,7 @@
 #    do not include it) gets onnxruntime alone, and `edge-agent check` and `run` serve the
 #    bundle of step 4 from its ONNX model;
 # 6. the sdist's own tests run from its unpacked folder (the config and torch-matrix tests).
-# torch is pinned to the CPU wheel with .ci/constraints.txt, as in scripts/setup.sh.
+# torch and torchvision are pinned with .ci/constraints.txt, as in scripts/setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD

@@ -4,7 +4,9 @@
 # openssl (test certificates), OpenSSH (edge-deploy flash and its test sshd), the
 # Prometheus and shell linters (promtool, shellcheck), and
 # a virtual environment in .venv with edgeforge, its host extras and the test tools.
-# torch is pinned through .ci/constraints.txt (the CPU wheel); a board picks its own build.
+# torch and torchvision are pinned through .ci/constraints.txt (PyPI's default torch build,
+# which runs on CPU and is the one torchvision's operators load with); a board picks its own
+# torch and never needs torchvision.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -39,5 +41,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
     -c .ci/constraints.txt -e '.[dev]'
-.venv/bin/python -c "import torch, yaml, psutil, paho.mqtt, cryptography, tqdm, matplotlib, PIL, av, watchdog" \
+.venv/bin/python -c "import torch, torchvision, yaml, psutil, paho.mqtt, cryptography, tqdm, matplotlib, PIL, av, watchdog" \
     || { echo "setup failed: dependencies did not import" >&2; exit 1; }
