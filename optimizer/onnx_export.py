@@ -146,3 +146,13 @@ def run(path: Path, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
     runner = onnxrt.load(path.read_bytes(), path, 1, None)
     return np.concatenate([runner(inputs[i:i + batch_size])
                            for i in range(0, inputs.shape[0], batch_size)])
+
+
+def unshipped_runner(path: Path, threads: int) -> Any:
+    """An ONNX file that is never shipped (the fp32 export the report compares against, which
+    carries no edgeforge metadata) in a session with the board's options."""
+    from agent.engines import onnxrt
+
+    session = onnxrt.ort.InferenceSession(str(path), onnxrt.options(threads),
+                                          providers=["CPUExecutionProvider"])
+    return onnxrt.OrtRunner(session)

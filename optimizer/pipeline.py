@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import platform
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,6 +334,14 @@ def _row(variant: str, file: str | None, payload: bytes, make: Callable[[], Any]
             **timing}
 
 
+def _fp32_row(ctx: Context, variant: str, source: nn.Module | Path, make: Callable[[], Any],
+              runtime: str) -> dict[str, Any]:
+    """The fp32 model on a board engine, measured like the int8 files (not shipped)."""
+    payload = (source.read_bytes() if isinstance(source, Path)
+               else serialized_bytes(source.state_dict()))
+    return _row(variant, None, payload, make, ctx, runtime, "-")
+
+
 def _scripted(model: nn.Module, engine: str) -> Any:
     """An in-memory frozen TorchScript copy: how dynamic/static variants run on a board."""
     set_engine(engine)
@@ -344,7 +353,10 @@ def _ort(path: Path, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The ONNX board file through the board's loader, as a tensor-in tensor-out callable."""
     from agent.engines import onnxrt
 
-    runner = onnxrt.load(path.read_bytes(), path, threads, None)
+    return _tensors(onnxrt.load(path.read_bytes(), path, threads, None))
+
+
+def _tensors(runner: Callable[[np.ndarray], np.ndarray]) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: torch.from_numpy(runner(x.numpy()))
 
 
@@ -378,6 +390,11 @@ def step_report(ctx: Context) -> dict[str, Any]:
     rows.append(_row(f"board file ({chosen})", BOARD_MODEL, board_path.read_bytes(),
                      lambda: load_scripted(board_path, engine), ctx,
                      "TorchScript from disk", manifest.verification["status"]))
+    pairs = []  # (engine, int8 row, fp32 row on the same engine)
+    fp32_script = _fp32_row(ctx, f"fp32 {label} (TorchScript, frozen)", source,
+                            lambda: _scripted(source, engine), "TorchScript (frozen)")
+    rows.append(fp32_script)
+    pairs.append((TORCHSCRIPT, rows[-2], fp32_script))
     onnx_entry = manifest.engine_entries.get(ONNXRUNTIME)
     if onnx_entry is not None:
         onnx_path = manifest.verified_path(ctx.out, str(onnx_entry["file"]))
@@ -385,6 +402,18 @@ def step_report(ctx: Context) -> dict[str, Any]:
                          lambda: _ort(onnx_path, ctx.cfg.report.threads), ctx,
                          f"ONNX Runtime {onnx_entry['runtime_version']} from disk",
                          onnx_entry["verification"]["status"]))
+        with tempfile.TemporaryDirectory(prefix="edgeforge-fp32-") as tmp:
+            fp32_path = Path(tmp) / "fp32.onnx"
+            onnx_export.export_fp32(source, ctx.data.input_shape, fp32_path)
+            fp32_onnx = _fp32_row(ctx, f"fp32 {label} (ONNX Runtime)", fp32_path,
+                                  lambda: _tensors(onnx_export.unshipped_runner(
+                                      fp32_path, ctx.cfg.report.threads)),
+                                  f"ONNX Runtime {onnx_entry['runtime_version']}")
+        rows.append(fp32_onnx)
+        pairs.append((ONNXRUNTIME, rows[-2], fp32_onnx))
+    same_engine = [{"engine": name, "int8": q["variant"], "fp32": f["variant"],
+                    "int8_p50_us": q["p50_us"], "fp32_p50_us": f["p50_us"],
+                    "ratio": q["p50_us"] / f["p50_us"]} for name, q, f in pairs]
     base = rows[0]
     for r in rows:
         r["size_ratio"] = r["bytes"] / base["bytes"]
@@ -400,10 +429,15 @@ def step_report(ctx: Context) -> dict[str, Any]:
                         "cpu": platform.processor() or platform.machine(),
                         "machine": platform.machine()},
         "model": {**manifest.architecture, "input_shape": ctx.data.input_shape},
+        "same_engine": same_engine,
         "quantization": manifest.quantization, "sparsity": sparsity(pruned), "rows": rows,
     }
     paths = report.write(ctx.out, result)
     print(report.table(result))
+    for pair in same_engine:
+        slower = " (int8 is SLOWER than fp32 on this host)" if pair["ratio"] > 1 else ""
+        print(f"{pair['engine']}: int8 p50 {pair['int8_p50_us']:.0f} us, fp32 "
+              f"{pair['fp32_p50_us']:.0f} us on the same engine: {pair['ratio']:.2f}x{slower}")
     print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return result
 

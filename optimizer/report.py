@@ -69,6 +69,7 @@ def markdown(report: dict[str, Any]) -> str:
         parts.append(f"| {a['mode']} | {_fmt(a['accuracy_pct'], '.2f')} | "
                      f"{_fmt(a['drop_pts'], '+.2f')} | "
                      f"{'passed' if a['passed'] else 'failed'}: {a['reason']} |")
+    parts += same_engine(report)
     parts += per_class(report)
     parts += ["", "## Pruning\n",
               f"Overall sparsity of conv and linear weights: "
@@ -78,6 +79,23 @@ def markdown(report: dict[str, Any]) -> str:
         parts.append(f"| {name} | {s['weights']} | {s['zeros']} | {100 * s['sparsity']:.1f} |")
     parts += ["", "![size, accuracy and latency](report.png)", ""]
     return "\n".join(parts)
+
+
+def same_engine(report: dict[str, Any]) -> list[str]:
+    """Each int8 board file against the fp32 model on the same engine (Markdown lines)."""
+    pairs = report.get("same_engine") or []
+    if not pairs:
+        return []
+    lines = ["", "## int8 against fp32 on the same engine (batch 1, this host)\n",
+             "| engine | int8 p50 us | fp32 p50 us | int8 / fp32 | |", "|---|---|---|---|---|"]
+    for p in pairs:
+        verdict = ("**int8 is slower than fp32 here**" if p["ratio"] > 1.0 else
+                   f"int8 is {1 / p['ratio']:.2f}x as fast")
+        lines.append(f"| {p['engine']} | {p['int8_p50_us']:.0f} | {p['fp32_p50_us']:.0f} | "
+                     f"{p['ratio']:.2f} | {verdict} |")
+    lines.append("\nA board's own engine timing (`edge-agent bench`) decides what runs there; "
+                 "these are this host's figures.")
+    return lines
 
 
 def per_class(report: dict[str, Any]) -> list[str]:

@@ -50,8 +50,16 @@ def test_reports_say_which_data_was_used(bundle: Path) -> None:
     assert report["data"]["source"] == "synthetic"
     assert [r["variant"].split(" (")[0] for r in report["rows"]] == [
         "fp32 baseline", "pruned fp32", "dynamic int8", "static int8", "board file",
-        "board file"]
+        "fp32 pruned", "board file", "fp32 pruned"]
     assert report["rows"][-1]["runtime"].startswith("ONNX Runtime")
+    # Each int8 board file beside the fp32 model on its own engine, and said when slower.
+    pairs = {p["engine"]: p for p in report["same_engine"]}
+    assert set(pairs) == {"torchscript", "onnxruntime"}
+    for p in pairs.values():
+        assert p["ratio"] == p["int8_p50_us"] / p["fp32_p50_us"] > 0
+    md = (bundle / "report.md").read_text()
+    assert "int8 against fp32 on the same engine" in md
+    assert ("int8 is slower than fp32 here" in md) == any(p["ratio"] > 1 for p in pairs.values())
     for row in report["rows"]:
         assert row["p50_us"] <= row["p90_us"] <= row["p99_us"]
         assert row["threads"] == 1 and row["throughput_ips"] > 0
