@@ -37,6 +37,10 @@ the bundle this run built on both engines.
    - on bookworm, the guest instructions per batch-1 inference of each engine, counted by
      QEMU itself with the project's TCG plugin (deploy/emulated-board/insn_count.c, built
      here with cc, run by Debian's dynamic qemu-aarch64 copied into the root);
+   - on bookworm's last CPU (the Pi 5's A76), a second bundle: torchvision's
+     mobilenet_v3_small at 224x224 (random start, a generated folder of PNG and JPEG photos,
+     static int8 through graph mode), proven on both engines by `edge-agent bench` and its
+     guest instructions per image counted the same way;
 4. the torch-free profile: the first release's install is run again with `--profile onnx`
    (the installer sheds torch), `import torch` must fail in the board's venv, `edge-agent
    bench` proves and times ONNX Runtime alone, and the folder run above serves every file from the
@@ -63,11 +67,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from tests.support import ROOT, bundle_config
 from tests.support.broker import Broker, Subscriber
+from tests.support.image_folder import write as write_photos
 from tests.support.media import host_top, png_bytes, results, sample_images, write_pngs
 
 # Enough training that "the same top-1 accuracy as the host" means something (well above the
@@ -75,6 +80,40 @@ from tests.support.media import host_top, png_bytes, results, sample_images, wri
 ARM_CONFIG = bundle_config(10000, 2, 0.001, 32)
 
 FOLDER_IMAGES = 16  # PNG files the emulated board classifies
+# The second model: torchvision's MobileNet at its own input size, from a photo folder.
+MOBILENET = "torchvision.models:mobilenet_v3_small"
+MOBILENET_SETS = ("data.root={photos}", f"train.factory={MOBILENET}",
+                  "train.input_shape=[3,224,224]", "train.epochs=1", "data.batch_size=8",
+                  "prune.finetune_epochs=0", "quantize.calibration_images=16",
+                  "quantize.max_accuracy_drop=100", "export.sample_size=8")
+
+
+def build_mobilenet(work: Path) -> Path:
+    """The mobilenet_v3_small bundle (train, prune, quantize, export: no host report)."""
+    photos, out = work / "photos", work / "bundle-mobilenet"
+    write_photos(photos, 8, sizes=((240, 320), (224, 224), (300, 260)))
+    sets = [a for s in MOBILENET_SETS for a in ("--set", s.format(photos=photos))]
+    for step in ("train", "prune", "quantize", "export"):
+        proc = subprocess.run([sys.executable, "-m", "optimizer", step, "--data", "folder",
+                               "--out", str(out), *sets], cwd=ROOT, capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"mobilenet {step}: {proc.stderr.strip()[-800:]}")
+    return out
+
+
+def prove_mobilenet(board: Board, bundle: str, suite: str) -> dict[str, object]:
+    """The second model's checks: both engines proven bit-exact, instructions counted."""
+    row: dict[str, object] = {"suite": suite, "cpu": board.cpu, "ok": False,
+                              "model": "mobilenet_v3_small 224"}
+    for name, step in (("engines", lambda: engines_proven(board, bundle, row, ENGINES)),
+                       ("instructions", lambda: count_instructions(board, bundle, row))):
+        problem = step()
+        if problem is not None:
+            row["failure"] = f"mobilenet {name}: {problem}"
+            return row
+    row["ok"] = True
+    return row
 
 # /proc/cpuinfo of the emulated boards, as their kernels print it.
 CPUS = {
@@ -497,7 +536,8 @@ def install(root: Path, bundle: Path, cpu: str, suite: str, profile: str = "both
 
 
 def chain(suite: str, roots: Path, built: Path, cpus: list[str], first: bool,
-          torch_free_too: bool, work: Path) -> tuple[list[dict[str, object]], str]:
+          torch_free_too: bool, work: Path, second: Future[Path] | None = None
+          ) -> tuple[list[dict[str, object]], str]:
     """Everything on one Debian release: the install, each CPU's checks (and, on the `first`
     release, the folder run and the instruction counts) and, with `torch_free_too`, the
     torch-free profile with its folder run. Returns the rows and the install's line."""
@@ -521,6 +561,22 @@ def chain(suite: str, roots: Path, built: Path, cpus: list[str], first: bool,
         row["wall_s"] = round(time.monotonic() - t1)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if second is not None:
+        try:
+            mobilenet = second.result()
+        except RuntimeError as exc:
+            rows.append({"suite": suite, "cpu": cpus[-1], "ok": False,
+                         "model": "mobilenet_v3_small 224", "failure": str(exc)})
+        else:
+            shutil.copytree(mobilenet, root / "root" / "bundle-mobilenet", dirs_exist_ok=True)
+            fake_cpu_files(root, cpus[-1])
+            t1 = time.monotonic()
+            with board_proc(root, cpus[-1]):
+                row = prove_mobilenet(Board(root, cpus[-1], f"/tmp/prove-mb-{cpus[-1]}"),
+                                      "/root/bundle-mobilenet", suite)
+            row["wall_s"] = round(time.monotonic() - t1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if torch_free_too:
         t1 = time.monotonic()
         free = torch_free(root, bundle, cpus[-1], suite)
@@ -559,8 +615,10 @@ def main() -> int:
     # The releases are independent boards (their own roots, brokers and bundle copies): each
     # runs its chain at once, mostly one qemu process apiece, so the slower release sets the
     # time instead of the sum of both.
-    with ThreadPoolExecutor(max_workers=len(suites)) as pool:
-        futures = [pool.submit(chain, suite, args.roots, bundle, cpus, i == 0, i == 0, work)
+    with ThreadPoolExecutor(max_workers=len(suites) + 1) as pool:
+        second = pool.submit(build_mobilenet, work)  # on the host, while the installs run
+        futures = [pool.submit(chain, suite, args.roots, bundle, cpus, i == 0, i == 0, work,
+                               second if i == 0 else None)
                    for i, suite in enumerate(suites)]
         done = [f.result() for f in futures]
     rows = [row for suite_rows, _ in done for row in suite_rows]
@@ -579,14 +637,16 @@ def print_tables(rows: list[dict[str, object]]) -> None:
         return (f"{'exact' if e['bit_exact'] else 'DIFF'} {e['sample_accuracy_pct']:.2f}/"
                 f"{e['host_pct']:.2f}")
 
-    print(f"\n{'debian':<9} {'cpu':<11} {'result':<6} {'torchscript (acc board/host %)':>31} "
+    print(f"\n{'debian':<9} {'cpu':<11} {'model':<22} {'result':<6} "
+          f"{'torchscript (acc board/host %)':>31} "
           f"{'onnxruntime (acc board/host %)':>31} {'auto ran':>12} {'folder = host':>13} "
           f"{'windows':>7} {'SIGTERM':>8} {'torch 2.10':>10} {'bad bundles':>11}")
     free: dict[str, object] = {}
     for r in rows:
         suite = f"{r['suite']}" + ("*" if r.get("profile") == "onnx" else "")
         free = r if r.get("profile") == "onnx" else free
-        print(f"{suite:<9} {r['cpu']:<11} {'PASS' if r['ok'] else 'FAIL':<6} "
+        print(f"{suite:<9} {r['cpu']:<11} {str(r.get('model', 'SimpleCNN 32')):<22} "
+              f"{'PASS' if r['ok'] else 'FAIL':<6} "
               f"{engine(r, 'torchscript'):>31} {engine(r, 'onnxruntime'):>31} "
               f"{str(r.get('served_by', '-')):>12} "
               f"{str(r.get('folder_results', '-')).split(' ')[0]:>13} "
@@ -599,7 +659,8 @@ def print_tables(rows: list[dict[str, object]]) -> None:
           f"{free.get('torch_import', '?')} on the board")
     for r in rows:
         if isinstance(r.get("bench"), str):
-            print(f"\nedge-agent bench on {r['suite']} {r['cpu']}"
+            print(f"\nedge-agent bench on {r['suite']} {r['cpu']}, "
+                  f"{r.get('model', 'SimpleCNN 32')}"
                   + (" (torch-free)" if r.get("profile") == "onnx" else "")
                   + " (emulated: the timings mean nothing here)")
             print(r["bench"])
@@ -607,13 +668,14 @@ def print_tables(rows: list[dict[str, object]]) -> None:
     if counted:
         print("\nguest instructions per batch-1 inference (QEMU TCG plugin "
               "deploy/emulated-board/insn_count.c; a deterministic proxy, not cycles)")
-        print(f"{'cpu':<11} {'torchscript':>12} {'onnxruntime':>12} {'ratio':>6}")
+        print(f"{'cpu':<11} {'model':<22} {'torchscript':>12} {'onnxruntime':>12} {'ratio':>6}")
         for r in counted:
             n = r["insns_per_inference"]
             assert isinstance(n, dict)
             ts, ort = n.get("torchscript"), n.get("onnxruntime")
             ratio = f"{ort / ts:.2f}" if ts and ort else "-"
-            print(f"{r['cpu']:<11} {ts or '-':>12,} {ort or '-':>12,} {ratio:>6}")
+            print(f"{r['cpu']:<11} {str(r.get('model', 'SimpleCNN 32')):<22} "
+                  f"{ts or '-':>12,} {ort or '-':>12,} {ratio:>6}")
 
 
 if __name__ == "__main__":
