@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,9 +82,27 @@ class Dataset(Protocol):
         """The first `n` test images as uint8 NCHW at the input size (the bundle's sample)."""
         ...
 
-    def calibration(self, n: int, seed: int) -> torch.Tensor:
+    def calibration(self, n: int, seed: int) -> Calibration:
         """`n` training images chosen by `seed`, through the board's preprocessing."""
         ...
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration inputs, read a batch at a time each time they are iterated, so they are
+    never held whole (512 images at 224x224 are 300 MB of floats)."""
+
+    count: int
+    read: Callable[[int], Iterator[torch.Tensor]]  # batch size -> normalised NCHW batches
+
+    def batches(self, batch_size: int = 64) -> Iterator[torch.Tensor]:
+        return self.read(batch_size)
+
+    @classmethod
+    def of(cls, inputs: torch.Tensor) -> Calibration:
+        """Normalised inputs already in memory."""
+        return cls(int(inputs.shape[0]),
+                   lambda size: (inputs[i:i + size] for i in range(0, inputs.shape[0], size)))
 
 
 @dataclass(frozen=True)
@@ -136,11 +154,16 @@ class ImageData:
     def test_pixels(self, n: int) -> torch.Tensor:
         return self.test_images[:n].clone()
 
-    def calibration(self, n: int, seed: int) -> torch.Tensor:
+    def calibration(self, n: int, seed: int) -> Calibration:
         n = min(n, self.train_count)
         idx = torch.randperm(self.train_count, generator=torch.Generator().manual_seed(seed))[:n]
-        return next(batches(self.train_images[idx], self.train_labels[idx], n, self.mean,
-                            self.std))[0]
+
+        def read(size: int) -> Iterator[torch.Tensor]:
+            for x, _ in batches(self.train_images[idx], self.train_labels[idx], size,
+                                self.mean, self.std):
+                yield x
+
+        return Calibration(n, read)
 
 
 def load(cfg: DataConfig, input_shape: list[int]) -> Dataset:

@@ -30,6 +30,7 @@ from agent.errors import EdgeforgeError
 from agent.preprocess import Preprocess
 from agent.untrusted import Untrusted, read_regular
 from optimizer.config import DataConfig
+from optimizer.data import Calibration
 from optimizer.errors import DataError
 
 # torchvision's ImageFolder suffixes, limited to the formats the board decodes.
@@ -152,7 +153,9 @@ class FolderData:
         def listing(split: Path) -> list[tuple[str, int]]:
             for name in classes:
                 folder = split / name
-                if not any(_is_image(e.name) and e.is_file() for e in os.scandir(folder)):
+                with os.scandir(folder) as entries:
+                    empty = not any(_is_image(e.name) and e.is_file() for e in entries)
+                if empty:
                     raise DataError(f"{folder}: no images (put {', '.join(EXTENSIONS[:3])}... "
                                     f"files there, or remove the folder)")
             found = ImageFolder(str(split), loader=_Decode(prep), is_valid_file=_is_image)
@@ -236,11 +239,16 @@ class FolderData:
     def test_pixels(self, n: int) -> torch.Tensor:
         return self._pixels(self.test_files[:n])
 
-    def calibration(self, n: int, seed: int) -> torch.Tensor:
+    def calibration(self, n: int, seed: int) -> Calibration:
         order = torch.randperm(len(self.train_files),
                                generator=torch.Generator().manual_seed(seed))[:n]
-        pixels = self._pixels([self.train_files[int(i)] for i in order])
-        return self.preprocess.batch(pixels)
+        files = [self.train_files[int(i)] for i in order]
+
+        def read(size: int) -> Iterator[torch.Tensor]:
+            for pixels in self._pixel_batches(files, size):
+                yield self.preprocess.batch(pixels)
+
+        return Calibration(len(files), read)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -257,9 +265,14 @@ class FolderData:
     def _pixels(self, files: list[tuple[str, int]]) -> torch.Tensor:
         if not files:
             return torch.zeros(0, 3, *self.size, dtype=torch.uint8)
-        loader = DataLoader(self._dataset(files, _BoardInput(self.preprocess)),
-                            batch_size=256, num_workers=self.workers if len(files) > 256 else 0)
-        return torch.cat([x for x, _ in loader])
+        return torch.cat(list(self._pixel_batches(files, 256)))
+
+    def _pixel_batches(self, files: list[tuple[str, int]], size: int) -> Iterator[torch.Tensor]:
+        """`files` in order as uint8 NCHW batches at the input size, decoded by workers."""
+        loader = DataLoader(self._dataset(files, _BoardInput(self.preprocess)), batch_size=size,
+                            num_workers=self.workers if len(files) > size else 0)
+        for x, _ in loader:
+            yield x
 
     def _normalised(self, loader: DataLoader[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         prep = self.preprocess

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib
 import io
+import math
 import pickle
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -164,9 +166,21 @@ def serialized_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
+# Elements of one evaluation batch: 256 images at 3x32x32, 27 at 3x224x224, so that a
+# batch's activations stay within a couple of hundred MB whatever the input size.
+EVAL_BATCH_ELEMENTS = 1 << 22
+
+
+def eval_batch_size(input_shape: Sequence[int]) -> int:
+    """Images per batch when a model is run for its logits (evaluation, verification)."""
+    return max(1, min(256, EVAL_BATCH_ELEMENTS // max(1, math.prod(input_shape))))
+
+
 @torch.inference_mode()
-def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int | None = None
+            ) -> torch.Tensor:
     """Logits for already-normalised `inputs`, computed in batches."""
+    batch_size = batch_size or eval_batch_size(inputs.shape[1:])
     with known_torch_deprecations():
         return torch.cat([model(inputs[i:i + batch_size])
                           for i in range(0, inputs.shape[0], batch_size)])

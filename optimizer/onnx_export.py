@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from agent.engines import ONNX_METADATA_KEY
+from optimizer.data import Calibration
 from optimizer.errors import ExportError
 
 OPSET = 18  # the exporter's lowest native opset in torch 2.13 (older ones are converted)
@@ -88,17 +89,17 @@ def export_fp32(model: nn.Module, input_shape: list[int], path: Path) -> None:
 
 
 class _Calibration:
-    """onnxruntime.quantization's CalibrationDataReader over a normalised image array."""
+    """onnxruntime.quantization's CalibrationDataReader over the calibration images, read a
+    batch at a time."""
 
-    def __init__(self, images: np.ndarray, batch_size: int = 64) -> None:
-        self._batches = iter([{"input": images[i:i + batch_size]}
-                              for i in range(0, images.shape[0], batch_size)])
+    def __init__(self, calibration: Calibration, batch_size: int = 64) -> None:
+        self._batches = ({"input": x.numpy()} for x in calibration.batches(batch_size))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
 
 
-def quantize(model: nn.Module, input_shape: list[int], calibration: np.ndarray,
+def quantize(model: nn.Module, input_shape: list[int], calibration: Calibration,
              metadata: dict[str, Any], path: Path) -> dict[str, Any]:
     """Write the int8 QDQ model of fp32 `model` to `path`; return how it was quantized.
 
@@ -134,15 +135,17 @@ def quantize(model: nn.Module, input_shape: list[int], calibration: np.ndarray,
         return {"format": "QDQ", "opset": OPSET,
                 "weights": "int8 per-channel, symmetric, 7-bit range (reduce_range)",
                 "activations": "uint8 (MinMax calibration)",
-                "calibration_images": int(calibration.shape[0]),
+                "calibration_images": calibration.count,
                 "exporter": f"torch.onnx (dynamo) {torch.__version__}",
                 "quantizer": f"onnxruntime.quantization {onnxruntime.__version__}"}
 
 
-def run(path: Path, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def run(path: Path, inputs: np.ndarray, batch_size: int | None = None) -> np.ndarray:
     """Logits of the ONNX model at `path` on `inputs`, through the board's loader."""
     from agent.engines import onnxrt
+    from optimizer.model import eval_batch_size
 
+    batch_size = batch_size or eval_batch_size(inputs.shape[1:])
     runner = onnxrt.load(path.read_bytes(), path, 1, None)
     return np.concatenate([runner(inputs[i:i + batch_size])
                            for i in range(0, inputs.shape[0], batch_size)])

@@ -37,7 +37,7 @@ from optimizer import data as datasets
 from optimizer import export as exporting
 from optimizer import latency, onnx_export, quantize, report, vision_models
 from optimizer.config import OptimizerConfig
-from optimizer.data import Dataset
+from optimizer.data import Calibration, Dataset
 from optimizer.model import (
     accuracy_pct,
     build,
@@ -149,7 +149,7 @@ def step_prune(ctx: Context) -> nn.Module:
     return model
 
 
-def _calibration(ctx: Context) -> torch.Tensor:
+def _calibration(ctx: Context) -> Calibration:
     return ctx.data.calibration(ctx.cfg.quantize.calibration_images, ctx.cfg.train.seed)
 
 
@@ -288,7 +288,7 @@ def _export_onnx(ctx: Context, record: dict[str, Any], metadata: dict[str, Any],
     source = ctx.load_fp32(PRUNED if record["source"] == "pruned" else BASELINE,
                            "prune" if record["source"] == "pruned" else "train")
     path = ctx.out / ONNX_MODEL
-    how = onnx_export.quantize(source, d.input_shape, _calibration(ctx).numpy(),
+    how = onnx_export.quantize(source, d.input_shape, _calibration(ctx),
                                {k: metadata[k] for k in ("input_shape", "classes",
                                                          "normalization", "data_source")},
                                path)

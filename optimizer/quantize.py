@@ -23,6 +23,7 @@ qnnpack int8 kernels. A layer graph mode leaves in float is named in the gate's 
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from torch import nn
 from agent.engines.torchscript import set_engine
 from agent.torchwarnings import known_torch_deprecations
 from optimizer.config import QuantizeConfig
+from optimizer.data import Calibration
 from optimizer.errors import CheckpointError, QuantizationError
 from optimizer.model import build, check_fits, load_payload
 
@@ -116,17 +118,24 @@ def float_layers(model: nn.Module) -> list[str]:
             if type(m) in (nn.Conv2d, nn.Linear, nn.Conv1d, nn.Conv3d)]
 
 
-def quantize_static(model: nn.Module, engine: str, calibration: torch.Tensor,
+def quantize_static(model: nn.Module, engine: str, calibration: Calibration,
                     per_channel: bool = True) -> nn.Module:
-    """Static post-training int8 of the whole network, calibrated on `calibration` inputs.
+    """Static post-training int8 of the whole network, calibrated on `calibration` inputs
+    (read a batch at a time).
 
     Raises:
-        QuantizationError: an observer saw no data (its layer is never reached in forward).
+        QuantizationError: an observer saw no data (its layer is never reached in forward, or
+            there are no calibration images).
     """
-    prepared = _prepare_static(model, engine, per_channel, calibration[:1])
+    batches = calibration.batches(64)
+    first = next(batches, None)
+    if first is None or first.shape[0] == 0:
+        raise QuantizationError("observers saw no data during calibration: there are no "
+                                "calibration images (set quantize.calibration_images > 0)")
+    prepared = _prepare_static(model, engine, per_channel, first[:1])
     with torch.inference_mode(), known_torch_deprecations():
-        for start in range(0, calibration.shape[0], 64):
-            prepared(calibration[start:start + 64])
+        for batch in itertools.chain([first], batches):
+            prepared(batch)
     blind = [name for name, m in prepared.named_modules()
              if isinstance(m, tq.ObserverBase) and _never_saw_data(m)]
     if blind:
@@ -149,7 +158,7 @@ def quantize_dynamic(model: nn.Module, engine: str) -> nn.Module:
                                    dtype=torch.qint8)
 
 
-def make(mode: str, model: nn.Module, engine: str, calibration: torch.Tensor) -> nn.Module:
+def make(mode: str, model: nn.Module, engine: str, calibration: Calibration) -> nn.Module:
     """Build the `mode` variant of fp32 `model`."""
     if mode == "static_per_channel":
         return quantize_static(model, engine, calibration, per_channel=True)
@@ -167,7 +176,7 @@ class GateResult:
     attempts: list[dict[str, Any]]  # one per mode tried: mode, accuracy, drop, passed, reason
 
 
-def gate(model: nn.Module, cfg: QuantizeConfig, calibration: torch.Tensor,
+def gate(model: nn.Module, cfg: QuantizeConfig, calibration: Calibration,
          accuracy: Callable[[nn.Module], float], baseline_accuracy: float) -> GateResult:
     """Try each mode in order for `cfg.engine`; keep the first whose accuracy drop (by
     `accuracy`, a model's test accuracy in percent) is within `cfg.max_accuracy_drop`."""
@@ -223,7 +232,8 @@ def load_quantized(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     shell = build(payload["factory"], payload["num_classes"])
     if mode.startswith("static"):
         # Observers must see one batch before convert; the real scales come from the file.
-        calib = torch.randn(2, *payload["input_shape"], generator=torch.Generator().manual_seed(0))
+        calib = Calibration.of(torch.randn(2, *payload["input_shape"],
+                                           generator=torch.Generator().manual_seed(0)))
         shell = quantize_static(shell, engine, calib, per_channel=mode == "static_per_channel")
     elif mode == "dynamic":
         shell = quantize_dynamic(shell, engine)

@@ -16,14 +16,15 @@ from tqdm import tqdm
 
 from agent.torchwarnings import known_torch_deprecations
 from optimizer.data import Dataset
-from optimizer.model import accuracy_pct
+from optimizer.model import accuracy_pct, eval_batch_size
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.inference_mode()
-def logits_on_test(model: Model, data: Dataset, batch_size: int = 256) -> torch.Tensor:
+def logits_on_test(model: Model, data: Dataset, batch_size: int | None = None) -> torch.Tensor:
     """Logits of the whole test split, read batch by batch (never all inputs at once)."""
+    batch_size = batch_size or eval_batch_size(data.input_shape)
     if isinstance(model, nn.Module):
         model.eval()
     with known_torch_deprecations():

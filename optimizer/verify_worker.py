@@ -30,12 +30,14 @@ def main(argv: list[str]) -> int:
 
             from agent.engines.torchscript import load_scripted
             from agent.torchwarnings import known_torch_deprecations
+            from optimizer.model import eval_batch_size
 
             module = load_scripted(Path(model_path), engine)
             x = torch.from_numpy(inputs)
+            size = eval_batch_size(x.shape[1:])
             with torch.inference_mode(), known_torch_deprecations():
-                logits = torch.cat([module(x[i:i + 256])
-                                    for i in range(0, x.shape[0], 256)]).numpy()
+                logits = torch.cat([module(x[i:i + size])
+                                    for i in range(0, x.shape[0], size)]).numpy()
     except EdgeforgeError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

@@ -149,3 +149,22 @@ def test_augmentation_crops_and_flips_but_keeps_shape() -> None:
     assert x.shape == plain.shape == (64, 3, 32, 32) and x.dtype == torch.float32
     assert not torch.equal(x, plain)
     assert torch.equal(y, d.train_labels)
+
+
+def test_folder_calibration_is_read_in_batches_the_same_each_time(tmp_path: Path) -> None:
+    from optimizer.config import DataConfig
+    from optimizer.folder import FolderData
+    from tests.support.image_folder import write
+
+    write(tmp_path, 12)
+    folder = FolderData.scan(DataConfig(source="folder", root=str(tmp_path), workers=0),
+                             [3, 24, 24])
+    calib = folder.calibration(20, seed=3)
+    first = list(calib.batches(8))
+    assert calib.count == 20 and [x.shape[0] for x in first] == [8, 8, 4]
+    assert all(x.dtype == torch.float32 and x.shape[1:] == (3, 24, 24) for x in first)
+    again = torch.cat(list(calib.batches(64)))  # a second reading, in other batch sizes
+    assert torch.equal(torch.cat(first), again)
+    # The same seed picks the same images; another seed others.
+    assert torch.equal(torch.cat(list(folder.calibration(20, seed=3).batches())), again)
+    assert not torch.equal(torch.cat(list(folder.calibration(20, seed=4).batches())), again)

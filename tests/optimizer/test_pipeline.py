@@ -17,7 +17,7 @@ from agent.preprocess import normalize
 from optimizer import export as exporting
 from optimizer import quantize
 from optimizer.config import DataConfig, PruneConfig, QuantizeConfig, TrainConfig
-from optimizer.data import synthetic
+from optimizer.data import Calibration, synthetic
 from optimizer.errors import QuantizationError, VerificationError
 from optimizer.model import SimpleCNN, accuracy_pct, predict
 from optimizer.prune import prune_, sparsity, state_sizes
@@ -144,18 +144,20 @@ def test_gate_falls_back_in_order_and_records_why() -> None:
     def accuracy(m: torch.nn.Module) -> float:
         return accuracy_pct(predict(m, x), d.test_labels)
 
-    result = quantize.gate(model, cfg, x[:32], accuracy,
+    result = quantize.gate(model, cfg, Calibration.of(x[:32]), accuracy,
                            baseline_accuracy=1000.0)  # nothing int8 can pass
     assert result.mode == "fp32"
     assert [a["mode"] for a in result.attempts] == list(quantize.MODES)
     assert all("> 1.0 allowed" in a["reason"] for a in result.attempts[:3])
-    lenient = quantize.gate(model, cfg, x[:32], accuracy, baseline_accuracy=0.0)
+    lenient = quantize.gate(model, cfg, Calibration.of(x[:32]), accuracy,
+                            baseline_accuracy=0.0)
     assert lenient.mode == "static_per_channel" and len(lenient.attempts) == 1
 
 
 def test_observer_that_never_saw_data_is_an_error() -> None:
     with pytest.raises(QuantizationError, match="saw no data"):
-        quantize.quantize_static(SimpleCNN(), "qnnpack", torch.zeros(0, 3, 32, 32))
+        quantize.quantize_static(SimpleCNN(), "qnnpack",
+                                 Calibration.of(torch.zeros(0, 3, 32, 32)))
 
 
 def test_pruning_hits_the_amount_and_makes_masks_permanent() -> None:
