@@ -189,7 +189,14 @@ def gate(model: nn.Module, cfg: QuantizeConfig, calibration: Calibration,
             attempts.append({"mode": mode, "passed": False, "accuracy_pct": None,
                              "drop_pts": None, "reason": f"could not be built: {exc}"})
             continue
-        acc = accuracy(candidate)
+        try:
+            acc = accuracy(candidate)
+        except RuntimeError as exc:  # an int8 kernel refused the model's scales, say
+            first = str(exc).strip().splitlines()[0][-200:] if str(exc).strip() else ""
+            attempts.append({"mode": mode, "passed": False, "accuracy_pct": None,
+                             "drop_pts": None,
+                             "reason": f"built, but could not run on {engine}: {first}"})
+            continue
         drop = baseline_accuracy - acc
         passed = mode == "fp32" or drop <= max_drop
         reason = (f"accuracy drop {drop:.2f} pts <= {max_drop} allowed" if passed else
