@@ -413,7 +413,9 @@ def step_report(ctx: Context) -> dict[str, Any]:
         pairs.append((ONNXRUNTIME, rows[-2], fp32_onnx))
     same_engine = [{"engine": name, "int8": q["variant"], "fp32": f["variant"],
                     "int8_p50_us": q["p50_us"], "fp32_p50_us": f["p50_us"],
-                    "ratio": q["p50_us"] / f["p50_us"]} for name, q, f in pairs]
+                    "ratio": q["p50_us"] / f["p50_us"],
+                    "int8_slower": round(q["p50_us"] / f["p50_us"], 2) > 1.0}
+                   for name, q, f in pairs]
     base = rows[0]
     for r in rows:
         r["size_ratio"] = r["bytes"] / base["bytes"]
@@ -435,7 +437,7 @@ def step_report(ctx: Context) -> dict[str, Any]:
     paths = report.write(ctx.out, result)
     print(report.table(result))
     for pair in same_engine:
-        slower = " (int8 is SLOWER than fp32 on this host)" if pair["ratio"] > 1 else ""
+        slower = " (int8 is SLOWER than fp32 on this host)" if pair["int8_slower"] else ""
         print(f"{pair['engine']}: int8 p50 {pair['int8_p50_us']:.0f} us, fp32 "
               f"{pair['fp32_p50_us']:.0f} us on the same engine: {pair['ratio']:.2f}x{slower}")
     print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)

@@ -89,7 +89,8 @@ def same_engine(report: dict[str, Any]) -> list[str]:
     lines = ["", "## int8 against fp32 on the same engine (batch 1, this host)\n",
              "| engine | int8 p50 us | fp32 p50 us | int8 / fp32 | |", "|---|---|---|---|---|"]
     for p in pairs:
-        verdict = ("**int8 is slower than fp32 here**" if p["ratio"] > 1.0 else
+        verdict = ("**int8 is slower than fp32 here**" if p["int8_slower"] else
+                   "as fast" if round(p["ratio"], 2) == 1.0 else
                    f"int8 is {1 / p['ratio']:.2f}x as fast")
         lines.append(f"| {p['engine']} | {p['int8_p50_us']:.0f} | {p['fp32_p50_us']:.0f} | "
                      f"{p['ratio']:.2f} | {verdict} |")

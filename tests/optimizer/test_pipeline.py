@@ -21,6 +21,7 @@ from optimizer.data import Calibration, synthetic
 from optimizer.errors import QuantizationError, VerificationError
 from optimizer.model import SimpleCNN, accuracy_pct, predict
 from optimizer.prune import prune_, sparsity, state_sizes
+from optimizer.train import fit_
 from tests.support import copy_bundle, run_cli
 
 FILES = ["baseline_cnn.pth", "pruned_cnn.pth", "quantized_cnn.pt", BOARD_MODEL]
@@ -57,9 +58,11 @@ def test_reports_say_which_data_was_used(bundle: Path) -> None:
     assert set(pairs) == {"torchscript", "onnxruntime"}
     for p in pairs.values():
         assert p["ratio"] == p["int8_p50_us"] / p["fp32_p50_us"] > 0
+        assert p["int8_slower"] == (round(p["ratio"], 2) > 1.0)
     md = (bundle / "report.md").read_text()
     assert "int8 against fp32 on the same engine" in md
-    assert ("int8 is slower than fp32 here" in md) == any(p["ratio"] > 1 for p in pairs.values())
+    assert ("int8 is slower than fp32 here" in md) == any(p["int8_slower"]
+                                                          for p in pairs.values())
     for row in report["rows"]:
         assert row["p50_us"] <= row["p90_us"] <= row["p99_us"]
         assert row["threads"] == 1 and row["throughput_ips"] > 0
@@ -228,3 +231,56 @@ def test_a_residual_model_without_a_fuse_list_becomes_a_static_int8_bundle_the_b
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.count("bit-exact") >= 2 or "max |logit diff| 0" in check.stdout, \
         check.stdout
+
+
+def test_batchnorm_statistics_are_the_training_images_own_after_a_short_run() -> None:
+    d = synthetic(64, 16)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8, momentum=0.01), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    model[4].requires_grad_(False)  # a frozen layer keeps the statistics it came with
+    fit_(model, d, epochs=1, lr=1e-3, weight_decay=0.0, batch_size=16, augment=True, seed=0,
+         label="t")
+    # Four steps at momentum 0.01 would leave the running mean at ~4 % of the data's.
+    x = next(d.train_batches(64, augment=False, generator=torch.Generator()))[0]
+    with torch.no_grad():
+        features = model[0](x)
+    assert torch.allclose(model[1].running_mean, features.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(model[1].running_var, features.var((0, 2, 3)), rtol=0.3)
+    assert torch.equal(model[4].running_mean, torch.zeros(8))
+    assert torch.equal(model[4].running_var, torch.ones(8))
+    assert not model.training
+
+
+class _SkewedAdd(torch.nn.Module):
+    """A residual add whose two inputs differ in scale by 10^9: qnnpack's add kernel refuses
+    a scale ratio outside [2^-14, 2^8) when the int8 model first runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(3, 4, 3, padding=1)
+        with torch.no_grad():
+            self.a.weight.mul_(1e-6)
+            self.a.bias.zero_()
+            self.b.weight.mul_(1e3)
+        self.fc = torch.nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((self.a(x) + self.b(x)).mean((2, 3)))
+
+
+def test_an_int8_model_the_engine_cannot_run_fails_its_mode_and_the_gate_goes_on() -> None:
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = _SkewedAdd().eval()
+    cfg = QuantizeConfig(engine="qnnpack", max_accuracy_drop=100.0)
+
+    def accuracy(m: torch.nn.Module) -> float:
+        return accuracy_pct(predict(m, x), torch.zeros(8, dtype=torch.long))
+
+    result = quantize.gate(model, cfg, Calibration.of(x), accuracy, baseline_accuracy=0.0)
+    static = [a for a in result.attempts if a["mode"].startswith("static")]
+    assert [a["passed"] for a in static] == [False, False]
+    assert all("could not run on qnnpack" in a["reason"] for a in static)
+    assert result.mode == "dynamic"
