@@ -114,7 +114,7 @@ class DeviceConfig:
         return self.id or socket.gethostname()
 
 
-ENGINE_CHOICES = ("auto", "torchscript", "onnxruntime")  # agent/engines
+ENGINE_CHOICES = ("auto", "torchscript", "onnxruntime", "executorch")  # agent/engines
 
 
 @dataclass(frozen=True)

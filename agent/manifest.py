@@ -57,6 +57,7 @@ BOARD_MODEL = "quantized_cnn_scripted.pt"
 SAMPLE_FILE = "sample.pt"  # for agents that predate SAMPLE_ARRAYS
 SAMPLE_ARRAYS = "sample.npz"
 ONNX_MODEL = "quantized_cnn.onnx"
+EXECUTORCH_MODEL = "quantized_cnn.pte"
 METADATA_FILE = "edgeforge.json"  # the _extra_files entry inside the TorchScript archive
 
 

@@ -24,7 +24,8 @@ STEPS = {  # command -> (the pipeline's function, what it does)
     "prune": ("step_prune", "prune + masked fine-tune -> pruned_cnn.pth"),
     "quantize": ("step_quantize", "int8 behind the accuracy gate -> quantized_cnn.pt"),
     "export": ("step_export",
-               "TorchScript + fresh-process check -> quantized_cnn_scripted.pt, manifest.json"),
+               "the board files (TorchScript, ONNX, ExecuTorch), each checked in a fresh "
+               "process -> quantized_cnn_scripted.pt, .onnx, .pte, manifest.json"),
     "report": ("step_report", "measure every variant -> report.md/.json/.png"),
 }
 
@@ -47,6 +48,21 @@ def load_pipeline() -> ModuleType:
         raise MissingExtra(f"edge-optimize needs {exc.name}, part of the host extra: "
                            f"pip install 'edgeforge[host]'") from None
     return pipeline
+
+
+def check_extras(cfg: OptimizerConfig, command: str) -> None:
+    """An export the config asks for by name whose package is missing, before any step runs.
+
+    Raises:
+        MissingExtra: export.executorch is true and executorch is not installed.
+    """
+    from optimizer import executorch_export
+
+    if (command in ("run", "export") and cfg.export.executorch
+            and executorch_export.installed() is None):
+        raise MissingExtra("export.executorch: the ExecuTorch export needs the executorch "
+                           "package (pip install executorch, or pip install "
+                           "'edgeforge[host]'; or set export.executorch=false)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -97,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # workstation before it is copied to a board.
         load_config(config_path, overrides, AgentConfig)
         check_out(args.out)
+        check_extras(cfg, args.command)
         pipeline = load_pipeline()
         getattr(pipeline, STEPS[args.command][0])(pipeline.Context(cfg=cfg, out=args.out))
     except EdgeforgeError as exc:

@@ -107,6 +107,9 @@ class ExportConfig:
     logit_tolerance: float = 1e-4  # max |logit difference| the verification accepts
     sample_size: int = 32  # labelled test images (with host logits) shipped in the bundle
     onnx: bool = True  # also export int8 QDQ for ONNX Runtime (quantized_cnn.onnx)
+    # also export an int8 XNNPACK program for ExecuTorch (quantized_cnn.pte); None: when the
+    # executorch package is installed on this host
+    executorch: bool | None = None
 
     def __post_init__(self) -> None:
         require(self.method in ("script", "trace"), "method",

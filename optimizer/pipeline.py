@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 import agent
-from agent.engines import ONNXRUNTIME, TORCHSCRIPT
+from agent.engines import EXECUTORCH, ONNXRUNTIME, TORCHSCRIPT
 from agent.engines.torchscript import load_scripted, set_engine
 from agent.errors import ConfigError
 from agent.manifest import (
     BOARD_MODEL,
+    EXECUTORCH_MODEL,
     ONNX_MODEL,
     SAMPLE_ARRAYS,
     SAMPLE_FILE,
@@ -36,8 +37,8 @@ from agent.manifest import (
 )
 from agent.torchwarnings import known_torch_deprecations
 from optimizer import data as datasets
+from optimizer import executorch_export, latency, onnx_export, quantize, report, vision_models
 from optimizer import export as exporting
-from optimizer import latency, onnx_export, quantize, report, vision_models
 from optimizer.config import OptimizerConfig
 from optimizer.data import Calibration, Dataset
 from optimizer.model import (
@@ -224,10 +225,15 @@ def step_export(ctx: Context) -> Manifest:
     if onnx_entry is not None:
         arrays[f"logits.{ONNXRUNTIME}"] = onnx_entry.pop("sample_logits_array")
         engines[ONNXRUNTIME] = onnx_entry
+    et_entry = _export_executorch(ctx, record, checked, sample_inputs)
+    if et_entry is not None:
+        arrays[f"logits.{EXECUTORCH}"] = et_entry.pop("sample_logits_array")
+        engines[EXECUTORCH] = et_entry
     with (ctx.out / SAMPLE_ARRAYS).open("wb") as f:
         np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy stubs: kwargs may be allow_pickle
     names = [BASELINE, PRUNED, QUANTIZED, BOARD_MODEL, SAMPLE_FILE, SAMPLE_ARRAYS,
-             *([ONNX_MODEL] if onnx_entry is not None else [])]
+             *([ONNX_MODEL] if onnx_entry is not None else []),
+             *([EXECUTORCH_MODEL] if et_entry is not None else [])]
     files = {name: file_entry(ctx.out / name) for name in names if (ctx.out / name).is_file()}
     base_bytes = files[BASELINE]["bytes"] if BASELINE in files else None
     fp32 = ctx.fresh_model()
@@ -255,8 +261,9 @@ def step_export(ctx: Context) -> Manifest:
                 "accuracy_pct": sample_acc, "logit_tolerance": e.logit_tolerance},
         verification=verification, files=files, engines=engines)
     manifest.write(ctx.out)
-    print(f"wrote {board}{' and ' + str(ctx.out / ONNX_MODEL) if onnx_entry else ''} and "
-          f"{ctx.out / 'manifest.json'}", file=sys.stderr)
+    written = [board, *[ctx.out / str(entry["file"]) for name, entry in engines.items()
+                        if name != TORCHSCRIPT], ctx.out / "manifest.json"]
+    print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
     return manifest
 
 
@@ -272,6 +279,21 @@ def _verify(ctx: Context, path: Path, engine: str, inputs: torch.Tensor,
           f"|logit diff| {verification['max_abs_logit_diff']:.3g}, accuracy "
           f"{verification['accuracy_pct_file']:.2f}%", file=sys.stderr)
     return verification
+
+
+def _gate(ctx: Context, record: dict[str, Any], what: str, acc: float, path: Path,
+          otherwise: str) -> float | None:
+    """The accuracy drop of the board file at `path` when it passes the gate; else None,
+    with the file removed and a line saying why and what ships instead."""
+    base = record["baseline_accuracy_pct"]
+    drop = float(base - acc)
+    limit = ctx.cfg.quantize.max_accuracy_drop
+    if drop <= limit:
+        return drop
+    path.unlink()
+    print(f"{what}: accuracy {acc:.2f}% is {drop:.2f} points under the baseline's {base:.2f}% "
+          f"(> quantize.max_accuracy_drop {limit}): not shipped; {otherwise}", file=sys.stderr)
+    return None
 
 
 def _export_onnx(ctx: Context, record: dict[str, Any], metadata: dict[str, Any],
@@ -295,13 +317,9 @@ def _export_onnx(ctx: Context, record: dict[str, Any], metadata: dict[str, Any],
                                                          "normalization", "data_source")},
                                path)
     acc = evaluate(_ort(path, 1), d)
-    base = record["baseline_accuracy_pct"]
-    drop = base - acc
-    if drop > ctx.cfg.quantize.max_accuracy_drop:
-        path.unlink()
-        print(f"ONNX int8 QDQ: accuracy {acc:.2f}% is {drop:.2f} points under the baseline's "
-              f"{base:.2f}% (> quantize.max_accuracy_drop {ctx.cfg.quantize.max_accuracy_drop}):"
-              f" not shipped; the bundle carries the TorchScript file alone", file=sys.stderr)
+    drop = _gate(ctx, record, "ONNX int8 QDQ", acc, path,
+                 "the bundle carries the TorchScript file alone")
+    if drop is None:
         return None
     expected = torch.from_numpy(onnx_export.run(path, checked.numpy()))
     verification = _verify(ctx, path, ONNXRUNTIME, checked, expected,
@@ -318,6 +336,52 @@ def _export_onnx(ctx: Context, record: dict[str, Any], metadata: dict[str, Any],
             "logit_tolerance": e.logit_tolerance, "accuracy_pct": acc,
             "accuracy_drop_pts": drop, "verification": verification,
             "sample_logits_array": sample_logits}
+
+
+def _export_executorch(ctx: Context, record: dict[str, Any], checked: torch.Tensor,
+                       sample_inputs: torch.Tensor) -> dict[str, Any] | None:
+    """quantized_cnn.pte from the same fp32 source and calibration images, gated on accuracy
+    and verified in a fresh process; its manifest entry, or None when export.executorch is off,
+    the package is missing and was not asked for, or the program fails the gate."""
+    e, d = ctx.cfg.export, ctx.data
+    version = executorch_export.installed()
+    if e.executorch is False:
+        return None
+    if version is None:  # export.executorch true is refused before the run (optimizer.cli)
+        print("ExecuTorch: not built (the executorch package is not installed here: pip "
+              "install executorch to add quantized_cnn.pte to the bundle)", file=sys.stderr)
+        return None
+    source = ctx.load_fp32(PRUNED if record["source"] == "pruned" else BASELINE,
+                           "prune" if record["source"] == "pruned" else "train")
+    path = ctx.out / EXECUTORCH_MODEL
+    print(f"ExecuTorch {version}: quantizing (PT2E, XNNPACK) and lowering", file=sys.stderr)
+    how = executorch_export.quantize(source, d.input_shape, _calibration(ctx), path)
+    expect = {"input_shape": d.input_shape, "classes": ctx.classes}
+    acc = evaluate(_et(path, 1, expect), d)
+    drop = _gate(ctx, record, "ExecuTorch int8", acc, path, "the bundle goes without it")
+    if drop is None:
+        return None
+    expected = torch.from_numpy(executorch_export.run(path, checked.numpy(), expect))
+    verification = _verify(ctx, path, EXECUTORCH, checked, expected,
+                           d.test_labels[:checked.shape[0]])
+    n = sample_inputs.shape[0]
+    sample_logits = executorch_export.run(path, sample_inputs.numpy(), expect)
+    return {"file": EXECUTORCH_MODEL, "runtime": "executorch", "runtime_version": version,
+            "quantization": how, "sample_logits": f"logits.{EXECUTORCH}",
+            "sample_accuracy_pct": accuracy_pct(torch.from_numpy(sample_logits),
+                                                d.test_labels[:n]),
+            "logit_tolerance": e.logit_tolerance, "accuracy_pct": acc,
+            "accuracy_drop_pts": drop, "verification": verification,
+            "sample_logits_array": sample_logits}
+
+
+def _et(path: Path, threads: int, expect: dict[str, Any] | None
+        ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ExecuTorch board file through the board's loader, tensor in, tensor out."""
+    from agent.engines import executorch
+
+    return _tensors(executorch.load(path.read_bytes(), path, str(executorch_export.installed()),
+                                    threads, expect))
 
 
 def _row(variant: str, file: str | None, payload: bytes, make: Callable[[], Any],
@@ -425,6 +489,22 @@ def step_report(ctx: Context) -> dict[str, Any]:
                                   f"ONNX Runtime {onnx_entry['runtime_version']}")
         rows.append(fp32_onnx)
         pairs.append((ONNXRUNTIME, rows[-2], fp32_onnx))
+    et_entry = manifest.engine_entries.get(EXECUTORCH)
+    if et_entry is not None and executorch_export.installed() is not None:
+        threads = ctx.cfg.report.threads
+        et_path = manifest.verified_path(ctx.out, str(et_entry["file"]))
+        rows.append(_row("board file (ExecuTorch XNNPACK int8)", et_path.name,
+                         et_path.read_bytes(), lambda: _et(et_path, threads, None), ctx,
+                         f"ExecuTorch {et_entry['runtime_version']} from disk",
+                         et_entry["verification"]["status"]))
+        with tempfile.TemporaryDirectory(prefix="edgeforge-fp32-") as tmp:
+            fp32_pte = Path(tmp) / "fp32.pte"
+            executorch_export.export_fp32(source, ctx.data.input_shape, fp32_pte)
+            fp32_et = _fp32_row(ctx, f"fp32 {label} (ExecuTorch XNNPACK)", fp32_pte,
+                                lambda: _et(fp32_pte, threads, None),
+                                f"ExecuTorch {et_entry['runtime_version']}")
+        rows.append(fp32_et)
+        pairs.append((EXECUTORCH, rows[-2], fp32_et))
     same_engine = [{"engine": name, "int8": q["variant"], "fp32": f["variant"],
                     "int8_p50_us": q["p50_us"], "fp32_p50_us": f["p50_us"],
                     "ratio": q["p50_us"] / f["p50_us"],

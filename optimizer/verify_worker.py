@@ -2,9 +2,10 @@
 
     python -m optimizer.verify_worker MODEL ENGINE INPUTS.npy OUT.npy
 
-ENGINE is torch's quantized engine for a TorchScript file (qnnpack, x86, fbgemm) or
-`onnxruntime` for an ONNX file. Runs in a fresh interpreter so nothing of the exporting
-process (engine, cached modules, sessions) leaks into the check.
+ENGINE is torch's quantized engine for a TorchScript file (qnnpack, x86, fbgemm),
+`onnxruntime` for an ONNX file or `executorch` for an ExecuTorch program. Runs in a fresh
+interpreter so nothing of the exporting process (engine, cached modules, sessions) leaks into
+the check.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ def main(argv: list[str]) -> int:
             from optimizer.onnx_export import run
 
             logits = run(Path(model_path), inputs)
+        elif engine == "executorch":
+            from optimizer import executorch_export
+
+            logits = executorch_export.run(Path(model_path), inputs)
         else:
             import torch
 

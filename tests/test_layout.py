@@ -15,7 +15,7 @@ BOARD_THIRD_PARTY = {"numpy", "yaml", "psutil", "paho", "cryptography"}
 # in the host's Preprocess.batch.
 LAZY_TORCH = {"agent/manifest.py": {"torch"}, "agent/preprocess.py": {"torch"}}
 RUNTIMES = {"agent/engines/torchscript.py": {"torch"}, "agent/engines/onnxrt.py": {"onnxruntime"},
-            **LAZY_TORCH}
+            "agent/engines/executorch.py": {"torch"}, **LAZY_TORCH}
 # The board's optional input libraries (extras images and video, and Raspberry Pi OS's
 # Picamera2): each only in the module of its source, and imported where it is used.
 OPTIONAL = {"agent/preprocess.py": {"PIL"}, "agent/folder_source.py": {"watchdog"},

@@ -1,14 +1,16 @@
 """The engines that run a bundle's model on the board, behind one small interface.
 
 A bundle carries one model file per engine (agent/manifest.py, `engines`): TorchScript int8
-for torch's qnnpack, always built, and ONNX int8 QDQ for ONNX Runtime. An engine takes the
+for torch's qnnpack, always built, ONNX int8 QDQ for ONNX Runtime, and an int8 ExecuTorch
+program lowered to XNNPACK. An engine takes the
 file's verified bytes and gives a `Runner`: float32 NCHW numpy batch in, float32 logits out.
 Each engine's runtime is imported only when that engine is loaded, so a board without torch
 runs the ONNX model and never imports torch.
 
-    engine        runtime       module
-    torchscript   torch         agent/engines/torchscript.py
-    onnxruntime   onnxruntime   agent/engines/onnxrt.py
+    engine        runtime               module
+    torchscript   torch                 agent/engines/torchscript.py
+    onnxruntime   onnxruntime           agent/engines/onnxrt.py
+    executorch    executorch (+ torch)  agent/engines/executorch.py
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from agent.errors import BundleError
 from agent.interrupts import ctrl_c_held
 from agent.torch_matrix import dist_version
 
-TORCHSCRIPT, ONNXRUNTIME = "torchscript", "onnxruntime"
-ENGINES = (TORCHSCRIPT, ONNXRUNTIME)
-RUNTIMES = {TORCHSCRIPT: "torch", ONNXRUNTIME: "onnxruntime"}  # the package each one imports
+TORCHSCRIPT, ONNXRUNTIME, EXECUTORCH = "torchscript", "onnxruntime", "executorch"
+ENGINES = (TORCHSCRIPT, ONNXRUNTIME, EXECUTORCH)
+RUNTIMES = {TORCHSCRIPT: "torch", ONNXRUNTIME: "onnxruntime", EXECUTORCH: "executorch"}
+NEEDS = {EXECUTORCH: ("torch",)}  # packages an engine's runtime imports besides its own
 ONNX_METADATA_KEY = "edgeforge"  # the ONNX model's metadata_props entry the optimizer writes
 
 
@@ -63,7 +66,7 @@ class Runner(Protocol):
 def installed(engine: str) -> str | None:
     """The version of `engine`'s runtime on this machine, or None; nothing is imported."""
     runtime = RUNTIMES[engine]
-    if importlib.util.find_spec(runtime) is None:
+    if any(importlib.util.find_spec(m) is None for m in (runtime, *NEEDS.get(engine, ()))):
         return None
     return dist_version(runtime) or dist_version(f"{runtime}-gpu") or "unknown"
 
@@ -87,6 +90,10 @@ def load(engine: str, data: bytes, path: Path, entry: dict[str, Any], threads: i
             from agent.engines import torchscript
         return torchscript.load(data, path, str(entry.get("quantized_engine", "qnnpack")),
                                 threads)
+    if engine == EXECUTORCH:
+        with ctrl_c_held():  # torch's and executorch's native modules
+            from agent.engines import executorch
+        return executorch.load(data, path, str(installed(engine)), threads, expect)
     with ctrl_c_held():  # onnxruntime's
         from agent.engines import onnxrt
     return onnxrt.load(data, path, threads, expect)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.manifest import BOARD_MODEL, ONNX_MODEL, sha256_of
+from agent.manifest import BOARD_MODEL, EXECUTORCH_MODEL, ONNX_MODEL, sha256_of
 from agent.stats import ResourceStats
 from tests.support import copy_bundle, edit_manifest, run_cli
 
@@ -72,14 +72,17 @@ def test_a_file_that_is_not_onnx(bundle: Path, tmp_path: Path) -> None:
                     "engine onnxruntime cannot run", "not a loadable ONNX model")
 
 
-def test_auto_runs_the_engine_that_passes_and_says_why_the_other_failed(
+def test_auto_runs_the_engine_that_passes_and_says_why_the_others_failed(
         bundle: Path, tmp_path: Path) -> None:
     b = copy_bundle(bundle, tmp_path)
     replace_file(b, ONNX_MODEL, b"\x08\x07 not an ONNX model")
+    replace_file(b, EXECUTORCH_MODEL, b"not an ExecuTorch program")
     proc = run(b, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "engine onnxruntime 1." in proc.stderr and "failed" in proc.stderr
     assert "not a loadable ONNX model" in proc.stderr
+    assert "engine executorch 1." in proc.stderr and "not a loadable ExecuTorch program" \
+        in proc.stderr
     assert "running torchscript" in proc.stderr and "the only proven engine" in proc.stderr
 
 
@@ -124,20 +127,21 @@ def test_bench_prints_a_table_and_json(bundle: Path) -> None:
                    "--iters", "30", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
+    engines = ["torchscript", "onnxruntime", "executorch"]
     assert [(r["batch_size"], r["engine"]) for r in result["rows"]] == [
-        (1, "torchscript"), (1, "onnxruntime"), (4, "torchscript"), (4, "onnxruntime")]
+        (b, e) for b in (1, 4) for e in engines]
     for r in result["rows"]:
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
         assert r["throughput_ips"] == pytest.approx(r["batch_size"] * 1000 / r["mean_ms"])
-    assert {r["engine"] for r in result["rows"]} == {"torchscript", "onnxruntime"}
-    assert [e["status"] for e in result["engines"]] == ["proven", "proven"]
-    assert result["engine"] in ("torchscript", "onnxruntime")
+    assert [e["status"] for e in result["engines"]] == ["proven"] * 3
+    assert result["engine"] in engines
     table = run_cli("agent", "bench", "--set", f"model.dir={bundle}", "--iters", "20")
     assert table.returncode == 0 and "p50 ms" in table.stdout
     lines = table.stdout.strip().splitlines()
-    assert [line.split()[0] for line in lines[1:3]] == ["torchscript", "onnxruntime"]
-    assert "proven" in lines[1] and "bit-exact" in lines[2]
-    assert len(lines) == 7 and lines[-1].startswith(f"runs: {result['engine']}")
+    assert [line.split()[0] for line in lines[1:4]] == engines
+    assert "proven" in lines[1] and all("bit-exact" in line for line in lines[1:4])
+    assert [line.split()[0] for line in lines[5:8]] == engines
+    assert len(lines) == 9 and lines[-1].startswith(f"runs: {result['engine']}")
 
 
 def fake_pi_sysfs(root: Path, throttled: str) -> Path:

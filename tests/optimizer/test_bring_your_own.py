@@ -66,7 +66,7 @@ def test_a_model_and_an_image_folder_become_a_static_int8_bundle_the_board_serve
     assert manifest["data"]["source"] == "folder"
     assert manifest["data"]["test_images"] == (12 if layout == "val" else 4 * 2)
     assert set(manifest["metrics"]["per_class_accuracy_pct"]) == set(CLASSES)
-    assert set(manifest["engines"]) == {"torchscript", "onnxruntime"}
+    assert set(manifest["engines"]) == {"torchscript", "onnxruntime", "executorch"}
     report = (out / "report.md").read_text()
     assert factory in report and "3x32x32" in report and "Accuracy per class" in report
     check = run_cli("agent", "check", "--set", f"model.dir={out}")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from optimizer.model import SimpleCNN
-from tests.support import run_cli
+from tests.support import ROOT, run_cli
 
 TINY = ["--data", "synthetic", "--set", "data.synthetic_train=20",
         "--set", "data.synthetic_test=20"]
@@ -85,3 +87,15 @@ def test_bring_your_own_checkpoint_is_adopted_as_baseline(tmp_path: Path) -> Non
     assert "adopted" in proc.stderr
     adopted = torch.load(out / "baseline_cnn.pth", weights_only=True)
     assert all(torch.equal(adopted[k], v) for k, v in torch.load(mine, weights_only=True).items())
+
+
+def test_executorch_asked_for_by_name_without_the_package(tmp_path: Path) -> None:
+    """export.executorch=true on a host without executorch: one line before any step runs
+    (nothing is trained)."""
+    hide = ("import sys; sys.modules['executorch'] = None; from optimizer.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", hide, "run", "--out", str(tmp_path / "b"),
+                           "--set", "export.executorch=true", *TINY],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert_one_line_error(proc, "MissingExtra", "export.executorch", "pip install executorch")
+    assert not (tmp_path / "b" / "baseline_cnn.pth").exists()

@@ -51,11 +51,12 @@ def test_reports_say_which_data_was_used(bundle: Path) -> None:
     assert report["data"]["source"] == "synthetic"
     assert [r["variant"].split(" (")[0] for r in report["rows"]] == [
         "fp32 baseline", "pruned fp32", "dynamic int8", "static int8", "board file",
-        "fp32 pruned", "board file", "fp32 pruned"]
-    assert report["rows"][-1]["runtime"].startswith("ONNX Runtime")
+        "fp32 pruned", "board file", "fp32 pruned", "board file", "fp32 pruned"]
+    assert report["rows"][-3]["runtime"].startswith("ONNX Runtime")
+    assert report["rows"][-1]["runtime"].startswith("ExecuTorch")
     # Each int8 board file beside the fp32 model on its own engine, and said when slower.
     pairs = {p["engine"]: p for p in report["same_engine"]}
-    assert set(pairs) == {"torchscript", "onnxruntime"}
+    assert set(pairs) == {"torchscript", "onnxruntime", "executorch"}
     for p in pairs.values():
         assert p["ratio"] == p["int8_p50_us"] / p["fp32_p50_us"] > 0
         assert p["int8_slower"] == (round(p["ratio"], 2) > 1.0)
@@ -120,6 +121,25 @@ def test_the_onnx_file_is_int8_qdq_and_reproduces_its_sample_in_a_fresh_process(
     x = torch.from_numpy(normalize(sample["images"], m.mean, m.std))
     logits = torch.from_numpy(sample["logits"][entry["sample_logits"]])
     good = exporting.verify_in_fresh_process(bundle / entry["file"], "onnxruntime", x,
+                                             torch.from_numpy(sample["labels"]), logits, 0.0)
+    assert good["bit_exact"]
+    assert abs(entry["accuracy_pct"] - m.metrics["accuracy_pct"]) <= 5.0
+
+
+def test_the_executorch_program_is_lowered_to_xnnpack_and_reproduces_its_sample(
+        bundle: Path) -> None:
+    """quantized_cnn.pte: listed with its sha256, int8 by PT2E, delegated to XNNPACK, and a
+    fresh process on the board's loader gives the sample's logits exactly."""
+    m = Manifest.read(bundle)
+    entry = m.engine_entries["executorch"]
+    assert entry["file"] == "quantized_cnn.pte" and entry["verification"]["status"] == "passed"
+    assert entry["verification"]["bit_exact"] and entry["quantization"]["batch"] == 1
+    assert m.files["quantized_cnn.pte"]["sha256"] == sha256_of(bundle / "quantized_cnn.pte")
+    assert b"XnnpackBackend" in (bundle / entry["file"]).read_bytes()
+    sample = m.load_sample(bundle)
+    x = torch.from_numpy(normalize(sample["images"], m.mean, m.std))
+    logits = torch.from_numpy(sample["logits"][entry["sample_logits"]])
+    good = exporting.verify_in_fresh_process(bundle / entry["file"], "executorch", x,
                                              torch.from_numpy(sample["labels"]), logits, 0.0)
     assert good["bit_exact"]
     assert abs(entry["accuracy_pct"] - m.metrics["accuracy_pct"]) <= 5.0
@@ -226,10 +246,10 @@ def test_a_residual_model_without_a_fuse_list_becomes_a_static_int8_bundle_the_b
     board = load_scripted(out / BOARD_MODEL, "qnnpack")
     graph = str(board.graph)  # int8 kernels for the skip's add, SE's product, hardswish
     assert all(f"quantized::{op}" in graph for op in ("add_relu", "mul", "hardswish"))
-    assert set(manifest["engines"]) == {"torchscript", "onnxruntime"}
+    assert set(manifest["engines"]) == {"torchscript", "onnxruntime", "executorch"}
     check = run_cli("agent", "check", "--set", f"model.dir={out}")
     assert check.returncode == 0, check.stdout + check.stderr
-    assert check.stdout.count("bit-exact") >= 2 or "max |logit diff| 0" in check.stdout, \
+    assert check.stdout.count("bit-exact") >= 3 or "max |logit diff| 0" in check.stdout, \
         check.stdout
 
 
