@@ -1,12 +1,13 @@
-"""The board runtime matrix: which torch and onnxruntime builds work on which board CPUs.
-One place, stdlib only.
+"""The board runtime matrix: which torch, onnxruntime and executorch builds work on which
+board CPUs. One place, stdlib only.
 
 It is consulted before a runtime is imported, because a build that does not fit the CPU dies
 with SIGILL at import, before any Python error handling could help. `edge-agent` refuses a
-known-bad runtime with one line saying what to install instead. deploy/install-agent.sh and
-the emulated board (deploy/emulated-board/) install `recommend`'s pick for each runtime of the
-board's profile. Every "works" entry is proven by the emulated-board run in CI
-(tests/prove_arm.py), on the CPUs and Python versions listed.
+known-bad torch or onnxruntime with one line saying what to install instead; a known-bad
+executorch is never loaded, and its engine's proof fails with that line (agent/engines).
+deploy/install-agent.sh and the emulated board (deploy/emulated-board/) install `recommend`'s
+pick for each runtime of the board's profile. Every "works" entry is proven by the
+emulated-board run in CI (tests/prove_arm.py), on the CPUs and Python versions listed.
 
     python -m agent.torch_matrix recommend [--runtime torch|onnxruntime] [--machine aarch64]
     python -m agent.torch_matrix recommend --profile torch|onnx|both [--torch SPEC]
@@ -79,9 +80,19 @@ MATRIX = (
     Build("onnxruntime", "1.32.0", "aarch64", True, frozenset(), ("cortex-a72", "cortex-a76"),
           "PyPI's aarch64 wheel (23 MB; Python 3.11 and 3.13); int8 QDQ bit-exact to the "
           "host"),
+    # ExecuTorch links against the torch it was built for: 1.0.1 is the release for torch
+    # 2.9. `needs` of a working build: the features it cannot run without.
+    Build("executorch", "1.0.1", "aarch64", True, frozenset({"asimddp"}), ("cortex-a76",),
+          "PyPI's aarch64 wheel (10 MB, Python 3.11 only, for torch 2.9); runs the programs "
+          "edge-optimize writes bit-exact to the host on a Cortex-A76, and dies with SIGILL "
+          "at the first inference on a Cortex-A72 (an ARMv8.0 core without the dot product)"),
+    Build("executorch", "1.1+", "aarch64", False, frozenset(), (),
+          "built for torch 2.10 or later, whose aarch64 wheels do not run as CPU-only builds "
+          "on the boards (see torch)"),
 )
 RECOMMENDED = {("torch", "aarch64"): "torch==2.9.1",
-               ("onnxruntime", "aarch64"): "onnxruntime==1.32.0"}
+               ("onnxruntime", "aarch64"): "onnxruntime==1.32.0",
+               ("executorch", "aarch64"): "executorch==1.0.1"}
 RUNTIMES = ("torch", "onnxruntime")
 # A board's profile: which runtimes it installs (install-agent.sh, flash, the playbook).
 PROFILES = {"torch": ("torch",), "onnx": ("onnxruntime",), "both": ("torch", "onnxruntime")}
@@ -161,6 +172,9 @@ def assess(version: str, cpu: Cpu, runtime: str = "torch") -> tuple[str, str]:
     if build is None:
         return "unproven", (f"{name} on {cpu.name} is not in edgeforge's runtime "
                             f"matrix: not proven to run here ({fix} is)")
+    if build.works and build.needs - cpu.features:
+        return "bad", (f"{name} needs {', '.join(sorted(build.needs - cpu.features))}, which "
+                       f"this {cpu.name} lacks: {build.note}")
     if not build.works:
         missing = build.needs - cpu.features
         if not build.needs or missing:

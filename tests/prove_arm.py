@@ -70,6 +70,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from agent.torch_matrix import RECOMMENDED
 from tests.support import ROOT, bundle_config
 from tests.support.broker import Broker, Subscriber
 from tests.support.image_folder import write as write_photos
@@ -77,9 +78,11 @@ from tests.support.media import host_top, png_bytes, results, sample_images, wri
 
 # Enough training that "the same top-1 accuracy as the host" means something (well above the
 # 10 % of chance), and short, because it runs beside the tests on CI's critical path.
-# The boards' roots carry torch and ONNX Runtime: ExecuTorch's board runtime is not installed
-# there, so the bundles are built without its program.
-ARM_CONFIG = bundle_config(10000, 2, 0.001, 32).replace("export: {", "export: {executorch: false, ")
+ARM_CONFIG = bundle_config(10000, 2, 0.001, 32)
+# ExecuTorch on the boards: the runtime matrix's release (built for the boards' torch 2.9),
+# whose aarch64 wheel exists for Python 3.11 (bookworm) only; on a core without the dot
+# product (the Pi 4's A72) the agent must refuse it, never load it.
+EXECUTORCH_PYTHONS = ("3.11",)
 
 FOLDER_IMAGES = 16  # PNG files the emulated board classifies
 # The second model: torchvision's MobileNet at its own input size, from a photo folder.
@@ -234,8 +237,8 @@ def refuses_bad_bundles(board: Board, bundle: str) -> str | None:
 
 
 BENCH_ITERS, BENCH_WARMUP = 20, 5  # timings under emulation mean nothing: enough to show them
-BENCH_ROW = re.compile(r"^(torchscript|onnxruntime) +1 +\d+ +[0-9.]+ ", re.M)
-ENGINE_LINE = re.compile(r"^(torchscript|onnxruntime) (\S+): proven, sample of \d+ "
+BENCH_ROW = re.compile(r"^(torchscript|onnxruntime|executorch) +1 +\d+ +[0-9.]+ ", re.M)
+ENGINE_LINE = re.compile(r"^(torchscript|onnxruntime|executorch) (\S+): proven, sample of \d+ "
                          r"(bit-exact|max \|logit diff\| ([0-9.eE+-]+)) to the host, accuracy "
                          r"([0-9.]+)%$", re.M)
 
@@ -287,10 +290,11 @@ def fake_torch_2_10(board: Board) -> str:
     return fake
 
 
-def warned_and_proven(board: Board, bundle: str, row: dict[str, object]) -> str | None:
+def warned_and_proven(board: Board, bundle: str, row: dict[str, object],
+                      engines: tuple[str, ...]) -> str | None:
     """On a core with ARMv8.1 atomics, torch 2.10.0 (the fake) only warns: the same
-    `edge-agent bench` then proves and times both engines (one emulated run, not two)."""
-    problem = engines_proven(board, bundle, row, ENGINES, pythonpath=fake_torch_2_10(board),
+    `edge-agent bench` then proves and times the engines (one emulated run, not two)."""
+    problem = engines_proven(board, bundle, row, engines, pythonpath=fake_torch_2_10(board),
                              warning="not proven here")
     row["torch_2_10"] = "warned" if problem is None else "not warned"
     return problem
@@ -381,6 +385,7 @@ import os, sys
 import numpy as np
 from pathlib import Path
 from agent.bundle import Bundle
+from agent.errors import BundleError
 
 def mark():
     try:
@@ -391,7 +396,10 @@ def mark():
 b = Bundle.open(Path(sys.argv[1]))
 x = np.random.default_rng(0).standard_normal((1, *b.manifest.input_shape), dtype=np.float32)
 for engine in b.engines:
-    runner = b.load(engine, 1)
+    try:
+        runner = b.load(engine, 1)
+    except BundleError:  # not installed here, or ruled out for this CPU by the matrix
+        continue
     with runner.session():
         for _ in range(5):
             runner(x)
@@ -465,10 +473,14 @@ def prove(board: Board, bundle: str, suite: str, first: bool,
         # (The store's current version, as the service runs it, was checked by the
         # install's `edge-agent activate`: install-board.sh fails when it fails.)
         steps.append(("bad bundles", lambda: bad_bundles(board, bundle, row)))
+    engines = board_engines(board.cpu, suite)
     if suite == "bookworm" and atomics:
-        steps.append(("torch 2.10 + engines", lambda: warned_and_proven(board, bundle, row)))
+        steps.append(("torch 2.10 + engines",
+                      lambda: warned_and_proven(board, bundle, row, engines)))
     else:
-        steps.append(("engines", lambda: engines_proven(board, bundle, row, ENGINES)))
+        steps.append(("engines", lambda: engines_proven(board, bundle, row, engines)))
+    if suite in EXECUTORCH_SUITES and "executorch" not in engines:
+        steps.append(("executorch refused", lambda: executorch_refused(board, bundle, row)))
     if folder:
         steps.append(("folder", lambda: serves_a_folder(board, bundle, row)))
     if suite == "bookworm":
@@ -517,6 +529,49 @@ def torch_free(root: Path, bundle: Path, cpu: str, suite: str) -> dict[str, obje
 
 
 ENGINES = ("torchscript", "onnxruntime")
+EXECUTORCH_SUITES = ("bookworm",)  # the releases whose Python is in EXECUTORCH_PYTHONS
+
+
+def board_engines(cpu: str, suite: str) -> tuple[str, ...]:
+    """The engines a board of `cpu` on `suite` must prove: ExecuTorch too where its wheel
+    installs and the core has the dot product its release needs."""
+    dot = "asimddp" in CPUS[cpu][4].split()
+    return ENGINES + ("executorch",) if suite in EXECUTORCH_SUITES and dot else ENGINES
+
+
+def executorch_refused(board: Board, bundle: str, row: dict[str, object]) -> str | None:
+    """On a core the runtime matrix rules out for it, `model.engine=executorch` is one line
+    naming the reason, and the process lives to say it (no SIGILL)."""
+    proc = board.agent("check", "--set", f"model.dir={bundle}", "--set",
+                       "model.engine=executorch")
+    lines = proc.stderr.strip().splitlines()
+    row["executorch"] = lines[-1][-300:] if lines else proc.stdout[-300:]
+    if proc.returncode != 2 or len(lines) != 1 or "not loaded: executorch" not in lines[0] \
+            or "asimddp" not in lines[0]:
+        return f"exit {proc.returncode}, stderr {proc.stderr[-400:]!r}"
+    return None
+
+
+def install_executorch(root: Path, suite: str) -> str:
+    """The matrix's executorch unpacked into the board's venv by the host's pip (as the
+    runtimes are, see install-board.sh); one line saying what was done."""
+    pyver = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-c",
+                            "import sys; print('%d.%d' % sys.version_info[:2])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    spec = RECOMMENDED[("executorch", "aarch64")]
+    if pyver not in EXECUTORCH_PYTHONS:
+        return f"{suite}: {spec} has no aarch64 wheel for Python {pyver}: not installed"
+    site = root / f"opt/edgeforge/venv/lib/python{pyver}/site-packages"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "--no-deps", "--only-binary=:all:", "--platform", "manylinux_2_28_aarch64",
+         "--python-version", pyver, "--implementation", "cp", "--abi",
+         f"cp{pyver.replace('.', '')}", "--target", str(site), "--upgrade", spec],
+        capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{suite}: pip install {spec} into the board: "
+                           f"{proc.stderr.strip()[-400:]}")
+    return f"{suite}: {spec} installed into the board's venv"
 
 
 def install(root: Path, bundle: Path, cpu: str, suite: str, profile: str = "both"
@@ -555,6 +610,10 @@ def chain(suite: str, roots: Path, built: Path, cpus: list[str], first: bool,
                  "failure": "README install failed"}], note
     if suite == "bookworm":
         install_counter(root)
+    try:
+        print(f"prove_arm: {install_executorch(root, suite)}", flush=True)
+    except RuntimeError as exc:
+        return [{"suite": suite, "cpu": cpus[0], "ok": False, "failure": str(exc)}], note
     rows: list[dict[str, object]] = []
     for i, cpu in enumerate(cpus):
         fake_cpu_files(root, cpu)
@@ -672,14 +731,16 @@ def print_tables(rows: list[dict[str, object]]) -> None:
     if counted:
         print("\nguest instructions per batch-1 inference (QEMU TCG plugin "
               "deploy/emulated-board/insn_count.c; a deterministic proxy, not cycles)")
-        print(f"{'cpu':<11} {'model':<22} {'torchscript':>12} {'onnxruntime':>12} {'ratio':>6}")
+        print(f"{'cpu':<11} {'model':<22} {'torchscript':>12} {'onnxruntime':>12} "
+              f"{'executorch':>12} {'ort/ts':>6} {'et/ort':>6}")
         for r in counted:
             n = r["insns_per_inference"]
             assert isinstance(n, dict)
-            ts, ort = n.get("torchscript"), n.get("onnxruntime")
-            ratio = f"{ort / ts:.2f}" if ts and ort else "-"
+            ts, ort, et = (n.get(e) for e in ("torchscript", "onnxruntime", "executorch"))
+            cells = [f"{c:,}" if c else "-" for c in (ts, ort, et)]
+            ratios = [f"{a / b:.2f}" if a and b else "-" for a, b in ((ort, ts), (et, ort))]
             print(f"{r['cpu']:<11} {str(r.get('model', 'SimpleCNN 32')):<22} "
-                  f"{ts or '-':>12,} {ort or '-':>12,} {ratio:>6}")
+                  f"{cells[0]:>12} {cells[1]:>12} {cells[2]:>12} {ratios[0]:>6} {ratios[1]:>6}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from agent import torch_matrix
 from agent.errors import BundleError
 from agent.interrupts import ctrl_c_held
 from agent.torch_matrix import dist_version
@@ -91,9 +92,13 @@ def load(engine: str, data: bytes, path: Path, entry: dict[str, Any], threads: i
         return torchscript.load(data, path, str(entry.get("quantized_engine", "qnnpack")),
                                 threads)
     if engine == EXECUTORCH:
+        version = str(installed(engine))
+        verdict, message = torch_matrix.assess(version, torch_matrix.read_cpu(), EXECUTORCH)
+        if verdict == "bad":  # loading it would kill the process: SIGILL, no Python error
+            raise BundleError(f"{path}: not loaded: {message}")
         with ctrl_c_held():  # torch's and executorch's native modules
             from agent.engines import executorch
-        return executorch.load(data, path, str(installed(engine)), threads, expect)
+        return executorch.load(data, path, version, threads, expect)
     with ctrl_c_held():  # onnxruntime's
         from agent.engines import onnxrt
     return onnxrt.load(data, path, threads, expect)

@@ -34,9 +34,10 @@ METHOD = "forward"
 # imports its exporter too, 3-7 s of start-up and a dozen deprecation warnings on this host.
 BINDINGS = ("executorch.extension.pybindings._C",
             "executorch.extension.pybindings._portable_lib")
-# The runtime's C++ log line ("[program.cpp:114] File size is too small..."): written to the
-# process's stderr at every level, CPU probing included, with no switch to turn it off.
-RUNTIME_LOG = re.compile(r"^\[[\w.]+:\d+\] ")
+# The runtime's C++ log line ("[program.cpp:114] File size is too small...", or its backends'
+# "E 00:00:00.002606 executorch:XNNPACKBackend.cpp:47] ..."): written to the process's stderr
+# at every level, CPU probing included, with no switch to turn it off.
+RUNTIME_LOG = re.compile(r"^(?:\[[\w.]+:\d+\]|[DIWEF] [\d:.]+ executorch:[\w.]+:\d+\]) ")
 
 log = logging.getLogger(__name__)
 _stderr_lock = threading.Lock()

@@ -66,12 +66,12 @@ def test_publishes_schema_checked_telemetry_and_retained_status_and_info(
     assert status == ["edgeforge/testboard/status offline"]
     birth = json.loads(info[0].split(" ", 1)[1])
     assert birth["model_sha256"] == messages[0]["model_sha256"]
-    assert birth["quantized_engine"] == "qnnpack" and birth["engine"] in ("torchscript",
-                                                                           "onnxruntime")
+    assert birth["quantized_engine"] == "qnnpack" and birth["engine"] in (
+        "torchscript", "onnxruntime", "executorch")
     # the choice is measured and explained, and every window names the engine that ran it
     choice = birth["engine_choice"]
     assert choice["setting"] == "auto" and "fastest proven" in choice["reason"]
-    assert [e["status"] for e in choice["engines"]] == ["proven", "proven"]
+    assert [e["status"] for e in choice["engines"]] == ["proven"] * 3
     assert {m["engine"] for m in messages} == {birth["engine"]}
     assert birth["restart_count"] == 0 and birth["last_exit"] == "first start"
 

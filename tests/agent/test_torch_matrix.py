@@ -70,6 +70,17 @@ def test_onnxruntime_is_judged_by_its_own_entries() -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "onnxruntime==1.32.0"
 
 
+def test_executorch_runs_on_a_pi_5_and_is_never_loaded_on_a_pi_4(tmp_path: Path) -> None:
+    """executorch 1.0.1 (the release for torch 2.9) needs the dot product a Pi 4 lacks: on an
+    A72 its engine is refused before it is imported, with the reason; later releases need a
+    torch the boards cannot run."""
+    assert assess("1.0.1", A76, "executorch")[0] == "ok"
+    verdict, message = assess("1.0.1", A72, "executorch")
+    assert verdict == "bad" and "asimddp" in message and "SIGILL" in message
+    assert assess("1.5.1", A76, "executorch")[0] == "bad"
+    assert assess("1.5.1", Cpu("x86_64", None, frozenset()), "executorch")[0] == "ok"
+
+
 def test_versions_are_read_off_dist_info_and_debian_egg_info_folders(tmp_path: Path) -> None:
     """What pip and Debian leave in site-packages, read without importing anything; the
     first path entry that has the distribution wins, as imports do."""

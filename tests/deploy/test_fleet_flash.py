@@ -130,7 +130,8 @@ def test_flash_installs_through_ssh_then_changes_nothing_and_ansible_rolls_out_a
                      == model_sha(bundle_v2), 10, "board1 running the Ansible release")
         # profile both: torch joined onnxruntime, and the agent proved and timed both
         choice = json.loads(sub.on("board1/info")[-1][0])["engine_choice"]
-        assert [e["status"] for e in choice["engines"]] == ["proven", "proven"]
+        status = {e["engine"]: e["status"] for e in choice["engines"]}
+        assert status["torchscript"] == status["onnxruntime"] == "proven", status
     finally:
         sub.close()
         pid = prefix / "agent.pid"
