@@ -5,7 +5,8 @@ the bundle this run built on both engines.
                                         [--suites bookworm,trixie]
 
 1. builds a bundle on this x86 host with `edge-optimize run --data synthetic` (ARM_CONFIG): the
-   TorchScript file for qnnpack and the ONNX int8 QDQ file for ONNX Runtime;
+   TorchScript file for qnnpack, the ONNX int8 QDQ file for ONNX Runtime and the ExecuTorch
+   XNNPACK program;
 2. for each Debian release (bookworm: Python 3.11; trixie: Python 3.13, what Raspberry Pi OS
    is based on now), installs the agent the way the README tells a Pi owner to, on the first
    CPU: deploy/emulated-board/install-board.sh runs `edge-deploy render` here and the folder's
@@ -24,9 +25,14 @@ the bundle this run built on both engines.
      `edge-agent check` refuses it in one line on the Cortex-A72 (no ARMv8.1 atomics) and
      only warns on the Cortex-A76, where the engines' proof below runs with it;
    - `edge-agent bench` proves each engine (its check: sha256, embedded metadata, the
-     bundled sample reproducing that engine's host logits, bit-exact: both are static int8,
+     bundled sample reproducing that engine's host logits, bit-exact: all are static int8,
      and accuracy), times each proven one (20 passes: shown, not judged) and names the one
      the agent runs; its table is printed for each release and CPU;
+   - ExecuTorch: on bookworm (Python 3.11, the only Python the runtime matrix's executorch
+     1.0.1 has an aarch64 wheel for) it is unpacked into the board's venv; the A76 proves
+     it with the other two engines (a program written by the host's newer executorch), and
+     on the A72, which lacks the dot product that release needs, `model.engine=executorch`
+     is refused in one line before the runtime is loaded; trixie says it is not installed;
    - on bookworm's first CPU, `edge-agent run` with a `folder` source and `engine: auto`
      classifies FOLDER_IMAGES PNG files of the stand-in test images dropped into a folder
      (the installer's default `images` extra; the torch-free run below does it on the
