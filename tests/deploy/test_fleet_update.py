@@ -119,7 +119,7 @@ def test_a_signed_update_is_applied_watched_confirmed_and_reported(
 def test_refuses_every_bad_update_and_leaves_model_and_files_as_they_were(
         bundle: Path, fleet_key: Path, broker: Broker, tmp_path: Path) -> None:
     current = make_store(bundle, tmp_path, fleet_key, version=5)
-    agent, sub = start_agent(current, broker, tmp_path, fleet_key, "update.max_payload_mb=1")
+    agent, sub = start_agent(current, broker, tmp_path, fleet_key, "update.max_payload_mb=2")
     before, sha = tree(current.parent), model_sha(bundle)
     other_key = tmp_path / "other.key"
     assert run_cli("deploy.cli", "keygen", "--key", other_key).returncode == 0
@@ -162,7 +162,7 @@ def test_refuses_every_bad_update_and_leaves_model_and_files_as_they_were(
         for rid, (args, _) in cases.items():
             send(broker.port, "update_model", request(rid, args), fleet_key)
         whole = signed(request("big", good), "update_model", fleet_key)
-        send(broker.port, "update_model", whole + b" " * 10**6)  # over max_payload_mb=1
+        send(broker.port, "update_model", whole + b" " * 2 * 10**6)  # over max_payload_mb=2
         send(broker.port, "update_model", whole[: len(whole) // 2])  # truncated
         send(broker.port, "update_model", json.dumps({"args": good}).encode())  # no request id
         expected = {rid: code for rid, (_, code) in cases.items()}
@@ -279,10 +279,10 @@ def test_remote_commands_answer_with_their_request_id(bundle: Path, bundle_v2: P
         proc = deploy("cmd", "--key", fleet_key, "testboard", "benchmark", "iters=30",
                       "batch_sizes=[1,4]", port=broker.port)
         assert proc.returncode == 0, proc.stderr
-        # done, the head, a proof line per engine, the columns, 2 engines x 2 batch sizes,
+        # done, the head, a proof line per engine, the columns, 3 engines x 2 batch sizes,
         # and the engine the board runs
         lines = proc.stdout.splitlines()
-        assert "p99 ms" in proc.stdout and len(lines) == 10 and lines[-1].startswith("runs: ")
+        assert "p99 ms" in proc.stdout and len(lines) == 13 and lines[-1].startswith("runs: ")
 
         proc = deploy("cmd", "--key", fleet_key, "testboard", "diagnostics", port=broker.port)
         assert proc.returncode == 0, proc.stderr
