@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("recommend", help="print the pip spec of a runtime to install")
-    r.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    r.add_argument("--runtime", choices=(*RUNTIMES, "executorch"), default="torch")
     r.add_argument("--profile", choices=PROFILES, default=None,
                    help="print the spec of each of the profile's runtimes, one per line")
     r.add_argument("--torch", default="", metavar="SPEC", help="torch spec to use instead")

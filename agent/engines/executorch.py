@@ -87,6 +87,21 @@ def bindings() -> Any:
                       f"the executorch release made for this board's torch)")
 
 
+_pool_threads: int | None = None  # what this process set the runtime's one thread pool to
+
+
+def _size_pool(lib: Any, threads: int) -> None:
+    """The runtime's thread pool (one per process) at `threads`, set only when it is not
+    already: resetting it under a running method is unsafe. Older runtimes (1.0) cannot say
+    its size, so what this process set is remembered."""
+    global _pool_threads
+    count = getattr(lib, "_threadpool_get_thread_count", None)
+    current = count() if count is not None else _pool_threads
+    if current != threads and hasattr(lib, "_unsafe_reset_threadpool"):
+        lib._unsafe_reset_threadpool(threads)
+        _pool_threads = threads
+
+
 class ExecuTorchRunner:
     """A loaded ExecuTorch method behind the engine interface (agent/engines)."""
 
@@ -133,11 +148,19 @@ def load(data: bytes, path: Path, version: str, threads: int,
         BundleError: not a program this runtime loads, no XNNPACK in this runtime, or a
             program that disagrees with the manifest.
     """
-    lib = bindings()
+    try:
+        return _load(bindings(), data, path, version, threads, expect)
+    except AttributeError as exc:  # a runtime release whose bindings differ from those known
+        raise BundleError(f"{path}: executorch {version}'s runtime lacks {exc.name or exc} "
+                          f"(install a release the runtime matrix lists: python -m "
+                          f"agent.torch_matrix recommend --runtime executorch)") from None
+
+
+def _load(lib: Any, data: bytes, path: Path, version: str, threads: int,
+          expect: dict[str, Any] | None) -> ExecuTorchRunner:
     buffer = bytes(data)  # the program reads from it for as long as it lives: keep it
     with runtime_log() as said:
-        if lib._threadpool_get_thread_count() != threads:
-            lib._unsafe_reset_threadpool(threads)  # one pool per process; none runs yet
+        _size_pool(lib, threads)
         xnnpack = lib._is_available("XnnpackBackend")
         try:
             program = lib._load_program_from_buffer(buffer) if xnnpack else None

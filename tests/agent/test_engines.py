@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.manifest import EXECUTORCH_MODEL, sha256_of
 from tests.support import ROOT, Agent, copy_bundle, run_cli
 from tests.support.broker import Broker, Subscriber
@@ -150,3 +152,32 @@ def test_a_damaged_executorch_program_is_one_line_and_another_engine_runs(
     assert auto.returncode == 0, auto.stdout + auto.stderr
     assert "executorch 1." in auto.stdout and "failed" in auto.stdout
     assert "runs on executorch" not in auto.stdout
+
+
+class FakeBindings:
+    """A fake of an older ExecuTorch runtime's bindings (1.0 has no thread-pool size call,
+    and is not on this host): counts the pool resets, and lacks every loading call."""
+
+    def __init__(self) -> None:
+        self.resets: list[int] = []
+
+    def _unsafe_reset_threadpool(self, threads: int) -> None:
+        self.resets.append(threads)
+
+
+def test_a_runtime_whose_bindings_differ_is_one_line_and_its_pool_is_sized_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release without a call the engine uses is a BundleError naming the call (the proof
+    fails and another engine runs), not an AttributeError; the one thread pool of a runtime
+    that cannot say its size is reset once per size, never under a running method."""
+    from agent.engines import executorch
+    from agent.errors import BundleError
+
+    fake = FakeBindings()
+    monkeypatch.setattr(executorch, "bindings", lambda: fake)
+    monkeypatch.setattr(executorch, "_pool_threads", None)
+    with pytest.raises(BundleError, match=r"executorch 1\.0\.0's runtime lacks _is_available"):
+        executorch.load(b"program", Path("m.pte"), "1.0.0", 1, None)
+    with pytest.raises(BundleError):
+        executorch.load(b"program", Path("m.pte"), "1.0.0", 1, None)
+    assert fake.resets == [1]
