@@ -326,8 +326,8 @@ def test_bad_bundle_files_get_one_line_and_exit_2(bundle: Path, fleet_key: Path,
         "no logit_tolerance": (no_tol, "logit_tolerance"),
         "newer schema": (newer, "newer"),
         "sample other keys": (resample("keys", lambda s: {"imgs": s["images"]}),
-                              "lacks the array(s) images, labels, logits.onnxruntime, "
-                              "logits.torchscript"),
+                              "lacks the array(s) images, labels, logits.executorch, "
+                              "logits.onnxruntime, logits.torchscript"),
         "sample fewer labels": (resample("labels", lambda s: {**s, "labels": s["labels"][:-3]}),
                                 "one per image"),
         "sample float labels": (resample("flabels", lambda s: {
