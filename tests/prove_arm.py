@@ -701,6 +701,8 @@ def print_tables(rows: list[dict[str, object]]) -> None:
     """One row per release and CPU, the torch-free row, then guest instructions per image."""
     def engine(r: dict[str, object], name: str) -> str:
         e = r.get(name)
+        if isinstance(e, str):  # ExecuTorch refused by the runtime matrix on this CPU
+            return "refused"
         if not isinstance(e, dict):
             return "-"
         return (f"{'exact' if e['bit_exact'] else 'DIFF'} {e['sample_accuracy_pct']:.2f}/"
@@ -708,7 +710,8 @@ def print_tables(rows: list[dict[str, object]]) -> None:
 
     print(f"\n{'debian':<9} {'cpu':<11} {'model':<22} {'result':<6} "
           f"{'torchscript (acc board/host %)':>31} "
-          f"{'onnxruntime (acc board/host %)':>31} {'auto ran':>12} {'folder = host':>13} "
+          f"{'onnxruntime (acc board/host %)':>31} {'executorch':>18} {'auto ran':>12} "
+          f"{'folder = host':>13} "
           f"{'windows':>7} {'SIGTERM':>8} {'torch 2.10':>10} {'bad bundles':>11}")
     free: dict[str, object] = {}
     for r in rows:
@@ -717,6 +720,7 @@ def print_tables(rows: list[dict[str, object]]) -> None:
         print(f"{suite:<9} {r['cpu']:<11} {str(r.get('model', 'SimpleCNN 32')):<22} "
               f"{'PASS' if r['ok'] else 'FAIL':<6} "
               f"{engine(r, 'torchscript'):>31} {engine(r, 'onnxruntime'):>31} "
+              f"{engine(r, 'executorch'):>18} "
               f"{str(r.get('served_by', '-')):>12} "
               f"{str(r.get('folder_results', '-')).split(' ')[0]:>13} "
               f"{r.get('windows', '-'):>7} "
