@@ -57,10 +57,11 @@ def table(result: dict[str, Any]) -> str:
     head = (f"{result['bundle']} (sha256 {result['model_sha256'][:12]}...), "
             f"{result['threads']} thread(s), {result['warmup']} warm-up runs")
     lines = [head, *(engine_line(r, result["sample_images"]) for r in result["engines"])]
-    lines.append(f"{'engine':<12} {'batch':>5} {'iters':>6} {'p50 ms':>9} {'p90 ms':>9} "
+    width = max(12, *(len(r["engine"]) for r in result["rows"]))  # onnxruntime-fp32: 16
+    lines.append(f"{'engine':<{width}} {'batch':>5} {'iters':>6} {'p50 ms':>9} {'p90 ms':>9} "
                  f"{'p99 ms':>9} {'max ms':>9} {'mean ms':>9} {'img/s':>10}")
     for r in result["rows"]:
-        lines.append(f"{r['engine']:<12} {r['batch_size']:>5} {r['iters']:>6} "
+        lines.append(f"{r['engine']:<{width}} {r['batch_size']:>5} {r['iters']:>6} "
                      f"{r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} {r['p99_ms']:>9.3f} "
                      f"{r['max_ms']:>9.3f} {r['mean_ms']:>9.3f} {r['throughput_ips']:>10.1f}")
     lines.append(f"runs: {result['choice']}")

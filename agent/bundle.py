@@ -36,7 +36,7 @@ class Bundle:
     dir: Path
     manifest: Manifest
     model_path: Path  # the TorchScript board model: the bundle's identity
-    files: dict[str, bytes]  # each engine's verified model bytes
+    files: dict[str, bytes]  # each model file's verified bytes, by its name (agent/engines)
     signature: Signature | None = None
 
     @property
@@ -45,7 +45,8 @@ class Bundle:
 
     @property
     def engines(self) -> list[str]:
-        """The engines this bundle carries that this agent knows, TorchScript first."""
+        """The model files this bundle carries that this agent knows, by name (an engine, or
+        `<engine>-fp32`), TorchScript first."""
         return list(self.files)
 
     @classmethod
@@ -85,7 +86,8 @@ class Bundle:
         return self.dir / str(self.manifest.engine_entries[engine]["file"])
 
     def load(self, engine: str, threads: int = 1) -> Runner:
-        """A freshly loaded runner of `engine` on `threads` threads.
+        """A freshly loaded runner of the bundle's file `engine` (an engine, or
+        `<engine>-fp32`) on `threads` threads.
 
         Raises:
             BundleError: the bundle has no such engine, its runtime is missing, or the file
@@ -178,11 +180,12 @@ class Bundle:
         sample = self.sample()
         rows: list[dict[str, Any]] = []
         for name in self.files:
-            version = engines.installed(name)
-            row: dict[str, Any] = {"engine": name, "version": version}
+            version = engines.installed(engines.engine_of(name))
+            row: dict[str, Any] = {"engine": name, "version": version,
+                                   "precision": _precision(m, name)}
             if version is None:
-                row.update(status="not installed",
-                           detail=f"pip install {engines.RUNTIMES[name]} to run it")
+                row.update(status="not installed", detail=f"pip install "
+                           f"{engines.RUNTIMES[engines.engine_of(name)]} to run it")
             elif engine not in ("auto", name) and not every:
                 row.update(status="not tried", detail=f"model.engine is {engine}")
             else:
@@ -223,6 +226,7 @@ class Bundle:
                       f"{threads} thread(s)")
         return {"bundle": str(self.dir), "mode": m.quantization["mode"],
                 "engine": chosen["engine"], "engine_version": chosen["version"],
+                "precision": chosen["precision"],
                 "quantized_engine": m.engine, "choice": engine, "reason": reason,
                 "sample_images": int(sample["labels"].shape[0]),
                 "max_abs_logit_diff": chosen["max_abs_logit_diff"],
@@ -231,10 +235,20 @@ class Bundle:
                 }, runners[chosen["engine"]]
 
 
+def _precision(m: Manifest, name: str) -> str:
+    """int8 or fp32: what the bundle's file `name` computes in (the TorchScript file of a
+    bundle whose quantization fell back to fp32 is fp32)."""
+    entry = m.engine_entries[name]
+    if "precision" in entry:
+        return str(entry["precision"])
+    return {"fp32": "fp32", "dynamic": "int8 weights"}.get(str(m.quantization.get("mode")),
+                                                           "int8")
+
+
 def describe(checked: dict[str, Any]) -> str:
     """The check's choice in one line: engine, version and why."""
-    return (f"{checked['engine']} {checked['engine_version']} ({checked['reason']}; "
-            f"{checked['mode']})")
+    what = checked["mode"] if checked.get("precision") != "fp32" else "its fp32 file"
+    return f"{checked['engine']} {checked['engine_version']} ({checked['reason']}; {what})"
 
 
 def _agrees_with_model(manifest: Manifest, path: Path, data: bytes) -> None:

@@ -114,7 +114,8 @@ class DeviceConfig:
         return self.id or socket.gethostname()
 
 
-ENGINE_CHOICES = ("auto", "torchscript", "onnxruntime", "executorch")  # agent/engines
+ENGINE_CHOICES = ("auto", "torchscript", "onnxruntime", "executorch",  # agent/engines FILES
+                  "onnxruntime-fp32", "executorch-fp32")
 
 
 @dataclass(frozen=True)

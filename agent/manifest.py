@@ -21,7 +21,9 @@ directory holding the manifest and every file it lists with its size and sha256:
 
 `board_model` is the TorchScript file: always built, always proven, the bundle's identity
 (its sha256 names the version everywhere). `engines` lists every model file a board may run
-(agent/engines); a bundle from before it has the TorchScript file alone.
+(agent/engines), by engine, and fp32 files where the bundle carries them by `<engine>-fp32`
+(`"onnxruntime-fp32": {"file": "fp32_cnn.onnx", "precision": "fp32", ...}`); a bundle from
+before `engines` has the TorchScript file alone.
 
 The sample (`arrays`, a numpy .npz read with allow_pickle=False, so a board needs no torch)
 holds uint8 `images`, int64 `labels` and each engine's host logits (`logits.<engine>`).
@@ -43,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.engines import ENGINES, TORCHSCRIPT
+from agent.engines import FILES, TORCHSCRIPT
 from agent.errors import BundleError
 from agent.preprocess import RESIZE_POLICIES, Preprocess
 from agent.signing import SIGNATURE_FILE
@@ -58,6 +60,7 @@ SAMPLE_FILE = "sample.pt"  # for agents that predate SAMPLE_ARRAYS
 SAMPLE_ARRAYS = "sample.npz"
 ONNX_MODEL = "quantized_cnn.onnx"
 EXECUTORCH_MODEL = "quantized_cnn.pte"
+FP32_MODELS = {"onnxruntime-fp32": "fp32_cnn.onnx", "executorch-fp32": "fp32_cnn.pte"}
 METADATA_FILE = "edgeforge.json"  # the _extra_files entry inside the TorchScript archive
 
 
@@ -173,7 +176,7 @@ def _check_fields(raw: dict[str, Any], origin: str) -> None:
         problems.append("engines must map engine names to their files")
     else:
         for name, entry in engines.items():
-            if name not in ENGINES:
+            if name not in FILES:
                 continue  # a newer optimizer's engine: this agent cannot run it anyway
             if not (isinstance(entry, dict) and entry.get("file") in files
                     and isinstance(entry.get("sample_logits"), str)
@@ -235,14 +238,15 @@ class Manifest:
 
     @property
     def engine_entries(self) -> dict[str, dict[str, Any]]:
-        """Every engine this agent knows that the bundle carries, TorchScript first."""
+        """Every model file this agent knows that the bundle carries, by its name (an
+        engine, or `<engine>-fp32`): TorchScript first, the int8 files before the fp32 ones."""
         if not self.engines:  # a bundle from before `engines`: the TorchScript file alone
             return {TORCHSCRIPT: {"file": self.board_model, "runtime": "torch",
                                   "quantized_engine": self.engine, "sample_logits": "logits",
                                   "sample_accuracy_pct": self.sample["accuracy_pct"],
                                   "logit_tolerance": self.sample["logit_tolerance"]}}
         return {name: {"quantized_engine": self.engine, **self.engines[name]}
-                for name in ENGINES if name in self.engines}
+                for name in FILES if name in self.engines}
 
     @property
     def preprocess(self) -> Preprocess:

@@ -110,6 +110,10 @@ class ExportConfig:
     # also export an int8 XNNPACK program for ExecuTorch (quantized_cnn.pte); None: when the
     # executorch package is installed on this host
     executorch: bool | None = None
+    # also ship an fp32 file for ONNX Runtime (fp32_cnn.onnx) and ExecuTorch (fp32_cnn.pte),
+    # for the board's race; None: only for an engine whose int8 file is not faster than its
+    # fp32 file on this host
+    fp32_candidates: bool | None = None
 
     def __post_init__(self) -> None:
         require(self.method in ("script", "trace"), "method",

@@ -67,8 +67,10 @@ def _quiet_exporter() -> Iterator[None]:
         exporter_log.setLevel(level)
 
 
-def export_fp32(model: nn.Module, input_shape: list[int], path: Path) -> None:
-    """Export the fp32 `model` to ONNX with a dynamic batch dimension, weights inline.
+def export_fp32(model: nn.Module, input_shape: list[int], path: Path,
+                metadata: dict[str, Any] | None = None) -> None:
+    """Export the fp32 `model` to ONNX with a dynamic batch dimension, weights inline, and
+    with `metadata` (the edgeforge metadata a board checks) when the file is to be shipped.
 
     Raises:
         ExportError: torch.export cannot capture the model.
@@ -86,6 +88,20 @@ def export_fp32(model: nn.Module, input_shape: list[int], path: Path) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"cannot export the model to ONNX ({first}) (set export.onnx=false "
                           f"to build the TorchScript board file alone)") from None
+    if metadata is not None:
+        _embed(path, metadata, path)
+
+
+def _embed(source: Path, metadata: dict[str, Any], path: Path) -> None:
+    """The ONNX model at `source` written to `path` with the edgeforge metadata."""
+    import onnx
+
+    proto = onnx.load(str(source))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(metadata, sort_keys=True)
+    tmp_out = path.with_suffix(path.suffix + ".tmp")
+    onnx.save(proto, str(tmp_out))
+    tmp_out.replace(path)
 
 
 class _Calibration:
@@ -106,7 +122,6 @@ def quantize(model: nn.Module, input_shape: list[int], calibration: Calibration,
     Raises:
         ExportError: the export or the quantization failed.
     """
-    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -124,12 +139,7 @@ def quantize(model: nn.Module, input_shape: list[int], calibration: Calibration,
             raise ExportError(f"onnxruntime.quantization failed ({first}) (set "
                               f"export.onnx=false to build the TorchScript board file "
                               f"alone)") from None
-        proto = onnx.load(str(q))
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(metadata, sort_keys=True)
-        tmp_out = path.with_suffix(path.suffix + ".tmp")
-        onnx.save(proto, str(tmp_out))
-        tmp_out.replace(path)
+        _embed(q, metadata, path)
         import onnxruntime
 
         return {"format": "QDQ", "opset": OPSET,

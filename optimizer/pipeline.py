@@ -1,7 +1,8 @@
 """The optimizer's steps, each reading its inputs from and writing its outputs to `out/`.
 
 train -> baseline_cnn.pth -> prune -> pruned_cnn.pth -> quantize -> quantized_cnn.pt ->
-export -> quantized_cnn_scripted.pt, quantized_cnn.onnx, sample.npz, sample.pt, manifest.json
+export -> quantized_cnn_scripted.pt, quantized_cnn.onnx, quantized_cnn.pte (and fp32_cnn.onnx,
+fp32_cnn.pte where export.fp32_candidates ships them), sample.npz, sample.pt, manifest.json
 -> report -> report.*
 """
 
@@ -23,18 +24,21 @@ import torch
 from torch import nn
 
 import agent
-from agent.engines import EXECUTORCH, ONNXRUNTIME, TORCHSCRIPT
+from agent.engines import EXECUTORCH, FP32, ONNXRUNTIME, RUNTIMES, TORCHSCRIPT, engine_of
 from agent.engines.torchscript import load_scripted, set_engine
 from agent.errors import ConfigError
 from agent.manifest import (
     BOARD_MODEL,
     EXECUTORCH_MODEL,
+    FP32_MODELS,
     ONNX_MODEL,
     SAMPLE_ARRAYS,
     SAMPLE_FILE,
     Manifest,
     file_entry,
 )
+from agent.timing import race
+from agent.torch_matrix import dist_version
 from agent.torchwarnings import known_torch_deprecations
 from optimizer import data as datasets
 from optimizer import executorch_export, latency, onnx_export, quantize, report, vision_models
@@ -56,6 +60,10 @@ from optimizer.train import evaluate, first_test_inputs, fit_, logits_on_test, p
 # Test images the fresh-process verification compares on: all of a small test split, and at
 # most about 64 MB of inputs for large images (a 224x224 input is 0.6 MB).
 VERIFY_IMAGES, VERIFY_BYTES = 2000, 64 << 20
+# export.fp32_candidates: null ships an engine's fp32 file when its int8 file's batch-1 p50 is
+# not at least this much faster here (a tie on this host may be a loss on the board's kernels),
+# timed in interleaved rounds as the board's race is.
+INT8_CLEARLY_FASTER, FP32_RACE_ROUNDS, FP32_RACE_PASSES = 0.9, 7, 15
 
 BASELINE, PRUNED, QUANTIZED = "baseline_cnn.pth", "pruned_cnn.pth", "quantized_cnn.pt"
 
@@ -229,11 +237,16 @@ def step_export(ctx: Context) -> Manifest:
     if et_entry is not None:
         arrays[f"logits.{EXECUTORCH}"] = et_entry.pop("sample_logits_array")
         engines[EXECUTORCH] = et_entry
+    for name, entry in _fp32_candidates(ctx, record, metadata, checked, sample_inputs,
+                                        engines).items():
+        arrays[f"logits.{name}"] = entry.pop("sample_logits_array")
+        engines[name] = entry
     with (ctx.out / SAMPLE_ARRAYS).open("wb") as f:
         np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy stubs: kwargs may be allow_pickle
     names = [BASELINE, PRUNED, QUANTIZED, BOARD_MODEL, SAMPLE_FILE, SAMPLE_ARRAYS,
              *([ONNX_MODEL] if onnx_entry is not None else []),
-             *([EXECUTORCH_MODEL] if et_entry is not None else [])]
+             *([EXECUTORCH_MODEL] if et_entry is not None else []),
+             *(FP32_MODELS[name] for name in engines if name.endswith(FP32))]
     files = {name: file_entry(ctx.out / name) for name in names if (ctx.out / name).is_file()}
     base_bytes = files[BASELINE]["bytes"] if BASELINE in files else None
     fp32 = ctx.fresh_model()
@@ -328,14 +341,8 @@ def _export_onnx(ctx: Context, record: dict[str, Any], metadata: dict[str, Any],
     sample_logits = onnx_export.run(path, sample_inputs.numpy(), batch_size=n)
     import onnxruntime
 
-    return {"file": ONNX_MODEL, "runtime": "onnxruntime",
-            "runtime_version": onnxruntime.__version__, "quantization": how,
-            "sample_logits": f"logits.{ONNXRUNTIME}",
-            "sample_accuracy_pct": accuracy_pct(torch.from_numpy(sample_logits),
-                                                d.test_labels[:n]),
-            "logit_tolerance": e.logit_tolerance, "accuracy_pct": acc,
-            "accuracy_drop_pts": drop, "verification": verification,
-            "sample_logits_array": sample_logits}
+    return _entry(ctx, ONNXRUNTIME, ONNX_MODEL, onnxruntime.__version__, sample_logits, acc,
+                  drop, verification, quantization=how)
 
 
 def _export_executorch(ctx: Context, record: dict[str, Any], checked: torch.Tensor,
@@ -364,15 +371,102 @@ def _export_executorch(ctx: Context, record: dict[str, Any], checked: torch.Tens
     expected = torch.from_numpy(executorch_export.run(path, checked.numpy(), expect))
     verification = _verify(ctx, path, EXECUTORCH, checked, expected,
                            d.test_labels[:checked.shape[0]])
-    n = sample_inputs.shape[0]
     sample_logits = executorch_export.run(path, sample_inputs.numpy(), expect)
-    return {"file": EXECUTORCH_MODEL, "runtime": "executorch", "runtime_version": version,
-            "quantization": how, "sample_logits": f"logits.{EXECUTORCH}",
+    return _entry(ctx, EXECUTORCH, EXECUTORCH_MODEL, version, sample_logits, acc, drop,
+                  verification, quantization=how)
+
+
+def _fp32_candidates(ctx: Context, record: dict[str, Any], metadata: dict[str, Any],
+                     checked: torch.Tensor, sample_inputs: torch.Tensor,
+                     shipped: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The fp32 files (fp32_cnn.onnx, fp32_cnn.pte) export.fp32_candidates ships beside the
+    int8 ones, for the board to prove and race: each gated and verified like an int8 file.
+    With null, an engine's fp32 file ships only where its int8 file is not clearly faster
+    here (INT8_CLEARLY_FASTER) or did not pass its gate."""
+    e, d = ctx.cfg.export, ctx.data
+    for stale in FP32_MODELS.values():  # an earlier export's, which this one may not ship
+        (ctx.out / stale).unlink(missing_ok=True)
+    if e.fp32_candidates is False:
+        return {}
+    expect = {"input_shape": d.input_shape, "classes": ctx.classes}
+    board_meta = {k: metadata[k] for k in ("input_shape", "classes", "normalization",
+                                           "data_source")}
+    makers: dict[str, tuple[str, Callable[[nn.Module, Path], None],
+                            Callable[[Path], Callable[[torch.Tensor], torch.Tensor]],
+                            Callable[[Path, np.ndarray, int | None], np.ndarray]]] = {}
+    if e.onnx:
+        makers[ONNXRUNTIME] = (
+            "ONNX Runtime fp32",
+            lambda m, p: onnx_export.export_fp32(m, d.input_shape, p, board_meta),
+            lambda p: _ort(p, 1),
+            lambda p, x, batch: onnx_export.run(p, x, batch_size=batch))
+    if e.executorch is not False and executorch_export.installed() is not None:
+        makers[EXECUTORCH] = (
+            "ExecuTorch fp32",
+            lambda m, p: executorch_export.export_fp32(m, d.input_shape, p),
+            lambda p: _et(p, 1, expect),
+            lambda p, x, batch: executorch_export.run(p, x, expect))  # one image a pass
+    if not makers:
+        return {}
+    source = ctx.load_fp32(PRUNED if record["source"] == "pruned" else BASELINE,
+                           "prune" if record["source"] == "pruned" else "train")
+    entries = {}
+    for engine, (label, write, runner, run) in makers.items():
+        name = f"{engine}{FP32}"
+        path = ctx.out / FP32_MODELS[name]
+        write(source, path)
+        if e.fp32_candidates is None and not _fp32_may_win(label, path, shipped.get(engine),
+                                                           ctx.out, runner, d.input_shape):
+            path.unlink()
+            continue
+        acc = evaluate(runner(path), d)
+        drop = _gate(ctx, record, label, acc, path, "the bundle goes without it")
+        if drop is None:
+            continue
+        expected = torch.from_numpy(run(path, checked.numpy(), None))
+        verification = _verify(ctx, path, engine, checked, expected,
+                               d.test_labels[:checked.shape[0]])
+        n = sample_inputs.shape[0]
+        sample_logits = run(path, sample_inputs.numpy(), n)  # one batch, as the board's proof
+        entries[name] = _entry(ctx, name, FP32_MODELS[name], dist_version(RUNTIMES[engine]),
+                               sample_logits, acc, drop, verification, precision="fp32")
+    return entries
+
+
+def _entry(ctx: Context, name: str, file: str, version: str | None, sample_logits: np.ndarray,
+           acc: float, drop: float, verification: dict[str, Any], **more: Any
+           ) -> dict[str, Any]:
+    """The manifest's record of the bundle's model file `name` (agent/engines), with its
+    sample logits to be moved into sample.npz (`sample_logits_array`)."""
+    n = sample_logits.shape[0]
+    runtime = RUNTIMES[engine_of(name)]
+    return {"file": file, "runtime": runtime, "runtime_version": version, **more,
+            "sample_logits": f"logits.{name}",
             "sample_accuracy_pct": accuracy_pct(torch.from_numpy(sample_logits),
-                                                d.test_labels[:n]),
-            "logit_tolerance": e.logit_tolerance, "accuracy_pct": acc,
+                                                ctx.data.test_labels[:n]),
+            "logit_tolerance": ctx.cfg.export.logit_tolerance, "accuracy_pct": acc,
             "accuracy_drop_pts": drop, "verification": verification,
             "sample_logits_array": sample_logits}
+
+
+def _fp32_may_win(label: str, path: Path, int8: dict[str, Any] | None, out: Path,
+                  runner: Callable[[Path], Callable[[torch.Tensor], torch.Tensor]],
+                  input_shape: list[int]) -> bool:
+    """export.fp32_candidates null: whether the fp32 file at `path` ships, said in a line."""
+    if int8 is None:
+        print(f"{label}: shipped as a candidate (its engine has no int8 file in the bundle)",
+              file=sys.stderr)
+        return True
+    timed = race({"int8": runner(out / str(int8["file"])), "fp32": runner(path)},
+                 [torch.zeros(1, *input_shape)], FP32_RACE_ROUNDS, FP32_RACE_PASSES)
+    ratio = timed["int8"].p50_s / timed["fp32"].p50_s
+    ships = ratio > INT8_CLEARLY_FASTER
+    print(f"{label}: int8 p50 {timed['int8'].p50_s * 1e6:.0f} us, fp32 "
+          f"{timed['fp32'].p50_s * 1e6:.0f} us here ({ratio:.2f}x): "
+          + ("shipped as a candidate for the board's race" if ships else
+             "not shipped, int8 is clearly faster (export.fp32_candidates=true ships it)"),
+          file=sys.stderr)
+    return ships
 
 
 def _et(path: Path, threads: int, expect: dict[str, Any] | None
@@ -410,6 +504,22 @@ def _compress(rows: list[dict[str, Any]]) -> None:
         sizes = list(pool.map(compressed_size, [r.pop("payload") for r in rows]))
     for r, n in zip(rows, sizes, strict=True):
         r["xz_bytes"] = n
+
+
+def _fp32_file_row(ctx: Context, manifest: Manifest, name: str, variant: str,
+                   export: Callable[[Path], None], make: Callable[[Path], Any],
+                   runtime: str) -> dict[str, Any]:
+    """The fp32 model on an engine: the bundle's fp32 file `name` where it ships one (a
+    candidate for the board's race), else an fp32 export made here and measured alike."""
+    entry = manifest.engine_entries.get(name)
+    if entry is not None:
+        path = manifest.verified_path(ctx.out, str(entry["file"]))
+        return _row(f"{variant}, board file", path.name, path.read_bytes(), lambda: make(path),
+                    ctx, f"{runtime} from disk", entry["verification"]["status"])
+    with tempfile.TemporaryDirectory(prefix="edgeforge-fp32-") as tmp:
+        path = Path(tmp) / FP32_MODELS[name]
+        export(path)
+        return _fp32_row(ctx, variant, path, lambda: make(path), runtime)
 
 
 def _fp32_row(ctx: Context, variant: str, source: nn.Module | Path, make: Callable[[], Any],
@@ -480,13 +590,11 @@ def step_report(ctx: Context) -> dict[str, Any]:
                          lambda: _ort(onnx_path, ctx.cfg.report.threads), ctx,
                          f"ONNX Runtime {onnx_entry['runtime_version']} from disk",
                          onnx_entry["verification"]["status"]))
-        with tempfile.TemporaryDirectory(prefix="edgeforge-fp32-") as tmp:
-            fp32_path = Path(tmp) / "fp32.onnx"
-            onnx_export.export_fp32(source, ctx.data.input_shape, fp32_path)
-            fp32_onnx = _fp32_row(ctx, f"fp32 {label} (ONNX Runtime)", fp32_path,
-                                  lambda: _tensors(onnx_export.unshipped_runner(
-                                      fp32_path, ctx.cfg.report.threads)),
-                                  f"ONNX Runtime {onnx_entry['runtime_version']}")
+        fp32_onnx = _fp32_file_row(
+            ctx, manifest, f"{ONNXRUNTIME}{FP32}", f"fp32 {label} (ONNX Runtime)",
+            lambda p: onnx_export.export_fp32(source, ctx.data.input_shape, p),
+            lambda p: _tensors(onnx_export.unshipped_runner(p, ctx.cfg.report.threads)),
+            f"ONNX Runtime {onnx_entry['runtime_version']}")
         rows.append(fp32_onnx)
         pairs.append((ONNXRUNTIME, rows[-2], fp32_onnx))
     et_entry = manifest.engine_entries.get(EXECUTORCH)
@@ -497,12 +605,10 @@ def step_report(ctx: Context) -> dict[str, Any]:
                          et_path.read_bytes(), lambda: _et(et_path, threads, None), ctx,
                          f"ExecuTorch {et_entry['runtime_version']} from disk",
                          et_entry["verification"]["status"]))
-        with tempfile.TemporaryDirectory(prefix="edgeforge-fp32-") as tmp:
-            fp32_pte = Path(tmp) / "fp32.pte"
-            executorch_export.export_fp32(source, ctx.data.input_shape, fp32_pte)
-            fp32_et = _fp32_row(ctx, f"fp32 {label} (ExecuTorch XNNPACK)", fp32_pte,
-                                lambda: _et(fp32_pte, threads, None),
-                                f"ExecuTorch {et_entry['runtime_version']}")
+        fp32_et = _fp32_file_row(
+            ctx, manifest, f"{EXECUTORCH}{FP32}", f"fp32 {label} (ExecuTorch XNNPACK)",
+            lambda p: executorch_export.export_fp32(source, ctx.data.input_shape, p),
+            lambda p: _et(p, threads, None), f"ExecuTorch {et_entry['runtime_version']}")
         rows.append(fp32_et)
         pairs.append((EXECUTORCH, rows[-2], fp32_et))
     same_engine = [{"engine": name, "int8": q["variant"], "fp32": f["variant"],

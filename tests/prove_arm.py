@@ -47,6 +47,11 @@ the bundle this run built on both engines.
      mobilenet_v3_small at 224x224 (random start, a generated folder of PNG and JPEG photos,
      static int8 through graph mode), proven on both engines by `edge-agent bench` and its
      guest instructions per image counted the same way;
+   - on the same CPU, a third bundle: the SimpleCNN bundle exported again with its fp32
+     files (export.fp32_candidates=true): `edge-agent bench` proves the int8 files bit-exact
+     and the fp32 files within the logit tolerance (fp32 kernels sum in another order on ARM
+     than on x86), races all of them and names the one the agent runs, and every file's
+     guest instructions per image are counted: whether int8 or fp32 is cheaper on that core;
 4. the torch-free profile: the first release's install is run again with `--profile onnx`
    (the installer sheds torch), `import torch` must fail in the board's venv, `edge-agent
    bench` proves and times ONNX Runtime alone, and the folder run above serves every file from the
@@ -101,6 +106,9 @@ MOBILENET_SETS = ("data.root={photos}", f"train.factory={MOBILENET}",
                   "export.executorch=false")
 
 
+MOBILENET_MODEL, FP32_MODEL = "mobilenet_v3_small 224", "SimpleCNN 32 +fp32"
+
+
 def build_mobilenet(work: Path) -> Path:
     """The mobilenet_v3_small bundle (train, prune, quantize, export: no host report)."""
     photos, out = work / "photos", work / "bundle-mobilenet"
@@ -115,15 +123,29 @@ def build_mobilenet(work: Path) -> Path:
     return out
 
 
-def prove_mobilenet(board: Board, bundle: str, suite: str) -> dict[str, object]:
-    """The second model's checks: both engines proven bit-exact, instructions counted."""
-    row: dict[str, object] = {"suite": suite, "cpu": board.cpu, "ok": False,
-                              "model": "mobilenet_v3_small 224"}
-    for name, step in (("engines", lambda: engines_proven(board, bundle, row, ENGINES)),
+def build_fp32(config: Path, built: Path, work: Path) -> Path:
+    """The SimpleCNN bundle exported again with its fp32 files (export.fp32_candidates)."""
+    out = work / "bundle-fp32"
+    shutil.copytree(built, out)
+    proc = subprocess.run([sys.executable, "-m", "optimizer", "export", "--data", "synthetic",
+                           "--config", str(config), "--out", str(out), "--set",
+                           "export.fp32_candidates=true"], cwd=ROOT, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fp32 export: {proc.stderr.strip()[-800:]}")
+    return out
+
+
+def prove_model(board: Board, bundle: str, suite: str, model: str,
+                engines: tuple[str, ...]) -> dict[str, object]:
+    """Another bundle's checks on this board: `engines` proven (int8 bit-exact), timed,
+    and their instructions counted."""
+    row: dict[str, object] = {"suite": suite, "cpu": board.cpu, "ok": False, "model": model}
+    for name, step in (("engines", lambda: engines_proven(board, bundle, row, engines)),
                        ("instructions", lambda: count_instructions(board, bundle, row))):
         problem = step()
         if problem is not None:
-            row["failure"] = f"mobilenet {name}: {problem}"
+            row["failure"] = f"{model} {name}: {problem}"
             return row
     row["ok"] = True
     return row
@@ -243,8 +265,9 @@ def refuses_bad_bundles(board: Board, bundle: str) -> str | None:
 
 
 BENCH_ITERS, BENCH_WARMUP = 20, 5  # timings under emulation mean nothing: enough to show them
-BENCH_ROW = re.compile(r"^(torchscript|onnxruntime|executorch) +1 +\d+ +[0-9.]+ ", re.M)
-ENGINE_LINE = re.compile(r"^(torchscript|onnxruntime|executorch) (\S+): proven, sample of \d+ "
+FILE_NAME = r"((?:torchscript|onnxruntime|executorch)(?:-fp32)?)"  # a bundle's model file
+BENCH_ROW = re.compile(rf"^{FILE_NAME} +1 +\d+ +[0-9.]+ ", re.M)
+ENGINE_LINE = re.compile(rf"^{FILE_NAME} (\S+): proven, sample of \d+ "
                          r"(bit-exact|max \|logit diff\| ([0-9.eE+-]+)) to the host, accuracy "
                          r"([0-9.]+)%$", re.M)
 
@@ -279,7 +302,9 @@ def engines_proven(board: Board, bundle: str, row: dict[str, object],
         host = float(manifest["engines"][engine]["sample_accuracy_pct"])
         row[engine] = {"version": m.group(2), "bit_exact": m.group(3) == "bit-exact",
                        "sample_accuracy_pct": float(m.group(5)), "host_pct": host}
-        if m.group(3) != "bit-exact":
+        # fp32 kernels sum in another order on ARM than on x86: within the bundle's logit
+        # tolerance (the board's check), not bit for bit.
+        if m.group(3) != "bit-exact" and not engine.endswith("-fp32"):
             return f"{engine}: logits are not bit-exact to the host's ({m.group(3)})"
         if abs(float(m.group(5)) - host) > 0.01:
             return f"{engine}: sample accuracy {m.group(5)}% here, {host:.2f}% on the host"
@@ -601,11 +626,13 @@ def install(root: Path, bundle: Path, cpu: str, suite: str, profile: str = "both
 
 
 def chain(suite: str, roots: Path, built: Path, cpus: list[str], first: bool,
-          torch_free_too: bool, work: Path, second: Future[Path] | None = None
+          torch_free_too: bool, work: Path,
+          others: tuple[tuple[str, Future[Path]], ...] = ()
           ) -> tuple[list[dict[str, object]], str]:
     """Everything on one Debian release: the install, each CPU's checks (and, on the `first`
-    release, the folder run and the instruction counts) and, with `torch_free_too`, the
-    torch-free profile with its folder run. Returns the rows and the install's line."""
+    release, the folder run and the instruction counts), the `others` bundles (model name,
+    bundle being built) on the last CPU and, with `torch_free_too`, the torch-free profile
+    with its folder run. Returns the rows and the install's line."""
     root = roots / f"arm64-{suite}"
     bundle = work / f"bundle-{suite}"  # render signs in place: one copy per release
     shutil.copytree(built, bundle)
@@ -630,22 +657,26 @@ def chain(suite: str, roots: Path, built: Path, cpus: list[str], first: bool,
         row["wall_s"] = round(time.monotonic() - t1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if second is not None:
+    for model, future in others:
         try:
-            mobilenet = second.result()
+            other = future.result()
         except RuntimeError as exc:
-            rows.append({"suite": suite, "cpu": cpus[-1], "ok": False,
-                         "model": "mobilenet_v3_small 224", "failure": str(exc)})
-        else:
-            shutil.copytree(mobilenet, root / "root" / "bundle-mobilenet", dirs_exist_ok=True)
-            fake_cpu_files(root, cpus[-1])
-            t1 = time.monotonic()
-            with board_proc(root, cpus[-1]):
-                row = prove_mobilenet(Board(root, cpus[-1], f"/tmp/prove-mb-{cpus[-1]}"),
-                                      "/root/bundle-mobilenet", suite)
-            row["wall_s"] = round(time.monotonic() - t1)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append({"suite": suite, "cpu": cpus[-1], "ok": False, "model": model,
+                         "failure": str(exc)})
+            continue
+        shutil.copytree(other, root / "root" / other.name, dirs_exist_ok=True)
+        fake_cpu_files(root, cpus[-1])
+        engines = board_engines(cpus[-1], suite)
+        if model == FP32_MODEL:  # the int8 files and each proven engine's fp32 file
+            engines += tuple(f"{e}-fp32" for e in engines if e != "torchscript")
+        t1 = time.monotonic()
+        with board_proc(root, cpus[-1]):
+            row = prove_model(Board(root, cpus[-1], f"/tmp/prove-{other.name}-{cpus[-1]}"),
+                              f"/root/{other.name}", suite, model,
+                              ENGINES if model == MOBILENET_MODEL else engines)
+        row["wall_s"] = round(time.monotonic() - t1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     if torch_free_too:
         t1 = time.monotonic()
         free = torch_free(root, bundle, cpus[-1], suite)
@@ -684,10 +715,12 @@ def main() -> int:
     # The releases are independent boards (their own roots, brokers and bundle copies): each
     # runs its chain at once, mostly one qemu process apiece, so the slower release sets the
     # time instead of the sum of both.
-    with ThreadPoolExecutor(max_workers=len(suites) + 1) as pool:
-        second = pool.submit(build_mobilenet, work)  # on the host, while the installs run
+    with ThreadPoolExecutor(max_workers=len(suites) + 2) as pool:
+        # on the host, while the installs run
+        others = ((MOBILENET_MODEL, pool.submit(build_mobilenet, work)),
+                  (FP32_MODEL, pool.submit(build_fp32, config, bundle, work)))
         futures = [pool.submit(chain, suite, args.roots, bundle, cpus, i == 0, i == 0, work,
-                               second if i == 0 else None)
+                               others if i == 0 else ())
                    for i, suite in enumerate(suites)]
         done = [f.result() for f in futures]
     rows = [row for suite_rows, _ in done for row in suite_rows]
@@ -742,15 +775,19 @@ def print_tables(rows: list[dict[str, object]]) -> None:
         print("\nguest instructions per batch-1 inference (QEMU TCG plugin "
               "deploy/emulated-board/insn_count.c; a deterministic proxy, not cycles)")
         print(f"{'cpu':<11} {'model':<22} {'torchscript':>12} {'onnxruntime':>12} "
-              f"{'executorch':>12} {'ort/ts':>6} {'et/ort':>6}")
+              f"{'executorch':>12} {'ort/ts':>6} {'et/ort':>6} {'onnxruntime-fp32':>16} "
+              f"{'executorch-fp32':>16}")
         for r in counted:
             n = r["insns_per_inference"]
             assert isinstance(n, dict)
-            ts, ort, et = (n.get(e) for e in ("torchscript", "onnxruntime", "executorch"))
-            cells = [f"{c:,}" if c else "-" for c in (ts, ort, et)]
+            ts, ort, et, ort32, et32 = (n.get(e) for e in (
+                "torchscript", "onnxruntime", "executorch", "onnxruntime-fp32",
+                "executorch-fp32"))
+            cells = [f"{c:,}" if c else "-" for c in (ts, ort, et, ort32, et32)]
             ratios = [f"{a / b:.2f}" if a and b else "-" for a, b in ((ort, ts), (et, ort))]
             print(f"{r['cpu']:<11} {str(r.get('model', 'SimpleCNN 32')):<22} "
-                  f"{cells[0]:>12} {cells[1]:>12} {cells[2]:>12} {ratios[0]:>6} {ratios[1]:>6}")
+                  f"{cells[0]:>12} {cells[1]:>12} {cells[2]:>12} {ratios[0]:>6} {ratios[1]:>6} "
+                  f"{cells[3]:>16} {cells[4]:>16}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """The engines that run a bundle's model on the board, behind one small interface.
 
-A bundle carries one model file per engine (agent/manifest.py, `engines`): TorchScript int8
-for torch's qnnpack, always built, ONNX int8 QDQ for ONNX Runtime, and an int8 ExecuTorch
-program lowered to XNNPACK. An engine takes the
-file's verified bytes and gives a `Runner`: float32 NCHW numpy batch in, float32 logits out.
+A bundle carries one int8 model file per engine (agent/manifest.py, `engines`): TorchScript
+for torch's qnnpack, always built, ONNX QDQ for ONNX Runtime, and an ExecuTorch program lowered
+to XNNPACK. It may also carry an fp32 file for an engine, named `<engine>-fp32` (for example
+`onnxruntime-fp32`), where int8 is not sure to be the faster file: the board proves and races
+it like the others. An engine takes the file's verified bytes and gives a `Runner`: float32
+NCHW numpy batch in, float32 logits out; the runner's `engine` is the bundle's name for the
+file.
 Each engine's runtime is imported only when that engine is loaded, so a board without torch
 runs the ONNX model and never imports torch.
 
@@ -33,6 +36,10 @@ TORCHSCRIPT, ONNXRUNTIME, EXECUTORCH = "torchscript", "onnxruntime", "executorch
 ENGINES = (TORCHSCRIPT, ONNXRUNTIME, EXECUTORCH)
 RUNTIMES = {TORCHSCRIPT: "torch", ONNXRUNTIME: "onnxruntime", EXECUTORCH: "executorch"}
 NEEDS = {EXECUTORCH: ("torch",)}  # packages an engine's runtime imports besides its own
+FP32 = "-fp32"  # the suffix of a bundle's fp32 file for an engine
+# Every name a bundle's file may have. TorchScript has no fp32 file: its file is the bundle's
+# identity, and its manifest checks (embedded metadata) are made for that one file.
+FILES = (*ENGINES, f"{ONNXRUNTIME}{FP32}", f"{EXECUTORCH}{FP32}")
 ONNX_METADATA_KEY = "edgeforge"  # the ONNX model's metadata_props entry the optimizer writes
 
 
@@ -64,6 +71,11 @@ class Runner(Protocol):
         ...
 
 
+def engine_of(name: str) -> str:
+    """The engine that runs the bundle's file `name` (onnxruntime-fp32: onnxruntime)."""
+    return name.removesuffix(FP32)
+
+
 def installed(engine: str) -> str | None:
     """The version of `engine`'s runtime on this machine, or None; nothing is imported."""
     runtime = RUNTIMES[engine]
@@ -72,16 +84,17 @@ def installed(engine: str) -> str | None:
     return dist_version(runtime) or dist_version(f"{runtime}-gpu") or "unknown"
 
 
-def load(engine: str, data: bytes, path: Path, entry: dict[str, Any], threads: int,
+def load(name: str, data: bytes, path: Path, entry: dict[str, Any], threads: int,
          expect: dict[str, Any] | None) -> Runner:
-    """A fresh Runner of `engine` for the verified model bytes `data`.
+    """A fresh Runner of the bundle's file `name` (one of FILES) for its verified bytes.
 
-    `entry` is the manifest's record of the engine, `expect` what the model must agree with
+    `entry` is the manifest's record of the file, `expect` what the model must agree with
     (input_shape, classes) before it is run.
 
     Raises:
         BundleError: the runtime is missing, or the file is not a model it can load.
     """
+    engine = engine_of(name)
     if installed(engine) is None:
         raise BundleError(f"{path}: engine {engine} needs {RUNTIMES[engine]}, which is not "
                           f"installed on this board (install it, or set model.engine to an "
@@ -90,7 +103,7 @@ def load(engine: str, data: bytes, path: Path, entry: dict[str, Any], threads: i
         with ctrl_c_held():  # torch's native modules
             from agent.engines import torchscript
         return torchscript.load(data, path, str(entry.get("quantized_engine", "qnnpack")),
-                                threads)
+                                threads, name)
     if engine == EXECUTORCH:
         version = str(installed(engine))
         verdict, message = torch_matrix.assess(version, torch_matrix.read_cpu(), EXECUTORCH)
@@ -98,10 +111,10 @@ def load(engine: str, data: bytes, path: Path, entry: dict[str, Any], threads: i
             raise BundleError(f"{path}: not loaded: {message}")
         with ctrl_c_held():  # torch's and executorch's native modules
             from agent.engines import executorch
-        return executorch.load(data, path, version, threads, expect)
+        return executorch.load(data, path, version, threads, expect, name)
     with ctrl_c_held():  # onnxruntime's
         from agent.engines import onnxrt
-    return onnxrt.load(data, path, threads, expect)
+    return onnxrt.load(data, path, threads, expect, name)
 
 
 @contextlib.contextmanager

@@ -105,10 +105,11 @@ def _size_pool(lib: Any, threads: int) -> None:
 class ExecuTorchRunner:
     """A loaded ExecuTorch method behind the engine interface (agent/engines)."""
 
-    engine = ENGINE
-
-    def __init__(self, buffer: bytes, program: Any, method: Any, version: str) -> None:
+    def __init__(self, buffer: bytes, program: Any, method: Any, version: str,
+                 name: str = ENGINE) -> None:
         import torch
+
+        self.engine = name  # the bundle's name for the file (agent/engines)
 
         self._torch = torch
         # The runtime does not copy the program: the bytes, the program and the method live
@@ -140,7 +141,7 @@ class ExecuTorchRunner:
 
 
 def load(data: bytes, path: Path, version: str, threads: int,
-         expect: dict[str, Any] | None) -> ExecuTorchRunner:
+         expect: dict[str, Any] | None, name: str = ENGINE) -> ExecuTorchRunner:
     """The verified .pte bytes loaded on `threads` XNNPACK threads, their input and output
     checked against `expect` (input_shape, classes; None: not checked) before any run.
 
@@ -149,7 +150,7 @@ def load(data: bytes, path: Path, version: str, threads: int,
             program that disagrees with the manifest.
     """
     try:
-        return _load(bindings(), data, path, version, threads, expect)
+        return _load(bindings(), data, path, version, threads, expect, name)
     except AttributeError as exc:  # a runtime release whose bindings differ from those known
         raise BundleError(f"{path}: executorch {version}'s runtime lacks {exc.name or exc} "
                           f"(install a release the runtime matrix lists: python -m "
@@ -157,7 +158,7 @@ def load(data: bytes, path: Path, version: str, threads: int,
 
 
 def _load(lib: Any, data: bytes, path: Path, version: str, threads: int,
-          expect: dict[str, Any] | None) -> ExecuTorchRunner:
+          expect: dict[str, Any] | None, name: str = ENGINE) -> ExecuTorchRunner:
     buffer = bytes(data)  # the program reads from it for as long as it lives: keep it
     with runtime_log() as said:
         _size_pool(lib, threads)
@@ -179,7 +180,7 @@ def _load(lib: Any, data: bytes, path: Path, version: str, threads: int,
                           f"matches this board's)")
     if expect is not None:
         agrees(method.method_meta(), path, expect)
-    return ExecuTorchRunner(buffer, program, method, version)
+    return ExecuTorchRunner(buffer, program, method, version, name)
 
 
 def agrees(meta: Any, path: Path, expect: dict[str, Any]) -> None:

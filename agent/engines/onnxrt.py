@@ -25,9 +25,8 @@ ENGINE = "onnxruntime"
 class OrtRunner:
     """An InferenceSession behind the engine interface (agent/engines)."""
 
-    engine = ENGINE
-
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: ort.InferenceSession, name: str = ENGINE) -> None:
+        self.engine = name  # the bundle's name for the file: onnxruntime or onnxruntime-fp32
         self.inference_session = session  # the runtime's own object (the benchmarks' bare loop)
         self._run = session.run
         self._input = session.get_inputs()[0].name
@@ -58,9 +57,11 @@ def options(threads: int) -> ort.SessionOptions:
     return so
 
 
-def load(data: bytes, path: Path, threads: int, expect: dict[str, Any] | None) -> OrtRunner:
+def load(data: bytes, path: Path, threads: int, expect: dict[str, Any] | None,
+         name: str = ENGINE) -> OrtRunner:
     """A fresh session for the verified ONNX bytes, checked against `expect` (input_shape,
-    classes; None: the model's own metadata) before any run.
+    classes; None: the model's own metadata) before any run; `name` is the bundle's name for
+    the file (agent/engines: `<engine>-fp32` for an fp32 file).
 
     Raises:
         BundleError: not an ONNX model ORT loads, or one that disagrees with the manifest.
@@ -72,7 +73,7 @@ def load(data: bytes, path: Path, threads: int, expect: dict[str, Any] | None) -
         raise BundleError(f"{path}: not a loadable ONNX model ({first}) (copy the bundle "
                           f"again, or rebuild it with edge-optimize)") from None
     agrees(session, path, expect)
-    return OrtRunner(session)
+    return OrtRunner(session, name)
 
 
 def metadata(session: ort.InferenceSession) -> dict[str, Any] | None:

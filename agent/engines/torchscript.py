@@ -23,9 +23,8 @@ ENGINE = "torchscript"
 class TorchScriptRunner:
     """A loaded TorchScript module behind the engine interface (agent/engines)."""
 
-    engine = ENGINE
-
-    def __init__(self, module: torch.jit.ScriptModule) -> None:
+    def __init__(self, module: torch.jit.ScriptModule, name: str = ENGINE) -> None:
+        self.engine = name  # the bundle's name for the file (agent/engines)
         self.module = module
         self.version = str(torch.__version__)
         self.run_prepared: Callable[[Any], Any] = module  # prepare()'s tensor needs no wrapper
@@ -49,10 +48,11 @@ class TorchScriptRunner:
             yield
 
 
-def load(data: bytes, path: Path, quantized_engine: str, threads: int) -> TorchScriptRunner:
+def load(data: bytes, path: Path, quantized_engine: str, threads: int,
+         name: str = ENGINE) -> TorchScriptRunner:
     """A fresh runner for the verified TorchScript bytes, on `threads` intra-op threads."""
     torch.set_num_threads(threads)
-    return TorchScriptRunner(load_scripted(path, quantized_engine, data))
+    return TorchScriptRunner(load_scripted(path, quantized_engine, data), name)
 
 
 def set_engine(engine: str) -> None:

@@ -24,7 +24,7 @@ from tests.support.media import host_top, results
 QUICK = ["train.epochs=1", "prune.finetune_epochs=0", "data.batch_size=16",
          "quantize.calibration_images=32", "quantize.max_accuracy_drop=100",
          "report.latency_iters=10", "report.warmup=2", "report.throughput_batches=1",
-         "export.sample_size=8"]
+         "export.sample_size=8", "export.fp32_candidates=false"]
 
 
 def optimize(root: Path, out: Path, *sets: str, step: str = "run"

@@ -22,8 +22,10 @@ from agent.manifest import sha256_of
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def bundle_config(synthetic_train: int, epochs: int, lr: float, sample_size: int) -> str:
-    """A config.yaml for a quick `edge-optimize run --data synthetic`."""
+def bundle_config(synthetic_train: int, epochs: int, lr: float, sample_size: int,
+                  fp32_candidates: bool = False) -> str:
+    """A config.yaml for a quick `edge-optimize run --data synthetic`: the int8 files alone
+    unless `fp32_candidates` (whose default, null, decides on this host's timing)."""
     return (f"data: {{synthetic_train: {synthetic_train}, synthetic_test: 500}}\n"
             f"train: {{epochs: {epochs}, lr: {lr}}}\n"
             "prune: {finetune_epochs: 1}\n"
@@ -31,7 +33,8 @@ def bundle_config(synthetic_train: int, epochs: int, lr: float, sample_size: int
             # and then (seed 1 did in a CI run: the board file fell back to fp32, without
             # its ONNX file): the gate is open, the tests need both engines' int8 files.
             "quantize: {calibration_images: 128, max_accuracy_drop: 100}\n"
-            f"export: {{sample_size: {sample_size}}}\n"
+            f"export: {{sample_size: {sample_size}, "
+            f"fp32_candidates: {str(fp32_candidates).lower()}}}\n"
             "report: {latency_iters: 30, warmup: 3, throughput_batches: 2}\n")
 
 
