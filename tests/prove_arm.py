@@ -103,7 +103,8 @@ MOBILENET_SETS = ("data.root={photos}", f"train.factory={MOBILENET}",
                   "prune.finetune_epochs=0", "quantize.calibration_images=16",
                   "quantize.max_accuracy_drop=100", "quantize.source=baseline",
                   "export.sample_size=8",  # int8 of the trained model: 70 % pruning loses it
-                  "export.executorch=false")
+                  # the int8 files alone (the SimpleCNN +fp32 bundle is the fp32 race)
+                  "export.executorch=false", "export.fp32_candidates=false")
 
 
 MOBILENET_MODEL, FP32_MODEL = "mobilenet_v3_small 224", "SimpleCNN 32 +fp32"
@@ -666,14 +667,14 @@ def chain(suite: str, roots: Path, built: Path, cpus: list[str], first: bool,
             continue
         shutil.copytree(other, root / "root" / other.name, dirs_exist_ok=True)
         fake_cpu_files(root, cpus[-1])
-        engines = board_engines(cpus[-1], suite)
-        if model == FP32_MODEL:  # the int8 files and each proven engine's fp32 file
-            engines += tuple(f"{e}-fp32" for e in engines if e != "torchscript")
+        # MobileNet: the two int8 files; SimpleCNN +fp32: the int8 files and each engine's
+        # fp32 file
+        engines = ENGINES if model == MOBILENET_MODEL else board_engines(cpus[-1], suite) + \
+            tuple(f"{e}-fp32" for e in board_engines(cpus[-1], suite) if e != "torchscript")
         t1 = time.monotonic()
         with board_proc(root, cpus[-1]):
             row = prove_model(Board(root, cpus[-1], f"/tmp/prove-{other.name}-{cpus[-1]}"),
-                              f"/root/{other.name}", suite, model,
-                              ENGINES if model == MOBILENET_MODEL else engines)
+                              f"/root/{other.name}", suite, model, engines)
         row["wall_s"] = round(time.monotonic() - t1)
         rows.append(row)
         print(json.dumps(row), flush=True)

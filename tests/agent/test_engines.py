@@ -34,8 +34,8 @@ def test_check_proves_every_engine_and_model_engine_forces_one(bundle: Path) -> 
     assert "(model.engine is torchscript;" in forced.stdout
     bad = run_cli("agent", "check", "--set", f"model.dir={bundle}", "--set", "model.engine=tvm")
     assert bad.returncode == 2
-    assert ("model.engine: must be one of auto, torchscript, onnxruntime, executorch, got "
-            "'tvm'") in bad.stderr
+    assert ("model.engine: must be one of auto, torchscript, onnxruntime, executorch, "
+            "onnxruntime-fp32, executorch-fp32, got 'tvm'") in bad.stderr
 
 
 def test_without_torch_the_agent_serves_from_the_onnx_model(
