@@ -61,7 +61,7 @@ SOURCE_TELEMETRY_KEYS = (
     "capture_p50_ms", "preprocess_p50_ms", "preprocess_p99_ms", "total_p50_ms",
     "total_p90_ms", "total_p99_ms",
 )
-# The engine that ran the window (agent/engines): torchscript or onnxruntime.
+# The bundle file that ran the window (agent/engines): an engine, or <engine>-fp32.
 OPTIONAL_TELEMETRY_KEYS = ("accuracy_pct", "engine", *SOURCE_TELEMETRY_KEYS)
 # The retained summary of the last window on <prefix>/<id>/summary (about 400 bytes against
 # the telemetry's 900): what the monitor's table and alerts read, so a one-shot view judges
