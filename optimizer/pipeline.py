@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import agent
+from agent.bundle import RACE_PASSES, RACE_ROUNDS
 from agent.engines import EXECUTORCH, FP32, ONNXRUNTIME, RUNTIMES, TORCHSCRIPT, engine_of
 from agent.engines.torchscript import load_scripted, set_engine
 from agent.errors import ConfigError
@@ -63,7 +64,7 @@ VERIFY_IMAGES, VERIFY_BYTES = 2000, 64 << 20
 # export.fp32_candidates: null ships an engine's fp32 file when its int8 file's batch-1 p50 is
 # not at least this much faster here (a tie on this host may be a loss on the board's kernels),
 # timed in interleaved rounds as the board's race is.
-INT8_CLEARLY_FASTER, FP32_RACE_ROUNDS, FP32_RACE_PASSES = 0.9, 7, 15
+INT8_CLEARLY_FASTER = 0.9
 
 BASELINE, PRUNED, QUANTIZED = "baseline_cnn.pth", "pruned_cnn.pth", "quantized_cnn.pt"
 
@@ -117,6 +118,11 @@ class Context:
         return load_state_dict_into(self.fresh_model(), self.out / name,
                                     f"{name.split('_')[0]} checkpoint",
                                     f"run edge-optimize {produced_by} first")
+
+    def quantized_from(self, record: dict[str, Any]) -> nn.Module:
+        """The fp32 model the quantize step's `record` quantized: pruned or baseline."""
+        pruned = record["source"] == "pruned"
+        return self.load_fp32(PRUNED if pruned else BASELINE, "prune" if pruned else "train")
 
 
 def step_train(ctx: Context) -> nn.Module:
@@ -322,8 +328,7 @@ def _export_onnx(ctx: Context, record: dict[str, Any], metadata: dict[str, Any],
         raise ConfigError(f"export.onnx: the ONNX export needs onnx, onnxscript and "
                           f"onnxruntime ({absent}, or pip install 'edgeforge[host]'; or set "
                           f"export.onnx=false)")
-    source = ctx.load_fp32(PRUNED if record["source"] == "pruned" else BASELINE,
-                           "prune" if record["source"] == "pruned" else "train")
+    source = ctx.quantized_from(record)
     path = ctx.out / ONNX_MODEL
     how = onnx_export.quantize(source, d.input_shape, _calibration(ctx),
                                {k: metadata[k] for k in ("input_shape", "classes",
@@ -358,8 +363,7 @@ def _export_executorch(ctx: Context, record: dict[str, Any], checked: torch.Tens
         print("ExecuTorch: not built (the executorch package is not installed here: pip "
               "install executorch to add quantized_cnn.pte to the bundle)", file=sys.stderr)
         return None
-    source = ctx.load_fp32(PRUNED if record["source"] == "pruned" else BASELINE,
-                           "prune" if record["source"] == "pruned" else "train")
+    source = ctx.quantized_from(record)
     path = ctx.out / EXECUTORCH_MODEL
     print(f"ExecuTorch {version}: quantizing (PT2E, XNNPACK) and lowering", file=sys.stderr)
     how = executorch_export.quantize(source, d.input_shape, _calibration(ctx), path)
@@ -408,8 +412,7 @@ def _fp32_candidates(ctx: Context, record: dict[str, Any], metadata: dict[str, A
             lambda p, x, batch: executorch_export.run(p, x, expect))  # one image a pass
     if not makers:
         return {}
-    source = ctx.load_fp32(PRUNED if record["source"] == "pruned" else BASELINE,
-                           "prune" if record["source"] == "pruned" else "train")
+    source = ctx.quantized_from(record)
     entries = {}
     for engine, (label, write, runner, run) in makers.items():
         name = f"{engine}{FP32}"
@@ -458,7 +461,7 @@ def _fp32_may_win(label: str, path: Path, int8: dict[str, Any] | None, out: Path
               file=sys.stderr)
         return True
     timed = race({"int8": runner(out / str(int8["file"])), "fp32": runner(path)},
-                 [torch.zeros(1, *input_shape)], FP32_RACE_ROUNDS, FP32_RACE_PASSES)
+                 [torch.zeros(1, *input_shape)], RACE_ROUNDS, RACE_PASSES)
     ratio = timed["int8"].p50_s / timed["fp32"].p50_s
     ships = ratio > INT8_CLEARLY_FASTER
     print(f"{label}: int8 p50 {timed['int8'].p50_s * 1e6:.0f} us, fp32 "
