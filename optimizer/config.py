@@ -8,6 +8,8 @@ from agent.config import in_range, require
 
 ENGINES = ("qnnpack", "x86", "fbgemm")
 SOURCES = ("cifar10", "synthetic", "folder")
+PRUNE_METHODS = ("unstructured", "structured")
+IMPORTANCES = ("l1", "l2", "taylor")
 
 
 @dataclass(frozen=True)
@@ -70,15 +72,43 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    amount: float = 0.7  # fraction of conv and linear weights set to zero
-    scope: str = "global"  # global: smallest |w| across all layers; layer: per layer
-    finetune_epochs: int = 2  # masked fine-tune after pruning; 0 = none
+    # unstructured: the smallest weights set to zero (same dense size and speed, smaller
+    # after compression); structured: whole channels removed (optimizer/structured.py)
+    method: str = "unstructured"
+    amount: float = 0.7  # unstructured: fraction of conv and linear weights set to zero
+    scope: str = "global"  # unstructured: global: smallest |w| across all layers; layer: per layer
+    # structured: MACs per image kept, in (0, 1); target_params_ratio, when set, is the
+    # target instead (parameters kept)
+    target_macs_ratio: float = 0.5
+    target_params_ratio: float | None = None
+    importance: str = "l1"  # structured: how channels are ranked: l1 | l2 | taylor
+    steps: int = 1  # structured: rounds to the target, each followed by the fine-tune
+    ignore: list[str] | None = None  # structured: layers left whole (the classifier head always)
+    round_to: int | None = None  # structured: channel counts kept multiples of this
+    skip_if_untraceable: bool = False  # structured: a model torch-pruning cannot trace stays
+    # unpruned (with a line saying so) instead of stopping the run
+    finetune_epochs: int = 2  # fine-tune after pruning (after each structured step); 0 = none
     finetune_lr: float = 0.0005
 
     def __post_init__(self) -> None:
+        require(self.method in PRUNE_METHODS, "method",
+                f"must be one of {', '.join(PRUNE_METHODS)}, got {self.method!r}")
         require(0.0 <= self.amount < 1.0, "amount", f"must be in [0, 1), got {self.amount}")
         require(self.scope in ("global", "layer"), "scope",
                 f"must be 'global' or 'layer', got {self.scope!r}")
+        require(0.0 < self.target_macs_ratio < 1.0, "target_macs_ratio",
+                f"must be between 0 and 1 (exclusive), got {self.target_macs_ratio}")
+        if self.target_params_ratio is not None:
+            require(0.0 < self.target_params_ratio < 1.0, "target_params_ratio",
+                    f"must be between 0 and 1 (exclusive) or null, got "
+                    f"{self.target_params_ratio}")
+        require(self.importance in IMPORTANCES, "importance",
+                f"must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
+        in_range(self.steps, "steps", 1, 100)
+        if self.round_to is not None:
+            in_range(self.round_to, "round_to", 1, 1024)
+        require(self.ignore is None or all(isinstance(n, str) and n for n in self.ignore),
+                "ignore", f"must be a list of layer names or null, got {self.ignore!r}")
         in_range(self.finetune_epochs, "finetune_epochs", 0, 10_000)
         in_range(self.finetune_lr, "finetune_lr", 1e-9, 10)
 

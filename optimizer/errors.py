@@ -4,6 +4,8 @@
     +-- ConfigError                     (agent/errors.py) config file, key or override
     +-- DataError                       dataset missing, undownloadable, corrupt, bad checksum
     +-- CheckpointError                 .pth/.pt missing, corrupt, truncated, or does not fit
+    +-- PruningError                    structured pruning cannot trace the model or reach
+                                        its target
     +-- QuantizationError               calibration saw no data, or no mode could be built
     +-- ExportError                     the model cannot be scripted or traced
     +-- VerificationError               the exported file disagrees with the in-memory model
@@ -20,6 +22,10 @@ class DataError(EdgeforgeError):
 
 class CheckpointError(EdgeforgeError):
     """A checkpoint is missing, unreadable, or does not fit the architecture."""
+
+
+class PruningError(EdgeforgeError):
+    """Structured pruning cannot trace the model, or cannot reach its target."""
 
 
 class QuantizationError(EdgeforgeError):

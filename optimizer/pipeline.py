@@ -42,10 +42,19 @@ from agent.timing import race
 from agent.torch_matrix import dist_version
 from agent.torchwarnings import known_torch_deprecations
 from optimizer import data as datasets
-from optimizer import executorch_export, latency, onnx_export, quantize, report, vision_models
+from optimizer import (
+    executorch_export,
+    latency,
+    onnx_export,
+    quantize,
+    report,
+    structured,
+    vision_models,
+)
 from optimizer import export as exporting
 from optimizer.config import OptimizerConfig
 from optimizer.data import Calibration, Dataset
+from optimizer.errors import PruningError
 from optimizer.model import (
     accuracy_pct,
     build,
@@ -115,9 +124,25 @@ class Context:
             print(f"backbone frozen: training {n:,} head parameters", file=sys.stderr)
 
     def load_fp32(self, name: str, produced_by: str) -> nn.Module:
-        return load_state_dict_into(self.fresh_model(), self.out / name,
+        model = self.fresh_model()
+        if name == PRUNED and (layers := self.pruned_layers()):
+            structured.reshape_(model, layers, self.out / structured.STRUCTURE)
+        return load_state_dict_into(model, self.out / name,
                                     f"{name.split('_')[0]} checkpoint",
                                     f"run edge-optimize {produced_by} first")
+
+    def pruned_layers(self) -> dict[str, Any]:
+        """The channel counts structured pruning changed (empty: none changed)."""
+        doc = structured.load_structure(self.out / structured.STRUCTURE)
+        return dict(doc["layers"]) if doc else {}
+
+    def pruning(self) -> dict[str, Any]:
+        """What the prune step did: its method and, for structured, MACs and parameters."""
+        doc = structured.load_structure(self.out / structured.STRUCTURE)
+        if doc:
+            return dict(doc["summary"])
+        return {"method": "unstructured", **{k: getattr(self.cfg.prune, k)
+                                             for k in ("amount", "scope")}}
 
     def quantized_from(self, record: dict[str, Any]) -> nn.Module:
         """The fp32 model the quantize step's `record` quantized: pruned or baseline."""
@@ -154,15 +179,46 @@ def step_train(ctx: Context) -> nn.Module:
 
 
 def step_prune(ctx: Context) -> nn.Module:
-    """Prune the baseline, fine-tune with masks, save pruned_cnn.pth."""
+    """Prune the baseline (prune.method), fine-tune, save pruned_cnn.pth (and, when channels
+    were removed, pruned_structure.json)."""
     model = ctx.load_fp32(BASELINE, "train")
     before = evaluate(model, ctx.data)
     ctx.freeze(model)
+    structure = ctx.out / structured.STRUCTURE
+    if ctx.cfg.prune.method == "structured":
+        return _prune_structured(ctx, model, before, structure)
     prune_(model, ctx.cfg.prune, ctx.data, ctx.cfg.train, ctx.cfg.data)
+    structure.unlink(missing_ok=True)  # an earlier structured run's
     save_state_dict(model, ctx.out / PRUNED)
     s = sparsity(model)
     print(f"pruned to {100 * s['overall']:.1f}% zeros: accuracy {before:.2f}% -> "
           f"{evaluate(model, ctx.data):.2f}%; wrote {ctx.out / PRUNED}", file=sys.stderr)
+    return model
+
+
+def _prune_structured(ctx: Context, model: nn.Module, before: float,
+                      structure: Path) -> nn.Module:
+    p, t = ctx.cfg.prune, ctx.cfg.train
+    try:
+        summary = structured.prune_structured_(model, p, ctx.data, t, ctx.cfg.data,
+                                               vision_models.head(model), ctx.freeze)
+    except PruningError as exc:
+        if not p.skip_if_untraceable:
+            raise
+        print(f"the model stays unpruned (prune.skip_if_untraceable is true): {exc}",
+              file=sys.stderr)
+        model = ctx.load_fp32(BASELINE, "train")
+        macs, params = structured.macs_and_params(model, t.input_shape)
+        summary = {"method": "none", "reason": str(exc), "macs_before": macs, "macs": macs,
+                   "params_before": params, "params": params, "rounds": []}
+    structured.save_structure(structure, model, ctx.fresh_model(), summary)
+    save_state_dict(model, ctx.out / PRUNED)
+    macs, params = summary["macs"], summary["params"]
+    print(f"pruned to {macs / summary['macs_before']:.2f}x MACs ({macs:,} per image) and "
+          f"{params / summary['params_before']:.2f}x parameters ({params:,}): accuracy "
+          f"{before:.2f}% -> "
+          f"{evaluate(model, ctx.data):.2f}%; wrote {ctx.out / PRUNED}, {structure}",
+          file=sys.stderr)
     return model
 
 
@@ -184,12 +240,14 @@ def step_quantize(ctx: Context) -> quantize.GateResult:
     result = quantize.gate(source, q, _calibration(ctx), lambda m: evaluate(m, ctx.data),
                            base_acc)
     record = {"baseline_accuracy_pct": base_acc, "source": q.source,
+              "pruning": ctx.pruning() if q.source == "pruned" else None,
               "max_accuracy_drop": q.max_accuracy_drop, "attempts": result.attempts,
               "calibration_images": q.calibration_images, "data": ctx.data.describe()}
     quantize.save_quantized(ctx.out / QUANTIZED, result.model, mode=result.mode,
                             engine=q.engine, factory=ctx.cfg.train.factory,
                             num_classes=len(ctx.classes), input_shape=ctx.data.input_shape,
-                            record=record)
+                            record=record,
+                            layers=ctx.pruned_layers() if q.source == "pruned" else {})
     for a in result.attempts:
         print(f"  {a['mode']:<19} {'passed' if a['passed'] else 'failed'}: {a['reason']}",
               file=sys.stderr)
@@ -268,7 +326,7 @@ def step_export(ctx: Context) -> Manifest:
         quantization={"mode": payload["mode"], "source": record["source"],
                       "max_accuracy_drop": record["max_accuracy_drop"],
                       "calibration_images": record["calibration_images"],
-                      "attempts": record["attempts"]},
+                      "pruning": record.get("pruning"), "attempts": record["attempts"]},
         data=d.describe(),
         metrics={"accuracy_pct": acc, "baseline_accuracy_pct": record["baseline_accuracy_pct"],
                  "accuracy_drop_pts": record["baseline_accuracy_pct"] - acc,
@@ -620,6 +678,12 @@ def step_report(ctx: Context) -> dict[str, Any]:
                     "int8_slower": round(q["p50_us"] / f["p50_us"], 2) > 1.0}
                    for name, q, f in pairs]
     _compress(rows)
+    # MACs and parameters are the architecture's: every int8 file of the quantized model
+    # runs that model's layers (unstructured zeros are still multiplied and stored)
+    shapes = [structured.macs_and_params(m, ctx.data.input_shape)
+              for m in (baseline, pruned, source)]
+    for i, r in enumerate(rows):
+        r["macs"], r["params"] = shapes[min(i, 2)]
     base = rows[0]
     for r in rows:
         r["size_ratio"] = r["bytes"] / base["bytes"]
@@ -636,7 +700,8 @@ def step_report(ctx: Context) -> dict[str, Any]:
                         "machine": platform.machine()},
         "model": {**manifest.architecture, "input_shape": ctx.data.input_shape},
         "same_engine": same_engine,
-        "quantization": manifest.quantization, "sparsity": sparsity(pruned), "rows": rows,
+        "quantization": manifest.quantization, "sparsity": sparsity(pruned),
+        "pruning": ctx.pruning(), "rows": rows,
     }
     paths = report.write(ctx.out, result)
     print(report.table(result))

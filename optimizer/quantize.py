@@ -35,6 +35,7 @@ from torch import nn
 
 from agent.engines.torchscript import set_engine
 from agent.torchwarnings import known_torch_deprecations
+from optimizer import structured
 from optimizer.config import QuantizeConfig
 from optimizer.data import Calibration
 from optimizer.errors import CheckpointError, QuantizationError
@@ -213,11 +214,13 @@ def gate(model: nn.Module, cfg: QuantizeConfig, calibration: Calibration,
 
 
 def save_quantized(path: Path, model: nn.Module, *, mode: str, engine: str, factory: str,
-                   num_classes: int, input_shape: list[int], record: dict[str, Any]) -> None:
-    """Write `quantized_cnn.pt`: the state_dict plus what is needed to rebuild the module."""
+                   num_classes: int, input_shape: list[int], record: dict[str, Any],
+                   layers: dict[str, Any] | None = None) -> None:
+    """Write `quantized_cnn.pt`: the state_dict plus what is needed to rebuild the module
+    (`layers`: the channel counts structured pruning gave it, see optimizer.structured)."""
     payload = {"format": FORMAT, "mode": mode, "engine": engine, "factory": factory,
                "num_classes": num_classes, "input_shape": list(input_shape),
-               "record": record, "state_dict": model.state_dict()}
+               "layers": layers or {}, "record": record, "state_dict": model.state_dict()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -237,6 +240,8 @@ def load_quantized(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     if mode not in MODES:
         raise CheckpointError(f"{path}: unknown quantization mode {mode!r} ({hint})")
     shell = build(payload["factory"], payload["num_classes"])
+    if payload.get("layers"):
+        structured.reshape_(shell, payload["layers"], path)
     if mode.startswith("static"):
         # Observers must see one batch before convert; the real scales come from the file.
         calib = Calibration.of(torch.randn(2, *payload["input_shape"],

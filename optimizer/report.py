@@ -29,12 +29,14 @@ def _fmt(value: Any, spec: str, none: str = "-") -> str:
 
 def table(report: dict[str, Any]) -> str:
     """The variants table in Markdown (also what the CLI prints)."""
-    head = ("| variant | file | bytes | x baseline | xz bytes | xz x baseline | accuracy % | "
-            "change pts | p50 us | p90 us | p99 us | batch-64 img/s | runtime | verified |")
+    head = ("| variant | file | params | MACs | bytes | x baseline | xz bytes | xz x baseline | "
+            "accuracy % | change pts | p50 us | p90 us | p99 us | batch-64 img/s | runtime | "
+            "verified |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in report["rows"]:
         lines.append(
-            f"| {r['variant']} | {r['file'] or '(not saved)'} | {r['bytes']} | "
+            f"| {r['variant']} | {r['file'] or '(not saved)'} | {_fmt(r.get('params'), ',')} | "
+            f"{_fmt(r.get('macs'), ',')} | {r['bytes']} | "
             f"{r['size_ratio']:.3f} | {r['xz_bytes']} | {r['xz_ratio']:.3f} | "
             f"{r['accuracy_pct']:.2f} | {r['accuracy_change_pts']:+.2f} | "
             f"{r['p50_us']:.0f} | {r['p90_us']:.0f} | {r['p99_us']:.0f} | "
@@ -71,14 +73,38 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{'passed' if a['passed'] else 'failed'}: {a['reason']} |")
     parts += same_engine(report)
     parts += per_class(report)
-    parts += ["", "## Pruning\n",
-              f"Overall sparsity of conv and linear weights: "
-              f"{100 * report['sparsity']['overall']:.1f} %\n",
-              "| layer | weights | zeros | sparsity % |", "|---|---|---|---|"]
-    for name, s in report["sparsity"]["layers"].items():
-        parts.append(f"| {name} | {s['weights']} | {s['zeros']} | {100 * s['sparsity']:.1f} |")
+    parts += pruning(report)
     parts += ["", "![size, accuracy and latency](report.png)", ""]
     return "\n".join(parts)
+
+
+def pruning(report: dict[str, Any]) -> list[str]:
+    """What the prune step did (Markdown lines): channels removed, or weights zeroed."""
+    p = report.get("pruning") or {"method": "unstructured"}
+    if p["method"] in ("structured", "none"):
+        lines = ["", "## Pruning\n"]
+        if p["method"] == "none":
+            lines.append(f"Structured pruning was skipped (prune.skip_if_untraceable): "
+                         f"{p['reason']}\n")
+        else:
+            target = ", ".join(f"{v}x the {'MACs' if k == 'macs' else 'parameters'}"
+                               for k, v in p["target"].items())
+            lines.append(f"Structured ({p['importance']} importance, target {target}): "
+                         f"channels removed in {len(p['rounds'])} step(s), each followed by "
+                         f"a fine-tune.\n")
+        lines += ["| | MACs per image | parameters |", "|---|---|---|",
+                  f"| before | {p['macs_before']:,} | {p['params_before']:,} |",
+                  f"| after | {p['macs']:,} ({p['macs'] / p['macs_before']:.2f}x) | "
+                  f"{p['params']:,} ({p['params'] / p['params_before']:.2f}x) |"]
+        return lines
+    lines = ["", "## Pruning\n",
+             f"Unstructured: overall sparsity of conv and linear weights "
+             f"{100 * report['sparsity']['overall']:.1f} % (zeros are still stored and "
+             f"multiplied: the gain is in the xz column)\n",
+             "| layer | weights | zeros | sparsity % |", "|---|---|---|---|"]
+    for name, s in report["sparsity"]["layers"].items():
+        lines.append(f"| {name} | {s['weights']} | {s['zeros']} | {100 * s['sparsity']:.1f} |")
+    return lines
 
 
 def same_engine(report: dict[str, Any]) -> list[str]:
