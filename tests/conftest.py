@@ -1,20 +1,15 @@
 """Shared fixtures: a small config, real bundles built by the real CLI, a signing key, a real
-mosquitto per test and a CPU hog. Their helpers live in tests/support/.
-
-The suite runs in two pytest-xdist workers (pyproject's addopts). A bundle is built once per
-run, by whichever worker asks first, and the other worker waits for it (`shared`): each takes
-a minute of CPU, and the tests only copy or read them."""
+mosquitto per test and a CPU hog. Their helpers live in tests/support/."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from tests.support import SMALL_CONFIG, Agent, build_bundle, run_cli
 from tests.support.broker import Broker
@@ -29,22 +24,6 @@ def no_agent_outlives_its_test() -> Iterator[None]:
         Agent.started.pop().kill()
 
 
-def shared(tmp_path_factory: pytest.TempPathFactory, name: str,
-           build: Callable[[], Path]) -> Path:
-    """`build()` once per test run: under xdist the first worker to ask builds it, under a
-    lock in the run's shared temporary folder, and every other worker gets the same path."""
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        return build()
-    root = tmp_path_factory.getbasetemp().parent
-    with FileLock(root / f"{name}.lock"):
-        done = root / f"{name}.path"
-        if done.is_file():
-            return Path(done.read_text())
-        path = build()
-        done.write_text(str(path))
-        return path
-
-
 @pytest.fixture(scope="session")
 def small_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("config") / "small.yaml"
@@ -54,18 +33,16 @@ def small_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory: pytest.TempPathFactory, small_config: Path) -> Path:
-    """`edge-optimize run --data synthetic` end to end, once per test run."""
-    return shared(tmp_path_factory, "bundle", lambda: build_bundle(tmp_path_factory,
-                                                                   small_config))
+    """`edge-optimize run --data synthetic` end to end, once per test session."""
+    return build_bundle(tmp_path_factory, small_config)
 
 
 @pytest.fixture(scope="session")
 def bundle_v2(tmp_path_factory: pytest.TempPathFactory, small_config: Path) -> Path:
     """The same architecture trained from another seed: a model update with new weights
     (no host report: the tests use its files and manifest)."""
-    return shared(tmp_path_factory, "bundle_v2", lambda: build_bundle(
-        tmp_path_factory, small_config, "train.seed=1",
-        steps=("train", "prune", "quantize", "export")))
+    return build_bundle(tmp_path_factory, small_config, "train.seed=1",
+                        steps=("train", "prune", "quantize", "export"))
 
 
 @pytest.fixture(scope="session")
@@ -74,11 +51,11 @@ def slow_bundle(tmp_path_factory: pytest.TempPathFactory, small_config: Path) ->
 
     Its accuracy does not matter, so it trains on little data and skips the report step
     (timing the wide fp32 model at batch 64 is most of a full run's minute and a half)."""
-    return shared(tmp_path_factory, "slow_bundle", lambda: build_bundle(
-        tmp_path_factory, small_config, "train.factory=tests.support.slow_model:WideCNN",
-        "train.epochs=1", "prune.finetune_epochs=0", "data.synthetic_train=512",
-        "data.synthetic_test=200", "quantize.calibration_images=32",
-        steps=("train", "prune", "quantize", "export")))
+    return build_bundle(tmp_path_factory, small_config,
+                        "train.factory=tests.support.slow_model:WideCNN", "train.epochs=1",
+                        "prune.finetune_epochs=0", "data.synthetic_train=512",
+                        "data.synthetic_test=200", "quantize.calibration_images=32",
+                        steps=("train", "prune", "quantize", "export"))
 
 
 @pytest.fixture(scope="session")

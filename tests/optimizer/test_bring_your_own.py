@@ -50,15 +50,19 @@ def test_a_model_and_an_image_folder_become_a_static_int8_bundle_the_board_serve
         factory: str, layout: str, tmp_path: Path, broker: Broker) -> None:
     """Train, prune, quantize (static int8, not a fallback), export both board files, check
     them on the board, then drop the val images (PNG and JPEG of three sizes) into a folder
-    the agent watches: each result is the host's for that file."""
+    the agent watches: each result is the host's for that file. The report step runs for
+    the factory model (timing ten variants of a torchvision model is most of a run here)."""
     photos = tmp_path / "photos"
     write(photos, 12)
     val = write(photos, 3, split="val", seed=1) if layout == "val" else []
     out = tmp_path / "bundle"
-    code, err = optimize(photos, out, f"train.factory={factory}",
-                         "train.input_shape=[3,32,32]")
-    assert code == 0 and "Traceback" not in err, err
-    assert "checking images" in err or "loading data: folder" in err
+    reported = not factory.startswith("torchvision.")
+    for step in ("run",) if reported else ("train", "prune", "quantize", "export"):
+        code, err = optimize(photos, out, f"train.factory={factory}",
+                             "train.input_shape=[3,32,32]", step=step)
+        assert code == 0 and "Traceback" not in err, err
+        if step in ("run", "train"):
+            assert "checking images" in err or "loading data: folder" in err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["quantization"]["mode"] == "static_per_channel", manifest["quantization"]
     assert manifest["quantization"]["attempts"][0]["float_layers"] == []
@@ -67,8 +71,9 @@ def test_a_model_and_an_image_folder_become_a_static_int8_bundle_the_board_serve
     assert manifest["data"]["test_images"] == (12 if layout == "val" else 4 * 2)
     assert set(manifest["metrics"]["per_class_accuracy_pct"]) == set(CLASSES)
     assert set(manifest["engines"]) == {"torchscript", "onnxruntime", "executorch"}
-    report = (out / "report.md").read_text()
-    assert factory in report and "3x32x32" in report and "Accuracy per class" in report
+    if reported:
+        report = (out / "report.md").read_text()
+        assert factory in report and "3x32x32" in report and "Accuracy per class" in report
     check = run_cli("agent", "check", "--set", f"model.dir={out}")
     assert check.returncode == 0, check.stdout + check.stderr
 
