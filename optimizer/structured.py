@@ -62,7 +62,7 @@ def _importance(name: str) -> Any:
 
 
 def ignored_layers(model: nn.Module, names: list[str], head: str) -> list[nn.Module]:
-    """The modules `prune.ignore` names (None: the classifier head `head`)."""
+    """The modules `prune.ignore` names, and always the classifier head `head`."""
     modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules]
     if unknown:
