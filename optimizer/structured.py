@@ -98,14 +98,12 @@ def prune_structured_(model: nn.Module, cfg: PruneConfig, data: Dataset, train: 
     macs0, params0 = macs_and_params(model, list(shape))
     start = params0 if by_params else macs0
     model.eval()
+    ignored = ignored_layers(model, list(cfg.ignore or ()), head)
     try:
         pruner = tp.pruner.MetaPruner(
             model, example, importance=_importance(cfg.importance),
             pruning_ratio=MAX_CHANNEL_RATIO, iterative_steps=STEP_RESOLUTION,
-            ignored_layers=ignored_layers(model, list(cfg.ignore or ()), head),
-            round_to=cfg.round_to)
-    except ConfigError:
-        raise
+            ignored_layers=ignored, round_to=cfg.round_to)
     except Exception as exc:  # torch-pruning's tracer raises whatever the model raises
         raise PruningError(f"prune: torch-pruning cannot trace {train.factory}: "
                            f"{_graph_problem(exc)} (prune.method=unstructured works on any "
