@@ -26,10 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from agent.errors import ConfigError
-from agent.untrusted import Untrusted, read_regular
+from agent.untrusted import Untrusted, loads_yaml, read_regular, shown
 
 MAX_CONFIG_BYTES = 1_000_000  # config.yaml is a few kB; anything larger is not a config
 
@@ -77,7 +75,7 @@ def in_range(value: float, key: str, lo: float, hi: float, unit: str = "") -> No
 
     require(isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value) and lo <= value <= hi, key,
-            f"must be {show(lo)}-{show(hi)}{unit}, got {value!r}")
+            f"must be {show(lo)}-{show(hi)}{unit}, got {shown(value)}")
 
 
 def number_argument(lo: float = -math.inf) -> typing.Callable[[str], float]:
@@ -86,7 +84,7 @@ def number_argument(lo: float = -math.inf) -> typing.Callable[[str], float]:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected a number, got {shown(text)}") from None
         if not math.isfinite(value) or value < lo:
             raise argparse.ArgumentTypeError(
                 f"must be a finite number{f' >= {lo:g}' if math.isfinite(lo) else ''}, got "
@@ -106,7 +104,7 @@ class DeviceConfig:
         if self.id is not None:
             require(bool(self.id) and "/" not in self.id and "+" not in self.id
                     and "#" not in self.id, "id", f"must be a non-empty name without "
-                    f"'/', '+' or '#' (it becomes an MQTT topic level), got {self.id!r}")
+                    f"'/', '+' or '#' (it becomes an MQTT topic level), got {shown(self.id)}")
 
     @property
     def resolved_id(self) -> str:
@@ -125,7 +123,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         require(self.engine in ENGINE_CHOICES, "engine",
-                f"must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}")
+                f"must be one of {', '.join(ENGINE_CHOICES)}, got {shown(self.engine)}")
 
 
 SOURCE_KINDS = ("random", "sample", "folder", "video", "camera", "mqtt")
@@ -161,10 +159,12 @@ class SourceConfig:
     max_image_pixels: int = 50_000_000  # a larger image is refused from its header, undecoded
     settle_s: float = 5.0  # folder: a file unchanged this long is complete (and a truncated
     # one that stays unchanged this long is failed)
+    response_prefix: str | None = None  # mqtt: a request's MQTT 5 response topic must start
+    # with this; null = any topic the broker takes (never a wildcard or a $ topic)
 
     def __post_init__(self) -> None:
         require(self.kind in SOURCE_KINDS, "kind",
-                f"must be one of {', '.join(SOURCE_KINDS)}, got {self.kind!r}")
+                f"must be one of {', '.join(SOURCE_KINDS)}, got {shown(self.kind)}")
         needs_path = self.kind in ("folder", "video", "camera")
         require(not needs_path or bool(self.path), "path",
                 f"source.kind {self.kind} needs source.path (the "
@@ -172,7 +172,7 @@ class SourceConfig:
                    "camera": "device, for example /dev/video0, or picamera2"}.get(self.kind, "")
                 + ")")
         require(self.after in AFTER_ACTIONS, "after",
-                f"must be one of {', '.join(AFTER_ACTIONS)}, got {self.after!r}")
+                f"must be one of {', '.join(AFTER_ACTIONS)}, got {shown(self.after)}")
         in_range(self.poll_s, "poll_s", 0.05, 3600, " seconds")
         in_range(self.reopen_max_s, "reopen_max_s", 1, 3600, " seconds")
         for key in ("width", "height"):
@@ -186,12 +186,16 @@ class SourceConfig:
         in_range(self.top_k, "top_k", 1, 1000)
         in_range(self.min_score, "min_score", 0, 1)
         require(self.publish in PUBLISH_POLICIES, "publish",
-                f"must be one of {', '.join(PUBLISH_POLICIES)}, got {self.publish!r}")
+                f"must be one of {', '.join(PUBLISH_POLICIES)}, got {shown(self.publish)}")
         in_range(self.max_per_s, "max_per_s", 0.01, 1000, " results per second")
         in_range(self.max_image_mb, "max_image_mb", 0.001, 256, " MB")
         # The top is Pillow's own decompression-bomb limit, which refuses larger images first.
         in_range(self.max_image_pixels, "max_image_pixels", 1, 178_956_970, " pixels")
         in_range(self.settle_s, "settle_s", 0.1, 3600, " s")
+        if self.response_prefix is not None:
+            require(bool(self.response_prefix) and not set("+#\0") & set(self.response_prefix),
+                    "response_prefix", f"must be a topic prefix without + or #, got "
+                    f"{shown(self.response_prefix)} (or null for any topic)")
 
     @property
     def queue_size(self) -> int:
@@ -235,7 +239,7 @@ def loop_changes(args: Mapping[str, Any]) -> dict[str, float]:
                          f"{', '.join(unknown) or 'nothing'}")
     for key, value in args.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} must be a number, got {value!r}")
+            raise ValueError(f"{key} must be a number, got {shown(value)}")
     return {key: float(value) for key, value in args.items()}
 
 
@@ -262,7 +266,7 @@ class MqttConfig:
         in_range(self.keepalive, "keepalive", 5, 65535, " seconds")
         require(bool(self.topic_prefix) and not any(c in self.topic_prefix for c in "+#"),
                 "topic_prefix", f"must be non-empty without '+' or '#', "
-                f"got {self.topic_prefix!r}")
+                f"got {shown(self.topic_prefix)}")
         require((self.cert_file is None) == (self.key_file is None), "cert_file",
                 "cert_file and key_file go together: set both or neither")
 
@@ -320,7 +324,7 @@ class HomeAssistantConfig:
     def __post_init__(self) -> None:
         require(bool(self.discovery_prefix) and not any(c in self.discovery_prefix for c in "+#"),
                 "discovery_prefix", f"must be non-empty without '+' or '#', "
-                f"got {self.discovery_prefix!r}")
+                f"got {shown(self.discovery_prefix)}")
 
 
 @dataclass(frozen=True)
@@ -364,7 +368,7 @@ def load_config(path: Path | None, overrides: Sequence[str], root: type[R]) -> R
     _migrate(raw, origin)
     for name in raw:
         if name not in SECTIONS:
-            raise ConfigError(f"{origin}: unknown section {name!r} "
+            raise ConfigError(f"{origin}: unknown section {shown(name)} "
                               f"(known sections: {', '.join(SECTIONS)})")
     built: dict[str, Any] = {}
     for name, cls in typing.get_type_hints(root).items():
@@ -398,26 +402,6 @@ def _migrate(raw: dict[str, Any], origin: str) -> None:
                     key, new_section, new_key, new_section, new_key, value)
 
 
-class StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last
-    in silence), naming both lines."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        first: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
-            line = key_node.start_mark.line + 1
-            try:
-                if key in first:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"{key!r} is given twice, at lines {first[key]} and {line} "
-                        f"(keep one)", key_node.start_mark)
-                first[key] = line
-            except TypeError:
-                pass  # an unhashable key: the base class names it
-        return super().construct_mapping(node, deep)  # type: ignore[no-any-return]
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = read_regular(path, MAX_CONFIG_BYTES, "config file").decode("utf-8")
@@ -429,14 +413,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc}") from None
     try:
-        data = yaml.load(text, Loader=StrictLoader)  # noqa: S506 -- a SafeLoader
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where} "
-                          f"({getattr(exc, 'problem', None) or exc})") from None
-    except RecursionError:  # PyYAML composes nested collections recursively
-        raise ConfigError(f"{path}: nested too deeply to be a config file") from None
+        data = loads_yaml(text, str(path))
+    except Untrusted as exc:
+        raise ConfigError(str(exc)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -448,27 +427,30 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     dotted, sep, text = item.partition("=")
     section, dot, key = dotted.strip().partition(".")
     if not sep or not dot or not section or not key:
-        raise ConfigError(f"--set {item!r}: expected section.key=value, "
+        raise ConfigError(f"--set {shown(item)}: expected section.key=value, "
                           f"for example --set train.epochs=1")
     if text.strip() in ("null", "Null", "NULL", "~"):
         return section, key, None
     if not text.strip():
-        raise ConfigError(f"--set {item!r}: no value (write {dotted.strip()}=null for none, "
+        raise ConfigError(f"--set {shown(item)}: no value (write {dotted.strip()}=null for "
+                          f"none, "
                           f"or quote an empty string: {dotted.strip()}='\"\"')")
     try:
-        value = yaml.load(text, Loader=StrictLoader)  # noqa: S506 -- a SafeLoader
-    except yaml.YAMLError:
+        value = loads_yaml(text, f"--set {shown(item)}")
+    except Untrusted as exc:
+        if "not valid YAML" not in str(exc):
+            raise ConfigError(str(exc)) from None
         value = text  # not YAML: take the text as a string and let the type check decide
-    except RecursionError:
-        raise ConfigError(f"--set {item!r}: nested too deeply") from None
     if "#" in text and not (isinstance(value, str) and "#" in value):
         # YAML starts a comment at "#": what follows it would be dropped without a word
         read = "nothing" if value is None else repr(value)
-        raise ConfigError(f"--set {item!r}: YAML reads {text.strip()!r} as {read} (a '#' "
+        raise ConfigError(f"--set {shown(item)}: YAML reads {shown(text.strip())} as {read} "
+                          f"(a '#' "
                           f"starts a comment): quote the value, e.g. "
                           f"{dotted.strip()}='\"{text.strip()}\"'")
     if value is None:
-        raise ConfigError(f"--set {item!r}: YAML reads {text.strip()!r} as null: write null "
+        raise ConfigError(f"--set {shown(item)}: YAML reads {shown(text.strip())} as null: "
+                          f"write null "
                           f"if that is meant, or quote the value")
     return section, key, value
 
@@ -509,31 +491,31 @@ def _coerce(value: Any, hint: Any) -> Any:
         return _coerce(value, inner[0])
     if origin is list:
         if not isinstance(value, list):
-            raise Invalid("", f"must be a list, got {value!r}")
+            raise Invalid("", f"must be a list, got {shown(value)}")
         return [_coerce(v, args[0]) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
-            raise Invalid("", f"must be a mapping, got {value!r}")
+            raise Invalid("", f"must be a mapping, got {shown(value)}")
         return dict(value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise Invalid("", f"must be true or false, got {value!r}")
+            raise Invalid("", f"must be true or false, got {shown(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise Invalid("", f"must be a whole number, got {value!r}")
+            raise Invalid("", f"must be a whole number, got {shown(value)}")
         return value
     if hint is float:
         if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads 1e5 (no dot) as a string; it is a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise Invalid("", f"must be a number, got {value!r}")
+            raise Invalid("", f"must be a number, got {shown(value)}")
         if not math.isfinite(value):
-            raise Invalid("", f"must be a finite number, got {value!r}")
+            raise Invalid("", f"must be a finite number, got {shown(value)}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise Invalid("", f"must be a string, got {value!r}")
+            raise Invalid("", f"must be a string, got {shown(value)}")
         return value
     raise TypeError(f"config field type {hint!r} is not supported")  # a bug, not user input
 

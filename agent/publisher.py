@@ -38,7 +38,6 @@ finds it full gets a `busy` error result.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import random
@@ -52,7 +51,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent import infer_request
 from agent.command_inbox import CommandInbox
 from agent.config import MqttConfig
 from agent.mqtt import make_client
@@ -112,13 +113,15 @@ class Publisher(threading.Thread):
                  startup_events: Sequence[tuple[str, str]] = (),
                  discovery: tuple[str, list[tuple[str, bytes]]] | None = None,
                  requests: FrameQueue | None = None, max_request_bytes: int = 8_000_000,
-                 prompt: bool = False) -> None:
+                 prompt: bool = False, response_prefix: str | None = None) -> None:
         """`commands` gets each message on <prefix>/<id>/cmd/<name> and each closed window
         (None: commands are not subscribed to); `startup_events` are (kind, detail) events
         sent once on start; `discovery` is Home Assistant's status topic and the retained
         config messages to send on every connect and whenever Home Assistant restarts;
         `requests` is the loop's queue for images sent to <id>/infer (None: not served);
-        `prompt`: results wait at most 5 ms for this thread, not 50 (a real source serves)."""
+        `prompt`: results wait at most 5 ms for this thread, not 50 (a real source serves);
+        `response_prefix`: a request's response topic must start with it (None: any topic
+        the broker takes)."""
         super().__init__(name="publisher", daemon=True)
         self.cfg = cfg
         self.device = device
@@ -142,7 +145,10 @@ class Publisher(threading.Thread):
         # pays it.
         self._net_wait_s = 0.005 if prompt else 0.05
         self.max_request_bytes = max_request_bytes
+        self.response_prefix = response_prefix
         self._request_count = 0
+        self.requests_refused = 0  # requests whose properties failed their checks
+        self.message_errors = 0  # messages whose handling raised (a bug): counted, skipped
         self._live_seq = int(spool.get("seq.result", 1) or 1)
         self.live_unsent = 0  # live results not sent: no broker at the time
         self._spool_down = False  # the last write to the spool failed (said once)
@@ -247,20 +253,38 @@ class Publisher(threading.Thread):
                     self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, Window):
-                self._record(item)
-            elif isinstance(item, CommandResult):
-                fields = item.fields
-                if item.publisher_state:
-                    fields = {**fields, "data": {
-                        **fields.get("data", {}), "spool_depth": self.spool.depth,
-                        "dropped_total": self.spool.dropped_total,
-                        "mqtt_connected": self.connected}}
-                self._result(fields)
-            elif isinstance(item, Prediction):
-                self._prediction(item)
-            else:
-                self._model_change(item)
+            try:
+                self._take(item)
+            except Exception:  # noqa: BLE001 -- one message never stops the thread
+                self._message_failed(f"a queued {type(item).__name__}")
+
+    def _message_failed(self, what: str) -> None:
+        """Count a message whose handling raised (a bug), say so (the first time with its
+        traceback), and go on with the next."""
+        self.message_errors += 1
+        if self.message_errors == 1:
+            log.exception("publisher: handling %s failed; skipped, and counted (further "
+                          "failures are one line each)", what)
+        else:
+            log.error("publisher: handling %s failed (%d so far); skipped", what,
+                      self.message_errors)
+
+    def _take(self, item: Window | CommandResult | ModelChange | Prediction) -> None:
+        if isinstance(item, Window):
+            self._record(item)
+        elif isinstance(item, CommandResult):
+            fields = item.fields
+            if item.publisher_state:
+                fields = {**fields, "data": {
+                    **fields.get("data", {}), "spool_depth": self.spool.depth,
+                    "dropped_total": self.spool.dropped_total,
+                    "mqtt_connected": self.connected, "message_errors": self.message_errors,
+                    "requests_refused": self.requests_refused}}
+            self._result(fields)
+        elif isinstance(item, Prediction):
+            self._prediction(item)
+        else:
+            self._model_change(item)
 
     def _count_losses(self) -> None:
         """Burn the seqs of what the full inbox refused, so the gap shows and is counted."""
@@ -383,21 +407,34 @@ class Publisher(threading.Thread):
             props = Properties(PacketTypes.PUBLISH)
             if reply.correlation is not None:
                 props.CorrelationData = reply.correlation
-            self.client.publish(reply.response_topic, sent[-1], qos=1, properties=props)
+            try:
+                self.client.publish(reply.response_topic, sent[-1], qos=1, properties=props)
+            except ValueError as exc:  # checked on entry; what paho still refuses is said
+                log.warning("mqtt: cannot send the reply for %s to its response topic (%s); "
+                            "it is on %s", reply.request_id, exc, self.topics.result)
 
     def request(self, topic: str, payload: bytes, properties: Any, retained: bool = False
                 ) -> None:
         """An image on <id>/infer[/<request_id>]: onto the loop's queue, or a busy answer.
 
-        A retained request is answered once: its marker (topic and payload digest) is
-        spooled with its result, and the broker's copy at every later connect is skipped.
+        A retained request is answered once: every request's marker (topic and payload
+        digest) is spooled with its result, and the broker's retained copy of one already
+        answered (at any later connect) is skipped. MQTT 5 subscriptions keep the retain
+        flag as published, so only retained requests are marked; over MQTT 3.1.1 a live
+        delivery loses it, so every request is marked. An empty payload is the MQTT way to
+        clear a retained request: it is not a request and gets no answer. The request's
+        properties are checked first (agent/infer_request.py): one that fails is answered
+        on <id>/result alone, its error naming the reason.
         """
         assert self.requests is not None
-        marker = None
+        if not payload:
+            log.debug("mqtt: empty message on %s (a retained request cleared): no answer",
+                      topic)
+            return
+        mark = infer_request.marker(topic, payload)
         if retained:
-            marker = "request:" + hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()
             try:
-                done = self.spool.answered(marker)
+                done = self.spool.answered(mark)
             except sqlite3.Error:  # unreadable now: answer it (a duplicate, never a loss)
                 done = False
             if done:
@@ -405,21 +442,19 @@ class Publisher(threading.Thread):
                          "with an empty retained message)", topic)
                 return
         captured, ts = now_pair()
-        rid = topic[len(self.topics.infer) + 1:] if topic != self.topics.infer else ""
-        response = getattr(properties, "ResponseTopic", None) if properties else None
-        correlation = getattr(properties, "CorrelationData", None) if properties else None
-        if not rid:
-            for key, value in getattr(properties, "UserProperty", None) or []:
-                if key == "request_id":
-                    rid = str(value)
+        suffix = topic[len(self.topics.infer) + 1:] if topic != self.topics.infer else ""
+        checked = infer_request.check_request(suffix, properties, self.response_prefix)
         self._request_count += 1
-        if not rid and correlation:
-            text = correlation.decode("ascii", "replace")
-            rid = text if correlation.isascii() and text.isprintable() else correlation.hex()
-        rid = rid[:128] or f"req-{self._request_count}"
+        rid = checked.request_id or f"req-{self._request_count}"
+        keep_mark = retained or self.cfg.protocol != 5
         frame = Frame(rid, captured, ts, 0.0, data=bytes(payload),
-                      reply=Reply(rid, response, correlation), marker=marker)
-        if len(payload) > self.max_request_bytes:
+                      reply=Reply(rid, checked.response_topic, checked.correlation),
+                      marker=mark if keep_mark else None)
+        if checked.problem is not None:
+            self.requests_refused += 1
+            frame.error = checked.problem
+            frame.data = None
+        elif len(payload) > self.max_request_bytes:
             frame.error = (f"request of {len(payload):,} bytes is over source.max_image_mb "
                            f"({self.max_request_bytes:,} bytes)")
             frame.data = None
@@ -495,7 +530,11 @@ class Publisher(threading.Thread):
             client.subscribe(self.discovery[0], qos=1)
             self._announce()
         if self.requests is not None:
-            client.subscribe([(self.topics.infer, 1), (f"{self.topics.infer}/+", 1)])
+            if self.cfg.protocol == 5:  # a live delivery keeps the retain flag it was sent with
+                opts = SubscribeOptions(qos=1, retainAsPublished=True)
+                client.subscribe([(self.topics.infer, opts), (f"{self.topics.infer}/+", opts)])
+            else:
+                client.subscribe([(self.topics.infer, 1), (f"{self.topics.infer}/+", 1)])
         log.info("mqtt: connected to %s:%d; %d spooled message(s) to send", self.cfg.host,
                  self.cfg.port, self.spool.depth)
 
@@ -506,6 +545,12 @@ class Publisher(threading.Thread):
             self.client.publish(topic, payload, qos=1, retain=True)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
+        try:
+            self._message(message)
+        except Exception:  # noqa: BLE001 -- paho would raise it out of loop(): the thread
+            self._message_failed(f"a message on {message.topic[:200]}")
+
+    def _message(self, message: Any) -> None:
         if self.discovery is not None and message.topic == self.discovery[0]:
             if message.payload == b"online":  # Home Assistant (re)started: announce again
                 self._announce()

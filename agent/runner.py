@@ -149,7 +149,7 @@ def run_agent(cfg: AgentConfig, duration_s: float | None = None) -> int:
                               discovery=discovery,
                               requests=frames if src.kind == "mqtt" else None,
                               max_request_bytes=int(src.max_image_mb * 1e6),
-                              prompt=src.serving)
+                              prompt=src.serving, response_prefix=src.response_prefix)
     except BaseException:
         spool.close()
         raise

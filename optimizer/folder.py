@@ -15,6 +15,7 @@ included), so the accuracy measured here is what the board will see.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,6 +112,7 @@ class FolderData:
     train_files: list[tuple[str, int]]
     test_files: list[tuple[str, int]]
     bad: list[tuple[str, str]]  # (path, reason) of the images skipped
+    skipped: list[tuple[str, str]]  # (path, reason): links to what was read, broken links
     workers: int
     split: str  # "val/" or "held out 20 % of train/ (seed 0)"
 
@@ -125,8 +127,6 @@ class FolderData:
                 images, val/ has other classes than train/, there is only one class, a
                 class is too small to split, or too many images cannot be read.
         """
-        from torchvision.datasets import ImageFolder
-
         root = Path(cfg.root)
         if not root.is_dir():
             raise DataError(f"data.root {root}: no such folder (point data.root at the folder "
@@ -150,21 +150,32 @@ class FolderData:
                                 f"folders)")
         prep = Preprocess((input_shape[1], input_shape[2]), IMAGENET_MEAN, IMAGENET_STD)
 
+        # Every folder a listing may reach is known before any is read, so a link into
+        # another class's folder, a split or the root is seen as one (never walked as if it
+        # were this class's own images).
+        seen: dict[tuple[int, int], str] = {}
+        for folder in (root, root / "train", *(root / "train" / c for c in classes),
+                       *((val, *(val / c for c in classes)) if val.exists() else ())):
+            st = os.stat(folder)
+            seen.setdefault((st.st_dev, st.st_ino), str(folder))
+        skipped: list[tuple[str, str]] = []
+
         def listing(split: Path) -> list[tuple[str, int]]:
-            for name in classes:
-                folder = split / name
-                with os.scandir(folder) as entries:
-                    empty = not any(_is_image(e.name) and e.is_file() for e in entries)
-                if empty:
-                    raise DataError(f"{folder}: no images (put {', '.join(EXTENSIONS[:3])}... "
-                                    f"files there, or remove the folder)")
-            found = ImageFolder(str(split), loader=_Decode(prep), is_valid_file=_is_image)
-            if found.classes != classes:
-                raise DataError(f"{split}: class folders changed while being read")
-            return [(str(p), int(t)) for p, t in found.samples]
+            found = []
+            for label, name in enumerate(classes):
+                images = _images(split / name, seen, skipped)
+                if not images:
+                    raise DataError(f"{split / name}: no images (put "
+                                    f"{', '.join(EXTENSIONS[:3])}... files there, or remove "
+                                    f"the folder)")
+                found += [(p, label) for p in images]
+            return found
 
         train = listing(root / "train")
         test = listing(val) if val.exists() else []
+        if skipped:
+            print(f"skipping {len(skipped)} linked or repeated file(s) and folder(s); first: "
+                  f"{skipped[0][0]}: {skipped[0][1]}", file=sys.stderr)
         bad = _check(train + test, prep, cfg)
         broken = {p for p, _ in bad}
         train = [s for s in train if s[0] not in broken]
@@ -184,11 +195,13 @@ class FolderData:
             if empty:
                 raise DataError(f"{root}: no readable {name} images of class "
                                 f"{', '.join(empty)} (add images, or fix the broken ones)")
-        description = (f"image folder {root} ({len(classes)} classes; test split: {split}"
-                       f"{f'; {len(bad)} unreadable image(s) skipped' if bad else ''})")
+        notes = "".join(f"; {n} {what} skipped" for n, what in (
+            (len(bad), "unreadable image(s)"), (len(skipped), "linked or repeated item(s)")) if n)
+        description = f"image folder {root} ({len(classes)} classes; test split: {split}{notes})"
         return cls(source="folder", description=description, classes=classes,
                    mean=IMAGENET_MEAN, std=IMAGENET_STD, size=prep.size, train_files=train,
-                   test_files=test, bad=bad, workers=_workers(cfg), split=split)
+                   test_files=test, bad=bad, skipped=skipped, workers=_workers(cfg),
+                   split=split)
 
     # --- the Dataset interface (optimizer.data) --------------------------------------------
 
@@ -213,7 +226,9 @@ class FolderData:
                 "train_images": len(self.train_files), "test_images": len(self.test_files),
                 "classes": len(self.classes), "test_split": self.split,
                 "unreadable_images": len(self.bad),
-                "unreadable": [{"path": p, "reason": r} for p, r in self.bad[:20]]}
+                "unreadable": [{"path": p, "reason": r} for p, r in self.bad[:20]],
+                "skipped_links": len(self.skipped),
+                "skipped": [{"path": p, "reason": r} for p, r in self.skipped[:20]]}
 
     def train_batches(self, batch_size: int, *, augment: bool,
                       generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -278,6 +293,46 @@ class FolderData:
         prep = self.preprocess
         for pixels, labels in loader:
             yield prep.batch(pixels), labels
+
+
+def _images(top: Path, seen: dict[tuple[int, int], str],
+            skipped: list[tuple[str, str]]) -> list[str]:
+    """The image files under `top`, sorted, with links followed once: a folder or file
+    already reached (through a link, a hard link or a loop back to a parent) is skipped and
+    recorded in `skipped`, as is a broken link."""
+    images: list[str] = []
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append((str(folder), f"cannot be listed ({exc.strerror or exc})"))
+            continue
+        for entry in entries:
+            if not entry.is_dir() and not _is_image(entry.name):
+                continue
+            try:
+                st = os.stat(entry.path)  # through a link: what it points to
+            except OSError:
+                skipped.append((entry.path, "a broken link"))
+                continue
+            ident = (st.st_dev, st.st_ino)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if not is_dir and not stat.S_ISREG(st.st_mode):
+                skipped.append((entry.path, "not a regular file"))
+                continue
+            if ident in seen:
+                skipped.append((entry.path, f"the same {'folder' if is_dir else 'file'} as "
+                                            f"{seen[ident]}, already read"))
+                continue
+            seen[ident] = entry.path
+            if is_dir:
+                stack.append(Path(entry.path))
+            else:
+                images.append(entry.path)
+    return sorted(images)
 
 
 def _check(files: list[tuple[str, int]], prep: Preprocess,

@@ -256,7 +256,11 @@ class Monitor:
         with self.lock:
             good = self.fleet.ingest(topic, payload)
         if good is not None and self.history is not None:
-            self.history.add(good[1])
+            try:
+                self.history.add(good[1])
+            except ValueError as exc:  # outside what a column holds: counted, not stored
+                with self.lock:
+                    self.fleet.refuse(good[0], f"not recorded: {exc}")
 
     def drain(self) -> None:
         """Take what is left in the inbox (after `stop`: paho's thread has ended)."""

@@ -5,11 +5,12 @@ retained status, info and summary (the board's last window, agent/telemetry.py) 
 board's state the moment the monitor subscribes, live telemetry keeps it current. A payload
 over `monitor.max_payload_kb` is refused before it is parsed. A telemetry message must pass the
 agent's own schema check (`agent.telemetry.decode_telemetry`) and a sanity check (no NaN or
-infinity; no negative latency, throughput, CPU, memory or seq; latencies under an hour; a
-temperature of -40 to 150 C; a timestamp no more than a day ahead and not older than the
-history horizon); one that fails is counted and shown as a warning for its device, and never
-reaches the state, the alerts, the history or Prometheus. Keys the schema does not know are
-dropped, so nothing unchecked is stored.
+infinity; every number inside what a real board can produce, RANGES: counters under 2**63,
+latencies under an hour, CPU 0-100 per core, RSS under a terabyte, a temperature of -40 to
+150 C; a timestamp no more than a day ahead and not older than the history horizon); one
+that fails is counted and shown as a warning for its device, and never reaches the state,
+the alerts, the history or Prometheus. Keys the schema does not know are dropped, so nothing
+unchecked is stored.
 """
 
 from __future__ import annotations
@@ -28,18 +29,29 @@ from agent.telemetry import (
     decode_summary,
     decode_telemetry,
 )
-from agent.untrusted import loads_json
+from agent.untrusted import loads_json, shown
 
-NON_NEGATIVE = ("seq", "window_s", "inferences", "throughput_ips", "latency_p50_ms",
-                "latency_p90_ms", "latency_p99_ms", "latency_max_ms", "latency_mean_ms",
-                "proc_cpu_percent", "sys_cpu_percent", "rss_mb", "mem_percent", "spool_depth",
-                "dropped_total")
 HOUR_MS = 3_600_000.0
-# Physical sense: (key, lowest, highest). Outside it a value is a bug or a forgery.
-RANGES = (("latency_p50_ms", 0, HOUR_MS), ("latency_p90_ms", 0, HOUR_MS),
-          ("latency_p99_ms", 0, HOUR_MS), ("latency_max_ms", 0, HOUR_MS),
-          ("latency_mean_ms", 0, HOUR_MS), ("window_s", 0, 86_400.0),
-          ("soc_temp_c", -40.0, 150.0), ("mem_percent", 0, 100.0), ("accuracy_pct", 0, 100.0))
+COUNTER_MAX = 2**63 - 1  # what SQLite's INTEGER and Prometheus' counters hold
+MAX_CORES = 1024  # a process's CPU percent is 0-100 per core
+# What a real board can send: (key, lowest, highest) for every numeric telemetry and summary
+# key. Outside it a value is a bug or a forgery, and is refused (counted for its device), so
+# nothing stored, shown or exported can overflow.
+RANGES = (
+    ("seq", 0, COUNTER_MAX), ("ts", 0, 1e11), ("window_s", 0, 86_400.0),
+    ("batch_size", 1, 1 << 20), ("inferences", 0, COUNTER_MAX), ("throughput_ips", 0, 1e7),
+    *((key, 0, HOUR_MS) for key in (
+        "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_max_ms",
+        "latency_mean_ms", "capture_p50_ms", "preprocess_p50_ms", "preprocess_p99_ms",
+        "total_p50_ms", "total_p90_ms", "total_p99_ms")),
+    ("proc_cpu_percent", 0, 100.0 * MAX_CORES), ("sys_cpu_percent", 0, 100.0),
+    ("rss_mb", 0, 1024.0 * 1024), ("mem_percent", 0, 100.0), ("load_1m", 0, 1e6),
+    ("soc_temp_c", -40.0, 150.0), ("cpu_freq_mhz", 0, 100_000.0), ("throttled", 0, 2**32 - 1),
+    ("accuracy_pct", 0, 100.0),
+    *((key, 0, COUNTER_MAX) for key in (
+        "spool_depth", "dropped_total", "frames_in", "frames_dropped", "frames_failed",
+        "results_published")),
+)
 FUTURE_S = 86_400.0  # a timestamp further ahead than this is a wrong clock
 
 
@@ -75,14 +87,10 @@ def sane(msg: dict[str, Any], kind: str, now: float | None,
     for key, value in msg.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{kind} {key} is {value}")
-    for key in NON_NEGATIVE:
-        value = msg.get(key)
-        if value is not None and value < 0:
-            raise ValueError(f"{kind} {key} is negative ({value})")
     for key, lo, hi in RANGES:
         value = msg.get(key)
         if value is not None and not lo <= value <= hi:
-            raise ValueError(f"{kind} {key} {value} is outside {lo:g} to {hi:g}")
+            raise ValueError(f"{kind} {key} {shown(value)} is outside {lo:g} to {hi:g}")
     now = time.time() if now is None else now
     ts = msg["ts"]
     if ts is None:
@@ -252,6 +260,10 @@ class Fleet:
         if isinstance(msg.get("spool_depth"), int):
             dev.spool_depths = [*dev.spool_depths, msg["spool_depth"]][-50:]
         return dev, msg
+
+    def refuse(self, dev: Device, problem: str) -> None:
+        """Count a message that passed the checks here but that a consumer refused."""
+        self._bad(dev, problem)
 
     @staticmethod
     def _bad(dev: Device, problem: str) -> None:

@@ -65,8 +65,22 @@ def parse_since(text: str) -> float:
     return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
+INTEGER_MAX = 2**63 - 1  # SQLite's INTEGER
+
+
 def _fixed(value: Any, scale: int) -> int | None:
-    return None if value is None else int(round(float(value) * scale))
+    if value is None:
+        return None
+    if isinstance(value, int):  # exact: a float would round 2**63 - 1 up past the limit
+        scaled_int = int(value) * scale
+    else:
+        scaled = float(value) * scale
+        if not -(2.0**63) < scaled < 2.0**63:  # NaN fails too
+            raise ValueError(f"{value!r:.40} does not fit a history column (x{scale})")
+        scaled_int = int(round(scaled))
+    if not -INTEGER_MAX <= scaled_int <= INTEGER_MAX:
+        raise ValueError(f"{value!r:.40} does not fit a history column (x{scale})")
+    return scaled_int
 
 
 class History:
@@ -125,11 +139,17 @@ class History:
 
     def add(self, msg: dict[str, Any]) -> None:
         """Buffer one checked telemetry message; committed by `flush` within FLUSH_S or BATCH
-        rows (a duplicate delivery is stored once)."""
+        rows (a duplicate delivery is stored once).
+
+        Raises:
+            ValueError: a value no column can hold (nothing is buffered): one such row would
+                fail the whole batch's transaction.
+        """
         model = msg.get("model_sha256")
+        values = (_fixed(msg["ts"], 1000), _fixed(msg.get("seq") or 0, 1),
+                  *(_fixed(msg.get(key), scale) for _, key, scale in COLUMNS))
         self._rows.append((
-            self._id("devices", "name", msg["device"]), int(round(float(msg["ts"]) * 1000)),
-            int(msg.get("seq") or 0), *(_fixed(msg.get(key), scale) for _, key, scale in COLUMNS),
+            self._id("devices", "name", msg["device"]), *values,
             None if msg.get("throttling") is None else int(bool(msg["throttling"])),
             self._id("models", "sha256", model) if model else None))
         if len(self._rows) >= BATCH or time.monotonic() - self._flushed >= FLUSH_S:
