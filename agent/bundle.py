@@ -11,6 +11,7 @@ runner (`load`).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent import engines
+from agent import engines, first_load
 from agent.engines import TORCHSCRIPT, Runner
 from agent.errors import BundleError
 from agent.manifest import MANIFEST, Manifest, embedded_metadata, manifest_bytes
@@ -102,6 +103,34 @@ class Bundle:
                             m.engine_entries[engine], threads,
                             {"input_shape": m.input_shape, "classes": m.classes})
 
+    def check_loads(self) -> list[str]:
+        """Check that every model file loads: an ExecuTorch program's header always, and each
+        file whose runtime is installed here loaded (in a child process for a runtime that
+        can kill its process, agent/first_load.py). Returns the files not loaded for want
+        of their runtime.
+
+        Raises:
+            BundleError: a file does not load (for `edge-deploy sign`: never sign it).
+        """
+        from agent.engines.executorch import check_header
+
+        unchecked = []
+        for name, data in self.files.items():
+            runtime = engines.engine_of(name)
+            if runtime == "executorch":
+                check_header(data, self.path_of(name))
+            version = engines.installed(runtime)
+            if version is None:
+                unchecked.append(name)
+            elif runtime in first_load.ISOLATED:
+                sha = hashlib.sha256(data).hexdigest()
+                if not first_load.proven_before(sha, runtime, version):
+                    first_load.prove_in_child(self.dir, name, 1, sha)
+                    first_load.remember(sha, runtime, version)
+            else:
+                self.load(name)
+        return unchecked
+
     def sample(self) -> dict[str, Any]:
         """The verified labelled sample: uint8 images, labels, each engine's host logits."""
         return self.manifest.load_sample(self.dir)
@@ -117,7 +146,21 @@ class Bundle:
 
     def _prove(self, engine: str, sample: dict[str, Any], threads: int
                ) -> tuple[dict[str, Any], Runner]:
-        """prove(), and the runner it proved."""
+        """prove(), and the runner it proved. A file for a runtime that can kill the process
+        on a bad file is proven in a child process the first time (agent/first_load.py)."""
+        runtime = engines.engine_of(engine)
+        if runtime in first_load.ISOLATED:
+            sha = hashlib.sha256(self.files[engine]).hexdigest()
+            version = engines.installed(runtime) or "unknown"
+            if not first_load.proven_before(sha, runtime, version):
+                proof = first_load.prove_in_child(self.dir, engine, threads, sha)
+                first_load.remember(sha, runtime, version)
+                return proof, self.load(engine, threads)
+        return self.prove_here(engine, sample, threads)
+
+    def prove_here(self, engine: str, sample: dict[str, Any], threads: int
+                   ) -> tuple[dict[str, Any], Runner]:
+        """prove() in this process, and the runner it proved."""
         m, path = self.manifest, self.path_of(engine)
         entry = m.engine_entries[engine]
         t0 = time.perf_counter()

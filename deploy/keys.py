@@ -15,6 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.bundle import Bundle
 from agent.errors import BundleError, ConfigError
 from agent.manifest import MANIFEST, Manifest, manifest_bytes
 from agent.signing import SIGNATURE_FILE, Signature, key_id, sign_manifest, verify
@@ -77,15 +78,18 @@ def load_private_key(key: Path) -> Ed25519PrivateKey:
 def sign_bundle(bundle: Path, key: Ed25519PrivateKey, version: int | None = None) -> Signature:
     """Sign `bundle`'s manifest as release `version` (default: the UTC time, YYYYMMDDhhmmss).
 
-    The manifest is checked first: it must parse and every file it lists must match.
+    The manifest is checked first: it must parse and every file it lists must match; then
+    every model file must load (`Bundle.check_loads`: each whose runtime is installed here,
+    and an ExecuTorch program's header always).
 
     Raises:
-        BundleError: not a bundle, or a file differs from its manifest.
+        BundleError: not a bundle, a file differs from its manifest, or does not load.
     """
     data = manifest_bytes(bundle)
     manifest = Manifest.parse(data, str(bundle / MANIFEST))
     for name in manifest.files:
         manifest.verified_path(bundle, name)
+    Bundle.open(bundle).check_loads()
     if version is None:
         version = int(time.strftime("%Y%m%d%H%M%S", time.gmtime()))
     signature = sign_manifest(data, key, version)

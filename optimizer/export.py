@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,10 +74,15 @@ def verify_in_fresh_process(path: Path, engine: str, inputs: torch.Tensor,
         proc = subprocess.run(
             [sys.executable, "-m", "optimizer.verify_worker", str(path), engine,
              str(inputs_file), str(out_file)],
-            capture_output=True, text=True, timeout=600)
+            capture_output=True, text=True, errors="replace", timeout=600)
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise VerificationError(f"{path}: reloading in a fresh process failed: {tail}")
+            killed = ""
+            if proc.returncode < 0:  # the runtime aborted the process: no Python error
+                with contextlib.suppress(ValueError):
+                    killed = f" (killed by {signal.Signals(-proc.returncode).name})"
+            raise VerificationError(f"{path}: reloading in a fresh process failed{killed}: "
+                                    f"{tail}")
         got = torch.from_numpy(np.load(out_file, allow_pickle=False))
     if got.shape != expected.shape:
         raise VerificationError(f"{path}: reloaded model gives logits of shape "

@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import re
+import struct
 import sys
 import tempfile
 import threading
@@ -39,6 +40,10 @@ BINDINGS = ("executorch.extension.pybindings._C",
 # at every level, CPU probing included, with no switch to turn it off.
 RUNTIME_LOG = re.compile(r"^(?:\[[\w.]+:\d+\]|[DIWEF] [\d:.]+ executorch:[\w.]+:\d+\]) ")
 
+RAW_LOG_ENV = "EDGEFORGE_RUNTIME_LOG_RAW"  # set: the runtime's lines stay on stderr
+IDENTIFIER = re.compile(rb"ET\d\d")  # the flatbuffer's file identifier, at byte 4
+EXTENDED_MAGIC = b"eh00"  # the extended header, at byte 8: sizes of the program and segments
+
 log = logging.getLogger(__name__)
 _stderr_lock = threading.Lock()
 
@@ -50,6 +55,9 @@ def runtime_log() -> Iterator[list[str]]:
     to the debug log), and anything else written to stderr meanwhile is passed on unchanged.
     """
     lines: list[str] = []
+    if os.environ.get(RAW_LOG_ENV):  # a child proving a file: if the runtime aborts, its
+        yield lines  # lines must already be on stderr for the parent to read
+        return
     with _stderr_lock, tempfile.TemporaryFile() as tmp:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -149,12 +157,52 @@ def load(data: bytes, path: Path, version: str, threads: int,
         BundleError: not a program this runtime loads, no XNNPACK in this runtime, or a
             program that disagrees with the manifest.
     """
+    check_header(data, path)
     try:
         return _load(bindings(), data, path, version, threads, expect, name)
     except AttributeError as exc:  # a runtime release whose bindings differ from those known
         raise BundleError(f"{path}: executorch {version}'s runtime lacks {exc.name or exc} "
                           f"(install a release the runtime matrix lists: python -m "
                           f"agent.torch_matrix recommend --runtime executorch)") from None
+
+
+def check_header(data: bytes, path: Path) -> None:
+    """The program's flatbuffer identifier and its extended header's sizes, checked against
+    the file before the runtime reads it (the runtime trusts them, and aborts the process on
+    some files that lie).
+
+    Raises:
+        BundleError: not an ExecuTorch program, or sizes that point past the file's end.
+    """
+    size = len(data)
+    fix = ("(copy the bundle again, or rebuild it with edge-optimize; the runtime was not "
+           "given it)")
+    if size < 8 or not IDENTIFIER.fullmatch(data[4:8]):
+        raise BundleError(f"{path}: not an ExecuTorch program (no ETnn file identifier at "
+                          f"byte 4) {fix}")
+    program_size = size
+    if data[8:12] == EXTENDED_MAGIC:
+        if size < 32:
+            raise BundleError(f"{path}: its extended header is cut short ({size} bytes) {fix}")
+        length, program_size, base = struct.unpack_from("<IQQ", data, 12)
+        segments = struct.unpack_from("<Q", data, 32)[0] if length >= 32 and size >= 40 else 0
+        if length < 24 or program_size > size or base > size or base + segments > size \
+                or (segments and base < program_size):
+            raise BundleError(f"{path}: its header says a program of {program_size:,} bytes "
+                              f"and segments at {base:,} (+{segments:,}), past the file's "
+                              f"{size:,} bytes {fix}")
+    root = struct.unpack_from("<I", data, 0)[0]
+    if root < 8 or root >= program_size:
+        raise BundleError(f"{path}: its flatbuffer root at byte {root:,} is outside the "
+                          f"program's {program_size:,} bytes {fix}")
+
+
+def _verified_program(lib: Any, buffer: bytes) -> Any:
+    """The program, with the runtime's own flatbuffer verification where it has one."""
+    verification = getattr(getattr(lib, "Verification", None), "InternalConsistency", None)
+    if verification is None:
+        return lib._load_program_from_buffer(buffer)
+    return lib._load_program_from_buffer(buffer, program_verification=verification)
 
 
 def _load(lib: Any, data: bytes, path: Path, version: str, threads: int,
@@ -164,7 +212,7 @@ def _load(lib: Any, data: bytes, path: Path, version: str, threads: int,
         _size_pool(lib, threads)
         xnnpack = lib._is_available("XnnpackBackend")
         try:
-            program = lib._load_program_from_buffer(buffer) if xnnpack else None
+            program = _verified_program(lib, buffer) if xnnpack else None
             method = program.load_method(METHOD) if program is not None else None
             problem = None
         except Exception as exc:  # the bindings raise RuntimeError or ValueError
