@@ -49,7 +49,7 @@ from agent.engines import FILES, TORCHSCRIPT
 from agent.errors import BundleError
 from agent.preprocess import RESIZE_POLICIES, Preprocess
 from agent.signing import SIGNATURE_FILE
-from agent.untrusted import TooLarge, Untrusted, loads_json, read_regular
+from agent.untrusted import TooLarge, Untrusted, loads_json, read_regular, shown
 
 SCHEMA_NAME = "edgeforge.bundle"
 SCHEMA_VERSION = 1
@@ -184,6 +184,17 @@ def _check_fields(raw: dict[str, Any], origin: str) -> None:
                     and number(entry.get("logit_tolerance"))):
                 problems.append(f"engines.{name} needs file (listed in files), sample_logits, "
                                 f"sample_accuracy_pct and logit_tolerance")
+                continue
+            precision = entry.get("precision")
+            fp32_name = name.endswith("-fp32")
+            mode = (raw.get("quantization") or {}).get("mode") \
+                if isinstance(raw.get("quantization"), dict) else None
+            if precision is not None and (
+                    (fp32_name and precision != "fp32")
+                    or (not fp32_name and precision == "fp32" and mode != "fp32")):
+                problems.append(f"engines.{name} says precision {shown(precision)}, but "
+                                f"{name} names the bundle's "
+                                f"{'fp32' if fp32_name else 'quantized'} file")
     if engines and not (isinstance(sample, dict) and isinstance(sample.get("arrays"), str)):
         problems.append("sample.arrays must name the .npz sample of a bundle with engines")
     if problems:

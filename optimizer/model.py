@@ -6,6 +6,7 @@ import importlib
 import io
 import math
 import pickle
+import traceback
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,9 +68,17 @@ def build(factory: str, num_classes: int) -> nn.Module:
         raise ConfigError(f"train.factory: cannot import {factory!r} ({exc}) (give an "
                           f"importable package.module:callable)") from None
     try:
-        model = obj(num_classes=num_classes)
-    except TypeError:
-        model = obj()  # a factory that takes no arguments
+        try:
+            model = obj(num_classes=num_classes)
+        except TypeError:
+            model = obj()  # a factory that takes no arguments
+    except Exception as exc:  # noqa: BLE001 -- the user's code: one line, where it failed
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        said = (str(exc).splitlines() or [""])[0][:200]
+        raise ConfigError(f"train.factory: calling {factory} failed{where}: "
+                          f"{type(exc).__name__}: {said} (fix the factory, or name another)"
+                          ) from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"train.factory: {factory!r} returned {type(model).__name__}, "
                           f"not a torch.nn.Module")

@@ -23,6 +23,13 @@ def write(out: Path, report: dict[str, Any]) -> list[Path]:
     return paths
 
 
+def cell(text: str) -> str:
+    """`text` as one Markdown table cell: control characters shown escaped (a class folder's
+    name may hold a newline), a pipe escaped."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return shown.replace("|", "\\|")
+
+
 def _fmt(value: Any, spec: str, none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
@@ -134,7 +141,7 @@ def per_class(report: dict[str, Any]) -> list[str]:
              "| class | " + " | ".join(r["variant"] for r in rows) + " |",
              "|---|" + "---|" * len(rows)]
     for name in rows[0]["per_class_accuracy_pct"]:
-        lines.append(f"| {name} | " + " | ".join(
+        lines.append(f"| {cell(name)} | " + " | ".join(
             _fmt(r["per_class_accuracy_pct"].get(name), ".1f") for r in rows) + " |")
     return lines
 
