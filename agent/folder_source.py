@@ -72,6 +72,8 @@ class FolderSource(SourceThread):
                 self.wait_to_retry(backoff, str(exc), "looking again")
                 continue
             break
+        if self.stopping.is_set():  # stopped while the folder was still missing
+            return
         observer = self._watch()
         self.status = f"watching {self.folder} ({'inotify' if observer else 'polling'})"
         log.info("folder source: %s every %g s, then %s", self.status, self.cfg.poll_s,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -78,6 +79,24 @@ def sweep(cases: dict[str, tuple[list[str | Path], str]]) -> None:
     print("\n".join(f"{n:28} {line[:150]}" for n, line, _ in got))  # the note's table (-s)
 
 
+def alias_bomb(key: str) -> str:
+    """The billion laughs inside a known section: 9**9 strings in a few hundred bytes."""
+    lines = ["l0: &l0 [" + ", ".join(["lol"] * 9) + "]"]
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    return "\n".join(lines) + f"\n{key}: {{engine: *l9}}\n"
+
+
+def random_file(b: Path, name: str, seed: int) -> Path:
+    """Bundle `b` with file `name` replaced by random bytes, its manifest entry matching."""
+    rng = random.Random(seed)
+    data = bytes(rng.getrandbits(8) for _ in range(rng.choice((64, 20_000))))
+    (b / name).write_bytes(data)
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"][name] = {"bytes": len(data), "sha256": sha256_of(b / name)}
+    (b / "manifest.json").write_text(json.dumps(m))
+    return b
+
+
 def test_bad_config_files_and_overrides_get_one_line_and_exit_2(tmp_path: Path) -> None:
     files = {
         "not-yaml": ("loop: [1, 2\n", "not valid YAML"),
@@ -118,6 +137,12 @@ def test_bad_config_files_and_overrides_get_one_line_and_exit_2(tmp_path: Path) 
         "yaml-tag": ("loop: !!python/object:os.system {}\n", "not valid YAML"),
         "yaml-alias-bomb": ("a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\nloop: *a\n",
                             "unknown section"),
+        "yaml-alias-bomb-known-key": (alias_bomb("model"), "an alias bomb"),
+        "monitor-alias-bomb": (alias_bomb("monitor"), "an alias bomb"),
+        "yaml-alias-self": ("loop: &a [1, *a]\n", "contains it"),
+        "yaml-merge-self": ("loop: &a {<<: *a}\n", "contains it"),
+        "yaml-long-int": ("mqtt: {port: " + "9" * 5000 + "}\n", "integer too long"),
+        "yaml-long-string": ("mqtt: {host: [" + "x" * 900_000 + "]}\n", "must be a string"),
     }
     cases: dict[str, tuple[list[str | Path], str]] = {}
     for name, (text, expected) in files.items():
@@ -161,8 +186,10 @@ def test_bad_config_files_and_overrides_get_one_line_and_exit_2(tmp_path: Path) 
                            ("source.settle_s=.inf", "finite"),
                            ("loop.window_s=[1, 2]", "must be a number"),
                            ("mqtt.host={a: 1}", "must be a string"),
-                           ("mqtt.port=!!float 5", "whole number")):
-        cases[f"--set {item}"] = (["agent", "check", "--set", item], expected)
+                           ("mqtt.port=!!float 5", "whole number"),
+                           ("mqtt.port=" + "9" * 5000, "integer too long"),
+                           ("source.response_prefix=app/#", "without + or #")):
+        cases[f"--set {item[:60]}"] = (["agent", "check", "--set", item], expected)
     sweep(cases)
 
 
@@ -284,6 +311,7 @@ def test_bad_bundle_files_get_one_line_and_exit_2(bundle: Path, fleet_key: Path,
     newer = damaged("newer")
     edit_manifest(newer, schema="edgeforge.bundle/99")
     odd: dict[str, tuple[Path, str]] = {}
+    forced: dict[str, str] = {}  # case -> the engine it forces (model.engine)
 
     def manifest_as(name: str, make: Any, expected: str) -> None:
         b = damaged(name)
@@ -302,6 +330,20 @@ def test_bad_bundle_files_get_one_line_and_exit_2(bundle: Path, fleet_key: Path,
     manifest_as("not UTF-8", lambda p: p.write_bytes(b'{"schema": "\xff\xfe"}'), "not UTF-8")
     manifest_as("a JSON list", lambda p: p.write_text("[]"), "not a JSON object")
     manifest_as("empty", lambda p: p.write_bytes(b""), "unreadable manifest")
+    manifest_as("a 5,000-digit integer", lambda p: p.write_text(
+        (bundle / "manifest.json").read_text().replace('"schema"', '"n": ' + "9" * 5000 +
+                                                       ', "schema"', 1)), "5,000 digits")
+    for engine_name, file_name in (("torchscript", "quantized_cnn_scripted.pt"),
+                                   ("onnxruntime", "quantized_cnn.onnx"),
+                                   ("executorch", "quantized_cnn.pte")):
+        for seed in (1, 2):
+            b = random_file(damaged(f"random-{engine_name}-{seed}"), file_name, seed)
+            odd[f"random {file_name} ({seed}), forced"] = (b, file_name)
+            forced[f"random {file_name} ({seed}), forced"] = engine_name
+    fp32_named = damaged("int8-as-fp32")
+    edit_manifest(fp32_named, engines={**m["engines"], "onnxruntime": {
+        **m["engines"]["onnxruntime"], "precision": "fp32"}})
+    odd["int8 file said to be fp32"] = (fp32_named, "says precision 'fp32'")
     model_fifo = damaged("model-fifo")
     (model_fifo / "quantized_cnn_scripted.pt").unlink()
     os.mkfifo(model_fifo / "quantized_cnn_scripted.pt")
@@ -343,7 +385,9 @@ def test_bad_bundle_files_get_one_line_and_exit_2(bundle: Path, fleet_key: Path,
     os.mkfifo(signed_fifo / "signature.json")
     os.mkfifo(tmp_path / "key.pub")
     trusted = ["--set", f"update.public_key={fleet_key}.pub"]
-    sweep({**{name: (["agent", "check", "--set", f"model.dir={path}"], expected)
+    sweep({**{name: (["agent", "check", "--set", f"model.dir={path}",
+                      *(["--set", f"model.engine={forced[name]}"] if name in forced else [])],
+                      expected)
               for name, (path, expected) in cases.items()},
            "signature a FIFO": (["agent", "check", "--set", f"model.dir={signed_fifo}",
                                  *trusted], "is a FIFO"),

@@ -176,8 +176,9 @@ def test_a_runtime_whose_bindings_differ_is_one_line_and_its_pool_is_sized_once(
     fake = FakeBindings()
     monkeypatch.setattr(executorch, "bindings", lambda: fake)
     monkeypatch.setattr(executorch, "_pool_threads", None)
+    program = b"\x10\0\0\0ET12" + bytes(24)  # a header the pre-check passes
     with pytest.raises(BundleError, match=r"executorch 1\.0\.0's runtime lacks _is_available"):
-        executorch.load(b"program", Path("m.pte"), "1.0.0", 1, None)
+        executorch.load(program, Path("m.pte"), "1.0.0", 1, None)
     with pytest.raises(BundleError):
-        executorch.load(b"program", Path("m.pte"), "1.0.0", 1, None)
+        executorch.load(program, Path("m.pte"), "1.0.0", 1, None)
     assert fake.resets == [1]

@@ -77,6 +77,15 @@ def test_unimportable_factory(tmp_path: Path) -> None:
     assert_one_line_error(proc, "ConfigError", "train.factory", "nowhere.mod:Net")
 
 
+def test_a_factory_that_raises_when_called_is_one_line_naming_where(tmp_path: Path) -> None:
+    """Before: a 27-line traceback."""
+    proc = run_cli("optimizer", "train", "--set",
+                   "train.factory=tests.support.broken_factory:broken", "--out", tmp_path, *TINY)
+    assert_one_line_error(proc, "ConfigError", "calling tests.support.broken_factory:broken",
+                          "KeyError: 'head'")
+    assert "broken_factory.py:11" in proc.stderr
+
+
 def test_bring_your_own_checkpoint_is_adopted_as_baseline(tmp_path: Path) -> None:
     mine = tmp_path / "mine.pth"
     torch.save(SimpleCNN().state_dict(), mine)
