@@ -5,7 +5,8 @@ and the answer goes back out through them: the response topic is published to, t
 correlation data is sent back, a `request_id` user property names the result. Each is
 checked here, before the request is accepted, against what paho and the broker take:
 
-    response topic    UTF-8 without NUL, 1 to MAX_TOPIC_BYTES bytes, no `+` or `#` (a
+    response topic    UTF-8 without control characters (mosquitto disconnects a client
+                      that publishes one), 1 to MAX_TOPIC_BYTES bytes, no `+` or `#` (a
                       publish topic has no wildcards), not a `$` topic (the broker's own),
                       and under `source.response_prefix` when one is set
     correlation data  bytes, at most MAX_CORRELATION_BYTES
@@ -18,6 +19,7 @@ with the reason as its error; nothing a request carries reaches a publish call u
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,7 @@ from agent.untrusted import shown
 MAX_TOPIC_BYTES = 1024  # MQTT allows 65,535; no real reply topic is longer than this
 MAX_CORRELATION_BYTES = 1024
 MAX_REQUEST_ID = 128
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # NUL and the C0 and C1 control characters
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,9 @@ def response_topic_problem(topic: Any, prefix: str | None) -> str | None:
         return f"response topic of {size:,} bytes is over the limit of {MAX_TOPIC_BYTES:,}"
     if "+" in topic or "#" in topic:
         return f"response topic {shown(topic)} has a wildcard (+ or #): name one topic"
-    if "\0" in topic:
-        return f"response topic {shown(topic)} holds a NUL character"
+    if CONTROL.search(topic):
+        return (f"response topic {shown(topic)} holds a control character (brokers "
+                f"disconnect a client that publishes to it)")
     if topic.startswith("$"):
         return f"response topic {shown(topic)} is one of the broker's own ($) topics"
     if prefix and not topic.startswith(prefix):

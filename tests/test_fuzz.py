@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import paho.mqtt.client as mqtt
 import psutil
 import pytest
 
-from tests.deploy.test_monitor import background, metrics, stop, wait
+from tests.deploy.test_monitor import background, metrics, monitor, stop, wait
 from tests.support import Agent
 from tests.support.broker import Broker, Subscriber, free_port
 from tests.support.hostile import encode, nested_json, until_answered
@@ -209,3 +210,174 @@ def test_a_running_agent_and_monitor_live_through_generated_malformed_inputs(
           f"monitor and refused by the agent ({codes}); RSS growth agent "
           f"{agent_growth:+.1f} MB, monitor {serve_growth:+.1f} MB")
     assert agent_growth < RSS_GROWTH_MB and serve_growth < RSS_GROWTH_MB
+
+
+REQUESTS = 2000
+TELEMETRY = 10_000
+DEVICES = 2000
+# Response topics a reply may go to (MQTT 5 publish topics the broker and paho take), and
+# ones it must not: wildcards, the broker's own, empty after the level, too long.
+GOOD_TOPICS = ("app/replies/{i}", "app/{u}", "r/{i}/x", "{u}")
+BAD_TOPICS = ("app/#", "#", "+", "a/+/b", "$SYS/x{i}", "$share/g/{i}", "{long}")
+# Text for user properties: printable, without the C1 controls (mosquitto disconnects a
+# client whose strings hold a control character: the request never reaches the agent).
+TEXT = [chr(c) for c in (*range(0x20, 0x7F), *range(0xA0, 0x300))]
+
+
+def random_request(rng: random.Random, i: int, picture: bytes) -> tuple[str, bytes, dict[str,
+                                                                                       Any], bool]:
+    """(topic, payload, MQTT 5 properties, whether a reply must go to the response topic)."""
+    props: dict[str, Any] = {}
+    reply = False
+    if rng.random() < 0.7:
+        good = rng.random() < 0.5
+        pattern = rng.choice(GOOD_TOPICS if good else BAD_TOPICS)
+        props["ResponseTopic"] = pattern.format(
+            i=i, u="é" * rng.randint(1, 300), long="t" * rng.randint(1025, 5000))
+        reply = good
+    if rng.random() < 0.5:
+        size = rng.choice((1, 16, 1024, 1025, 5000))
+        props["CorrelationData"] = rng.randbytes(size)
+        if size > 1024:
+            reply = False  # refused: answered on result alone
+    if rng.random() < 0.4:
+        props["UserProperty"] = [(rng.choice(("x", "request_id", "é", "k" * 50)),
+                                  "".join(rng.choice(TEXT) for _ in range(rng.randint(0, 40))))
+                                 for _ in range(rng.randint(1, 4))]
+    payload = picture if rng.random() < 0.5 else rng.randbytes(rng.randint(1, 3000))
+    return f"edgeforge/testboard/infer/rq{i}", payload, props, reply
+
+
+@pytest.mark.slow
+def test_a_running_agent_answers_or_counts_requests_with_random_mqtt5_properties(
+        bundle: Path, broker: Broker, tmp_path: Path) -> None:
+    """2,000 requests with random response topics, correlation data and user properties: each
+    gets one answer on <id>/result, a reply goes only where one may, and the agent lives."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from tests.support.media import png_bytes
+
+    rng = random.Random(SEED)
+    images, _ = sample_images(bundle)
+    picture = png_bytes(images[0])
+    sub = Subscriber(broker.port, topic="#")
+    agent = Agent(bundle, broker.port, tmp_path, "source.kind=mqtt", "source.queue=64",
+                  "loop.window_s=2")
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="req-fuzzer",
+                      protocol=mqtt.MQTTv5)
+    replies_due = 0
+    try:
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+
+        def answers() -> list[dict[str, Any]]:
+            return [m for m in (json.loads(p) for p, _ in sub.on("/result"))
+                    if str(m.get("request_id")).startswith("rq")]
+
+        until_answered(lambda n: pub.publish(f"edgeforge/testboard/infer/probe-{n}", picture,
+                                             qos=1).wait_for_publish(10),
+                       lambda: len(sub.on("/result")) > 0)
+        for i in range(REQUESTS):
+            topic, payload, fields, reply = random_request(rng, i, picture)
+            props = Properties(PacketTypes.PUBLISH)
+            for name, value in fields.items():
+                setattr(props, name, value)
+            pub.publish(topic, payload, qos=1, properties=props).wait_for_publish(10)
+            replies_due += reply
+            if i % 50 == 49:
+                sub.wait_for(lambda i=i: len(answers()) >= i + 1 - 32, 60, f"answers to {i}")
+        sub.wait_for(lambda: len(answers()) >= REQUESTS, 120, "an answer per request")
+        assert agent.proc.poll() is None, agent.output()[-3000:]
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        agent.kill()
+        sub.close()
+    got = answers()
+    assert sorted(r["request_id"] for r in got) == sorted(f"rq{i}" for i in range(REQUESTS))
+    refused = sum("request refused" in str(r.get("error")) for r in got)
+    replies = [t for t, p, _ in sub.messages if not t.startswith("edgeforge/")
+               and str(json.loads(p).get("request_id")).startswith("rq")]
+    assert len(replies) == replies_due
+    out = agent.output()
+    assert "Traceback" not in out and "publisher thread failed" not in out, out[-3000:]
+    print(f"request fuzz seed {SEED}: {REQUESTS} requests, {refused} refused for their "
+          f"properties, {len(replies)} replies to response topics, every one answered once")
+
+
+def random_telemetry(rng: random.Random, device: str, i: int, now: float) -> bytes:
+    """A telemetry message from `device`, with one to four values from the edges of what
+    JSON and the schema allow (or a key missing, or the wrong type)."""
+    msg = {**good_telemetry(device), "seq": i, "ts": now - 30 + i * 0.001}
+    keys = [k for k in msg if k not in ("schema", "device", "ts")]
+    for _ in range(rng.randint(1, 4)):
+        key = rng.choice(keys)
+        msg[key] = rng.choice((2**63, 2**63 - 1, 2**64 + 7, 10**30, -(10**30), 1e300, -1e300,
+                               1.7e308, 5e-324, -1, 0, 1e7, 1e15, "12", None, True, [1],
+                               {"a": 1}))
+    if rng.random() < 0.05:
+        msg.pop(rng.choice(keys))
+    return json.dumps(msg).encode()
+
+
+@pytest.mark.slow
+def test_record_serve_and_once_live_through_random_telemetry_from_2000_devices(
+        broker: Broker, tmp_path: Path) -> None:
+    """10,000 messages from 2,000 device ids, each numeric field sometimes far outside what a
+    board sends: record, serve and --once stay up, and every message is counted."""
+    from agent.telemetry import summary_of
+    from deploy.monitor.history import History
+
+    rng = random.Random(SEED)
+    port = free_port()
+    history = tmp_path / "history.sqlite3"
+    serve = background(broker.port, tmp_path, "serve", "--prometheus", f"127.0.0.1:{port}")
+    record = background(broker.port, tmp_path, "--set", f"monitor.history={history}",
+                        "record")
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="telemetry-fuzzer")
+    try:
+        wait(lambda: metrics(port) != "", 30, "the metrics endpoint")
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        probe = json.dumps(good_telemetry("probe-board")).encode()
+        until_answered(lambda n: pub.publish("edgeforge/probe-board/telemetry", probe, qos=1)
+                       .wait_for_publish(10),
+                       lambda: 'edgeforge_monitor_windows_total{device="probe-board"' in
+                       metrics(port))
+        wait(lambda: history.exists(), 30, "the history file")
+        now = time.time()
+        for i in range(TELEMETRY):
+            device = f"fz{rng.randrange(DEVICES)}"
+            pub.publish(f"edgeforge/{device}/telemetry", random_telemetry(rng, device, i, now),
+                        qos=1).wait_for_publish(10)
+            if i % 50 == 0:  # retained summaries (other ids), for --once to start from
+                board = f"sm{i // 50}"
+                summary = json.loads(random_telemetry(rng, board, i, now))
+                pub.publish(f"edgeforge/{board}/summary",
+                            json.dumps(summary_of(summary)).encode(), qos=1,
+                            retain=True).wait_for_publish(10)
+
+        def counted() -> float:
+            return sum(float(line.rsplit(" ", 1)[1]) for line in metrics(port).splitlines()
+                       if line.startswith(("edgeforge_bad_messages_total{",
+                                           "edgeforge_monitor_windows_total{"))
+                       and 'device="fz' in line)
+
+        wait(lambda: counted() >= TELEMETRY, 120, "every message counted")
+        once = monitor(broker.port, "--once", "--json", "--listen", "2", timeout=120)
+        assert once.returncode == 0 and "Traceback" not in once.stderr, once.stderr[-2000:]
+        assert serve.poll() is None and record.poll() is None
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        stop(serve)
+        stop(record)
+    for log in tmp_path.glob("monitor-*.log"):
+        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    h = History(history, 86_400)
+    stored = h.total()
+    h.close()
+    assert 0 < stored < TELEMETRY
+    print(f"telemetry fuzz seed {SEED}: {TELEMETRY} messages from {DEVICES} device ids, "
+          f"{stored} recorded, the rest refused and counted; record, serve and --once up")
