@@ -90,6 +90,8 @@ def sane(msg: dict[str, Any], kind: str, now: float | None,
     for key, lo, hi in RANGES:
         value = msg.get(key)
         if value is not None and not lo <= value <= hi:
+            if lo == 0 and value < 0:
+                raise ValueError(f"{kind} {key} is negative ({shown(value)})")
             raise ValueError(f"{kind} {key} {shown(value)} is outside {lo:g} to {hi:g}")
     now = time.time() if now is None else now
     ts = msg["ts"]
