@@ -105,9 +105,9 @@ class Bundle:
 
     def check_loads(self) -> list[str]:
         """Check that every model file loads: an ExecuTorch program's header always, and each
-        file whose runtime is installed here loaded (in a child process for a runtime that
-        can kill its process, agent/first_load.py). Returns the files not loaded for want
-        of their runtime.
+        file whose runtime is installed here proven in a child process (agent/first_load.py;
+        once per file and runtime release on this machine). Returns the files not loaded for
+        want of their runtime.
 
         Raises:
             BundleError: a file does not load (for `edge-deploy sign`: never sign it).
@@ -122,13 +122,11 @@ class Bundle:
             version = engines.installed(runtime)
             if version is None:
                 unchecked.append(name)
-            elif runtime in first_load.ISOLATED:
-                sha = hashlib.sha256(data).hexdigest()
-                if not first_load.proven_before(sha, runtime, version):
-                    first_load.prove_in_child(self.dir, name, 1, sha)
-                    first_load.remember(sha, runtime, version)
-            else:
-                self.load(name)
+                continue
+            sha = hashlib.sha256(data).hexdigest()
+            if not first_load.proven_before(sha, runtime, version):
+                first_load.prove_in_child(self.dir, name, 1, sha)
+                first_load.remember(sha, runtime, version)
         return unchecked
 
     def sample(self) -> dict[str, Any]:
@@ -146,16 +144,16 @@ class Bundle:
 
     def _prove(self, engine: str, sample: dict[str, Any], threads: int
                ) -> tuple[dict[str, Any], Runner]:
-        """prove(), and the runner it proved. A file for a runtime that can kill the process
-        on a bad file is proven in a child process the first time (agent/first_load.py)."""
+        """prove(), and the runner it proved. A file not yet proven on this machine with this
+        runtime release is proven in a child process first (agent/first_load.py): a file
+        that kills its runtime costs the child, not this process."""
         runtime = engines.engine_of(engine)
-        if runtime in first_load.ISOLATED:
-            sha = hashlib.sha256(self.files[engine]).hexdigest()
-            version = engines.installed(runtime) or "unknown"
-            if not first_load.proven_before(sha, runtime, version):
-                proof = first_load.prove_in_child(self.dir, engine, threads, sha)
-                first_load.remember(sha, runtime, version)
-                return proof, self.load(engine, threads)
+        sha = hashlib.sha256(self.files[engine]).hexdigest()
+        version = engines.installed(runtime) or "unknown"
+        if not first_load.proven_before(sha, runtime, version):
+            proof = first_load.prove_in_child(self.dir, engine, threads, sha)
+            first_load.remember(sha, runtime, version)
+            return proof, self.load(engine, threads)
         return self.prove_here(engine, sample, threads)
 
     def prove_here(self, engine: str, sample: dict[str, Any], threads: int

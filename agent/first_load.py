@@ -1,18 +1,18 @@
-"""The first load of an engine file on a board, in a child process, for runtimes that can kill
-the process that loads a bad file.
+"""The first load of each engine file on a machine happens in a child process.
 
-ExecuTorch's runtime aborts (SIGABRT) on some malformed programs instead of returning an
-error: in the agent that is an exit with no line of its own, and under systemd a restart
-loop. So a file for such a runtime (ISOLATED) is proven first in a child process
-(`python -m agent.first_load`: the whole proof, one inference and the bundled sample, as
-`Bundle.prove` runs it), and only a file that came through is loaded here. A child that dies
-is one BundleError naming the signal and the runtime's own last log line; the board runs
+A runtime can kill the process that loads a bad file instead of raising: ExecuTorch's
+aborts (SIGABRT) on some malformed programs, and a native library can crash on a crafted
+model. In the agent that would be an exit with no line of its own, and under systemd a
+restart loop. So each model file is proven first in a child process (`python -m
+agent.first_load`: the whole proof, one inference and the bundled sample, as `Bundle.prove`
+runs it), and only a file that came through is loaded in the agent. A child that dies is
+one BundleError naming the signal and the runtime's own last log line; the board runs
 another proven engine.
 
 A file proven this way is remembered by its sha256, runtime and version in the cache folder
 ($CACHE_DIRECTORY, which systemd's CacheDirectory= sets; else $XDG_CACHE_HOME/edgeforge or
-~/.cache/edgeforge), so later starts load it directly. An unwritable cache only costs the
-child again.
+~/.cache/edgeforge), so later starts prove it in the agent's own process. An unwritable
+cache only costs the child again.
 
     python -m agent.first_load <bundle dir> <engine> <threads> <sha256>
         prints the proof as one JSON line and exits 0, or prints a BundleError's message and
@@ -35,7 +35,6 @@ from agent.engines.executorch import RAW_LOG_ENV
 from agent.engines.executorch import RUNTIME_LOG as RUNTIME_LINE
 from agent.errors import BundleError
 
-ISOLATED = ("executorch",)  # runtimes known to abort the process on a malformed file
 CHILD_TIMEOUT_S = 600.0  # a Pi 4 imports torch and runs the sample in well under this
 
 

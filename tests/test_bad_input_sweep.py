@@ -436,11 +436,16 @@ def test_bad_mqtt_commands_are_refused_and_the_agent_keeps_publishing_without_a_
         raw = [b"not json at all", b'["a list"]', b"[" * 60_000 + b"]" * 60_000,
                b"\xff\xfe{}", b"12345", b'"just a string"', b"null", b'{"request_id": 5}',
                b'{"request_id": ["a"]}', b'{"request_id": "' + b"x" * 100 + b'"}',
-               b'{"request_id": null, "args": ' + b"[" * 5000 + b"]" * 5000 + b"}"]
+               b'{"request_id": null, "args": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+               b'{"request_id": ' + b"7" * 5000 + b"}"]
         for payload in raw:
             send(broker.port, "set", payload)
-        sub.wait_for(lambda: len(results(sub)) >= len(cases) + len(raw), 90, "every answer")
+        # Unsigned, with an integer Python would refuse to convert: one refusal, by its id
+        send(broker.port, "set", b'{"request_id": "big", "args": {"window_s": ' + b"9" * 5000
+             + b"}}")
+        sub.wait_for(lambda: len(results(sub)) >= len(cases) + len(raw) + 1, 90, "every answer")
         got = {m["request_id"]: m for m in results(sub)}
+        assert got["big"]["code"] == "malformed" and "5,000 digits" in got["big"]["reason"]
         for rid, (_, _, code) in cases.items():
             assert got[rid]["ok"] is False and got[rid]["code"] == code, got[rid]
             assert got[rid]["result"] in ("refused", "failed"), got[rid]
