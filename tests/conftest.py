@@ -13,6 +13,22 @@ import pytest
 
 from tests.support import SMALL_CONFIG, Agent, build_bundle, run_cli
 from tests.support.broker import Broker
+from tests.tiers import pytest_collection_modifyitems, unit_stays_in_process  # noqa: F401
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fresh_engine_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The proven-files cache (agent/first_load.py) of this session only, as on a new board:
+    the first proof of each file runs in a child, and nothing is left in the user's cache."""
+    saved = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "CACHE_DIRECTORY")}
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.pop("CACHE_DIRECTORY", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(autouse=True)

@@ -47,6 +47,8 @@ from tests.support.broker import Broker, Subscriber, free_port
 from tests.support.hostile import can_mount, image_cases, small_filesystem, until_answered
 from tests.support.media import png_bytes, sample_images, write_pngs
 
+pytestmark = pytest.mark.e2e
+
 ONE_LINE = re.compile(r"^(\w+Error: |edge-[\w -]+: )")
 
 

@@ -25,6 +25,8 @@ from tests.support.hostile import encode, nested_json, until_answered
 from tests.support.media import sample_images
 from tests.test_bad_input_sweep import good_telemetry
 
+pytestmark = pytest.mark.e2e
+
 SEED = 20261202
 IMAGES = 2000
 MESSAGES = 2000

@@ -19,6 +19,8 @@ from agent.signing import SIGNATURE_FILE
 from tests.support import Agent, copy_bundle, run_cli
 from tests.support.broker import Broker, Subscriber
 
+pytestmark = pytest.mark.e2e
+
 PTE = "quantized_cnn.pte"
 
 

@@ -83,6 +83,7 @@ def grey_sample(bundle: Path, count: int) -> list[np.ndarray]:
 
 # --- images ------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_a_png_whose_header_claims_ten_billion_pixels_is_refused_over_mqtt_and_in_a_folder(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     """Before: Pillow's DecompressionBombError escaped the preprocess and killed the agent,
@@ -119,6 +120,7 @@ def test_a_png_whose_header_claims_ten_billion_pixels_is_refused_over_mqtt_and_i
     assert got["after"]["top"] and "error" not in got["after"]
 
 
+@pytest.mark.e2e
 def test_16_bit_greyscale_pngs_are_classified_as_their_8_bit_selves(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     """Before: 16-bit samples were clipped to 255 (near white) and classified with
@@ -146,6 +148,7 @@ def test_16_bit_greyscale_pngs_are_classified_as_their_8_bit_selves(
         assert r["top"] == expected[r["engine"]][i], (r, expected[r["engine"]][i])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mode, make, expect", [
     ("palette with transparency", lambda: Image.new("P", (40, 40)), "ok"),
     ("LA", lambda: Image.new("LA", (40, 40), (120, 30)), "ok"),
@@ -179,6 +182,7 @@ def test_every_pixel_format_becomes_rgb_or_is_refused_with_its_reason(
 
 # --- files and the folder ------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_a_file_written_with_a_pause_is_classified_once_complete_not_failed(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     """Before: a writer pausing 2 s mid-file had its file moved to failed/ as truncated,
@@ -212,6 +216,7 @@ def test_a_file_written_with_a_pause_is_classified_once_complete_not_failed(
     assert not (inbox / "failed" / "slow.png").exists()
 
 
+@pytest.mark.e2e
 def test_a_file_answered_before_a_crash_is_not_answered_again(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     """The state a kill -9 leaves between a result's commit and the file's move: the result
@@ -241,6 +246,7 @@ def test_a_file_answered_before_a_crash_is_not_answered_again(
         assert db.execute("SELECT COUNT(*) FROM answered").fetchone()[0] == 3
 
 
+@pytest.mark.e2e
 def test_kill_9_at_random_moments_gives_every_file_exactly_one_result(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     """Before: after kill -9 and a restart, one image of 2,000 got two results."""
@@ -275,6 +281,7 @@ def test_kill_9_at_random_moments_gives_every_file_exactly_one_result(
     assert [n for n, _ in got] == names
 
 
+@pytest.mark.e2e
 def test_a_retained_request_is_answered_once_across_restarts(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     images, _ = sample_images(bundle)
@@ -293,6 +300,7 @@ def test_a_retained_request_is_answered_once_across_restarts(
     assert [r["request_id"] for r in results(sub.on("/result"))] == ["kept"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("how", ["fifo", "link to /dev/zero"])
 def test_a_manifest_that_is_not_a_regular_file_is_refused_not_read(
         bundle: Path, tmp_path: Path, how: str) -> None:
@@ -308,6 +316,7 @@ def test_a_manifest_that_is_not_a_regular_file_is_refused_not_read(
     assert "not a regular file" in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
 def test_a_config_that_is_not_a_regular_file_is_refused_not_read(
         tmp_path: Path, target: str) -> None:
@@ -319,6 +328,7 @@ def test_a_config_that_is_not_a_regular_file_is_refused_not_read(
     assert proc.returncode == 2 and "not a regular file" in proc.stderr, proc.stderr
 
 
+@pytest.mark.e2e
 def test_monitor_listen_nan_is_refused_instead_of_hanging() -> None:
     proc = run_cli("deploy.monitor.cli", "--once", "--listen", "nan", timeout=30)
     assert proc.returncode == 2 and "--listen: must be a finite number" in proc.stderr
@@ -326,6 +336,7 @@ def test_monitor_listen_nan_is_refused_instead_of_hanging() -> None:
 
 # --- config --------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("text, lines", [
     ("mqtt:\n  port: 1883\n  host: a\n  port: 1884\n", "'port' is given twice, at lines 2 and 4"),
     ("loop:\n  window_s: 5\nmqtt: {}\nloop:\n  rate_hz: 1\n", "'loop' is given twice, at lines "
@@ -339,6 +350,7 @@ def test_a_key_or_section_given_twice_is_an_error_naming_both_lines(
     assert proc.returncode == 2 and lines in proc.stderr, proc.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("item, problem", [
     ("mqtt.host=#broker", "a '#' starts a comment"),
     ("device.id=board #2", "a '#' starts a comment"),
@@ -356,6 +368,7 @@ def test_set_values_yaml_would_read_as_a_comment_or_null_are_refused(
 
 # --- JSON ------------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_deeply_nested_json_on_a_telemetry_topic_is_counted_not_fatal(
         broker: Broker, tmp_path: Path) -> None:
     """Before: a 60 KB nested message (retained) killed --once, serve and record with a
@@ -393,6 +406,7 @@ def test_deeply_nested_json_on_a_telemetry_topic_is_counted_not_fatal(
             p.wait(15)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("field, value, problem", [
     ("seq", 7.5, "seq must be a whole number"),
     ("device", {"a": 1}, "device must be a name"),
@@ -413,6 +427,7 @@ def test_telemetry_values_of_the_wrong_type_are_refused(field: str, value: Any,
     assert dev.bad_messages == 1 and problem in str(dev.last_problem), dev.last_problem
 
 
+@pytest.mark.e2e
 def test_deeply_nested_json_in_a_manifest_or_a_command_is_one_line(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     b = copy_bundle(bundle, tmp_path / "b")
@@ -442,6 +457,7 @@ def test_deeply_nested_json_in_a_manifest_or_a_command_is_one_line(
 
 # --- disk ------------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not can_mount(), reason="needs root to mount a small tmpfs (a real full "
                                             "disk)")
 def test_a_spool_disk_that_fills_counts_the_lost_windows_and_recovers(
@@ -484,6 +500,7 @@ def test_a_spool_disk_that_fills_counts_the_lost_windows_and_recovers(
         assert claimed == kept, (claimed, kept)
 
 
+@pytest.mark.e2e
 def test_sigterm_while_reading_a_fifo_in_the_folder_is_a_clean_stop(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     """A FIFO named like an image is not a regular file: left alone, and the agent stops."""
@@ -503,6 +520,7 @@ def test_sigterm_while_reading_a_fifo_in_the_folder_is_a_clean_stop(
 
 
 
+@pytest.mark.e2e
 def test_a_file_closed_half_written_is_tried_again_when_complete_not_failed(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     """A writer that closes the file half written and appends the rest later: the first

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from optimizer.report import per_class
 from tests.support import Agent
 from tests.support.broker import Broker
 
 
+@pytest.mark.unit
 def test_class_names_with_a_newline_or_a_pipe_stay_one_table_row_each() -> None:
     report = {"rows": [{"variant": "fp32", "per_class_accuracy_pct": {
         "cat\nsecret": 50.0, "dog|fox": 75.0, "owl": 100.0}}]}
@@ -22,6 +25,7 @@ def test_class_names_with_a_newline_or_a_pipe_stay_one_table_row_each() -> None:
     assert all(line.count("|") - line.count("\\|") == 3 for line in body)
 
 
+@pytest.mark.e2e
 def test_an_agent_stopped_while_its_folder_is_missing_never_says_it_watched_it(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     missing = tmp_path / "not-yet"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -17,6 +18,8 @@ from tests.support import Agent
 from tests.support.broker import Broker, Subscriber
 from tests.support.media import png_bytes, results, sample_images
 from tests.test_hostile_inputs import INFER, answers, serving, stop
+
+pytestmark = pytest.mark.e2e
 
 
 def v5_publisher(port: int, name: str) -> mqtt.Client:

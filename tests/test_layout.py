@@ -7,7 +7,11 @@ from __future__ import annotations
 import ast
 import sys
 
+import pytest
+
 from tests.support import ROOT
+
+pytestmark = pytest.mark.unit
 
 BOARD_THIRD_PARTY = {"numpy", "yaml", "psutil", "paho", "cryptography"}
 # The engines' runtimes (the board's profile: torch, onnx or both): each only in its engine's

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support import ROOT
+
+pytestmark = pytest.mark.e2e
 
 SHELL_SCRIPTS = sorted([ROOT / ".ci/run", *(ROOT / "deploy").rglob("*.sh"),
                         *(ROOT / "scripts").glob("*.sh")])

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agent.manifest import BOARD_MODEL
 from tests.support import copy_bundle, edit_manifest, run_cli
+
+pytestmark = pytest.mark.e2e
 
 
 def check(bundle: Path):  # type: ignore[no-untyped-def]

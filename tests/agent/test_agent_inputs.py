@@ -27,22 +27,26 @@ def one_line_exit_2(proc, *needles: str) -> None:  # type: ignore[no-untyped-def
     assert any(all(n in line for n in needles) for line in lines), proc.stderr
 
 
+@pytest.mark.e2e
 def test_unknown_config_key_is_named(bundle: Path, tmp_path: Path) -> None:
     one_line_exit_2(run(bundle, tmp_path, "loop.rate=5"), "ConfigError", "loop.rate",
                     "unknown key")
 
 
+@pytest.mark.e2e
 def test_invalid_config_value_is_named(bundle: Path, tmp_path: Path) -> None:
     one_line_exit_2(run(bundle, tmp_path, "mqtt.qos=3"), "ConfigError", "mqtt.qos",
                     "must be 0, 1 or 2")
 
 
+@pytest.mark.e2e
 def test_missing_model_file(bundle: Path, tmp_path: Path) -> None:
     b = copy_bundle(bundle, tmp_path)
     (b / BOARD_MODEL).unlink()
     one_line_exit_2(run(b, tmp_path), "BundleError", "missing from the bundle")
 
 
+@pytest.mark.e2e
 def test_sha256_mismatch_is_refused_before_loading(bundle: Path, tmp_path: Path) -> None:
     b = copy_bundle(bundle, tmp_path)
     with (b / BOARD_MODEL).open("ab") as f:
@@ -58,6 +62,7 @@ def replace_file(bundle: Path, name: str, data: bytes) -> None:
     (bundle / "manifest.json").write_text(json.dumps(m))
 
 
+@pytest.mark.e2e
 def test_a_file_that_is_not_torchscript(bundle: Path, tmp_path: Path) -> None:
     b = copy_bundle(bundle, tmp_path)
     replace_file(b, BOARD_MODEL, b"PK\x03\x04 not a TorchScript archive")
@@ -65,6 +70,7 @@ def test_a_file_that_is_not_torchscript(bundle: Path, tmp_path: Path) -> None:
                     "not a loadable TorchScript file")
 
 
+@pytest.mark.e2e
 def test_a_file_that_is_not_onnx(bundle: Path, tmp_path: Path) -> None:
     b = copy_bundle(bundle, tmp_path)
     replace_file(b, ONNX_MODEL, b"\x08\x07 not an ONNX model")
@@ -72,6 +78,7 @@ def test_a_file_that_is_not_onnx(bundle: Path, tmp_path: Path) -> None:
                     "engine onnxruntime cannot run", "not a loadable ONNX model")
 
 
+@pytest.mark.e2e
 def test_auto_runs_the_engine_that_passes_and_says_why_the_others_failed(
         bundle: Path, tmp_path: Path) -> None:
     b = copy_bundle(bundle, tmp_path)
@@ -86,6 +93,7 @@ def test_auto_runs_the_engine_that_passes_and_says_why_the_others_failed(
     assert "running torchscript" in proc.stderr and "the only proven engine" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_an_engine_the_bundle_lacks_is_named(bundle: Path, tmp_path: Path) -> None:
     b = copy_bundle(bundle, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
@@ -95,6 +103,7 @@ def test_an_engine_the_bundle_lacks_is_named(bundle: Path, tmp_path: Path) -> No
                     "has no onnxruntime model", "set model.engine to auto")
 
 
+@pytest.mark.e2e
 def test_wrong_input_shape(bundle: Path, tmp_path: Path) -> None:
     b = copy_bundle(bundle, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
@@ -102,6 +111,7 @@ def test_wrong_input_shape(bundle: Path, tmp_path: Path) -> None:
     one_line_exit_2(run(b, tmp_path), "BundleError", "does not take the manifest's input shape")
 
 
+@pytest.mark.e2e
 def test_engine_not_available(bundle: Path, tmp_path: Path) -> None:
     b = copy_bundle(bundle, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
@@ -111,17 +121,20 @@ def test_engine_not_available(bundle: Path, tmp_path: Path) -> None:
                     "'armcl' is not available", "qnnpack")
 
 
+@pytest.mark.e2e
 def test_tls_files_that_do_not_exist(bundle: Path, tmp_path: Path) -> None:
     proc = run(bundle, tmp_path, "mqtt.tls=true", f"mqtt.ca_file={tmp_path}/nope.pem")
     one_line_exit_2(proc, "ConfigError", "mqtt.tls", "nope.pem")
     assert not list(tmp_path.glob("s.db.corrupt*"))
 
 
+@pytest.mark.e2e
 def test_bad_cli_argument(bundle: Path) -> None:
     proc = run_cli("agent", "run", "--duration", "-3")
     assert proc.returncode == 2 and "--duration: must be a finite number > 0, got -3" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_bench_prints_a_table_and_json(bundle: Path) -> None:
     proc = run_cli("agent", "bench", "--set", f"model.dir={bundle}", "--batch-sizes", "1,4",
                    "--iters", "30", "--json")
@@ -159,6 +172,7 @@ def fake_pi_sysfs(root: Path, throttled: str) -> Path:
     return root
 
 
+@pytest.mark.unit
 def test_stats_read_a_pi_s_temperature_frequency_and_throttling_flags(tmp_path: Path) -> None:
     stats = ResourceStats(root=fake_pi_sysfs(tmp_path, "50005\n"), vcgencmd=None)
     stats.start()
@@ -169,6 +183,7 @@ def test_stats_read_a_pi_s_temperature_frequency_and_throttling_flags(tmp_path: 
     assert s["rss_mb"] > 10 and s["load_1m"] >= 0
 
 
+@pytest.mark.unit
 def test_stats_are_null_where_the_board_has_no_such_sensor(tmp_path: Path) -> None:
     s = ResourceStats(root=tmp_path, vcgencmd=None).sample()
     assert s["soc_temp_c"] is None and s["cpu_freq_mhz"] is None and s["throttled"] is None

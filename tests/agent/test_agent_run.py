@@ -8,9 +8,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.telemetry import OPTIONAL_TELEMETRY_KEYS, TELEMETRY_KEYS, decode_telemetry
 from tests.support import Agent
 from tests.support.broker import Broker, Subscriber
+
+pytestmark = pytest.mark.e2e
 
 
 def contiguous(seqs: list[int]) -> bool:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.config import AgentConfig, load_config
 from agent.spool import spool_path
 from tests.support import ROOT, Agent
@@ -22,6 +24,7 @@ def systemd_analyze() -> str:
     return path
 
 
+@pytest.mark.e2e
 def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     # verify insists that ExecStart exists: point it at this checkout's edge-agent, nothing else
     # changes.
@@ -35,6 +38,7 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
+@pytest.mark.e2e
 def test_unit_file_rates_2_5_or_better_in_systemd_analyze_security() -> None:
     proc = subprocess.run([systemd_analyze(), "security", "--offline=yes", str(UNIT)],
                           capture_output=True, text=True, timeout=60)
@@ -44,6 +48,7 @@ def test_unit_file_rates_2_5_or_better_in_systemd_analyze_security() -> None:
     assert float(match.group(1)) <= 2.5
 
 
+@pytest.mark.unit
 def test_unit_file_is_the_notify_watchdog_service_the_agent_implements() -> None:
     text = UNIT.read_text()
     for line in ("Type=notify", "Restart=on-failure", "StateDirectory=edgeforge",
@@ -53,6 +58,7 @@ def test_unit_file_is_the_notify_watchdog_service_the_agent_implements() -> None
     assert "edge-agent check --config /etc/edgeforge/config.yaml" in text
 
 
+@pytest.mark.e2e
 def test_agent_sends_ready_watchdog_and_stopping_over_notify_socket(
         bundle: Path, tmp_path: Path) -> None:
     """READY=1 after warm-up, WATCHDOG=1 from the loop at a third of WatchdogSec, STOPPING=1."""
@@ -78,6 +84,7 @@ def test_agent_sends_ready_watchdog_and_stopping_over_notify_socket(
     assert 6 <= pings <= 20, datagrams  # every 0.2 s for 3 s
 
 
+@pytest.mark.e2e
 def test_agent_runs_with_write_execute_memory_refused(bundle: Path, tmp_path: Path) -> None:
     """The unit's MemoryDenyWriteExecute=yes: torch must not need W+X pages (PR_SET_MDWE)."""
     code = ("import ctypes, sys\n"
@@ -93,6 +100,7 @@ def test_agent_runs_with_write_execute_memory_refused(bundle: Path, tmp_path: Pa
     assert " seq 3:" in proc.stderr
 
 
+@pytest.mark.unit
 def test_the_board_config_the_installer_ships_is_valid() -> None:
     cfg = load_config(ROOT / "deploy" / "config.yaml", [], AgentConfig)
     assert cfg.model.dir == "/var/lib/edgeforge/models/current"
@@ -101,6 +109,7 @@ def test_the_board_config_the_installer_ships_is_valid() -> None:
     assert spool_path("/abs/s.db", {"STATE_DIRECTORY": "/x"}, False) == Path("/abs/s.db")
 
 
+@pytest.mark.unit
 def test_a_relative_spool_path_never_depends_on_the_working_directory() -> None:
     """systemd's StateDirectory, else /var/lib/edgeforge for root, else XDG state."""
     assert spool_path("s.db", {}, True) == Path("/var/lib/edgeforge/s.db")

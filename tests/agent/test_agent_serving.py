@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -27,6 +28,8 @@ from tests.support.media import (
     sample_images,
     write_pngs,
 )
+
+pytestmark = pytest.mark.e2e
 
 
 def stop(agent: Agent) -> None:

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 
 from agent.command_inbox import CommandInbox
 from agent.config import LoopConfig, MqttConfig
@@ -52,6 +53,7 @@ FAULTY_PUBLISHER = (
     "raise SystemExit(main(sys.argv[1:]))\n")
 
 
+@pytest.mark.e2e
 def test_a_failed_publisher_thread_stops_the_watchdog_and_exits_1_then_is_reported(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     """Before: the publisher died and the process lived on, feeding the watchdog, a zombie."""
@@ -103,6 +105,7 @@ def test_a_failed_publisher_thread_stops_the_watchdog_and_exits_1_then_is_report
         sub.close()
 
 
+@pytest.mark.unit
 def test_supervise_names_a_dead_a_failed_and_a_stuck_thread() -> None:
     def thread(alive: bool = True, stalled: float = 0.0, error: Any = None) -> Any:
         return SimpleNamespace(is_alive=lambda: alive, stalled_s=lambda: stalled, error=error)
@@ -119,6 +122,7 @@ def window(i: int) -> Window:
     return Window(i, time.time(), 0.5, 1, array("d", [0.001] * 20))
 
 
+@pytest.mark.e2e
 def test_a_full_publisher_inbox_burns_seqs_and_counts_every_window_it_refused(
         tmp_path: Path) -> None:
     """Nothing is dropped in silence: a refused window is a seq gap and in dropped_total."""
@@ -138,6 +142,7 @@ def test_a_full_publisher_inbox_burns_seqs_and_counts_every_window_it_refused(
     spool.close()
 
 
+@pytest.mark.e2e
 def test_windows_submitted_while_the_publisher_drains_a_full_inbox_are_all_spooled_or_counted(
         tmp_path: Path) -> None:
     """Before: a pass took INBOX items, fetched one more and let it go, uncounted."""
@@ -157,6 +162,7 @@ def test_windows_submitted_while_the_publisher_drains_a_full_inbox_are_all_spool
     spool.close()
 
 
+@pytest.mark.e2e
 def test_live_results_that_meet_no_broker_are_counted_even_when_the_agent_stops_first(
         tmp_path: Path) -> None:
     """Before: unsent live results were folded into dropped_total only by a later window, so
@@ -174,6 +180,7 @@ def test_live_results_that_meet_no_broker_are_counted_even_when_the_agent_stops_
     spool.close()
 
 
+@pytest.mark.e2e
 def test_the_default_spool_is_the_same_from_any_working_directory(
         bundle: Path, tmp_path: Path) -> None:
     """A relative spool.path lives in the state directory, not the cwd: seq keeps counting."""
@@ -226,6 +233,7 @@ class FailingModule:
         return contextlib.nullcontext()
 
 
+@pytest.mark.e2e
 def test_the_loop_falls_back_by_itself_and_never_takes_the_failed_model_back() -> None:
     """A model on trial that fails a forward pass: the loop runs its fallback from the next
     pass on without waiting for another thread, says which model failed, and refuses a later
@@ -256,6 +264,7 @@ def test_the_loop_falls_back_by_itself_and_never_takes_the_failed_model_back() -
     assert sum(len(w.latencies_s) for w in windows if w.model_sha256 == "old") > 0
 
 
+@pytest.mark.unit
 def test_the_command_inbox_refuses_when_full_counts_windows_and_never_drops_a_fallback(
 ) -> None:
     inbox = CommandInbox(size=2)

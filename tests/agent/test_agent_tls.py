@@ -11,6 +11,8 @@ import pytest
 from tests.support import Agent
 from tests.support.broker import Broker
 
+pytestmark = pytest.mark.e2e
+
 
 def openssl(*args: str | Path) -> None:
     subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)

@@ -16,6 +16,8 @@ from deploy.monitor.config import MonitorCommandConfig
 from optimizer.config import OptimizerConfig
 from tests.support import ROOT
 
+pytestmark = pytest.mark.unit
+
 ROOTS = (OptimizerConfig, AgentConfig, MonitorCommandConfig, DeployConfig)
 
 

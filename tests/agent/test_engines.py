@@ -19,6 +19,7 @@ from tests.support.broker import Broker, Subscriber
 from tests.support.media import host_top, png_bytes, results, sample_images, write_pngs
 
 
+@pytest.mark.e2e
 def test_check_proves_every_engine_and_model_engine_forces_one(bundle: Path) -> None:
     auto = run_cli("agent", "check", "--set", f"model.dir={bundle}")
     assert auto.returncode == 0, auto.stderr
@@ -38,6 +39,7 @@ def test_check_proves_every_engine_and_model_engine_forces_one(bundle: Path) -> 
             "onnxruntime-fp32, executorch-fp32, got 'tvm'") in bad.stderr
 
 
+@pytest.mark.e2e
 def test_without_torch_the_agent_serves_from_the_onnx_model(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     """The torch-free board profile on this host: torch is not importable in the agent's
@@ -70,6 +72,7 @@ def test_without_torch_the_agent_serves_from_the_onnx_model(
     assert "engine torchscript -: not installed (pip install torch to run it)" in out
 
 
+@pytest.mark.e2e
 def test_a_forced_engine_runs_and_every_window_names_it(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     """model.engine=torchscript on a board with both: every window of the run names it."""
@@ -86,6 +89,7 @@ def test_a_forced_engine_runs_and_every_window_names_it(
     assert info["engine"] == "torchscript" and info["engine_choice"]["setting"] == "torchscript"
 
 
+@pytest.mark.e2e
 def test_a_forced_executorch_engine_serves_each_file_with_the_host_result(
         bundle: Path, broker: Broker, tmp_path: Path) -> None:
     """model.engine=executorch: the XNNPACK program runs on a watched folder, and each file's
@@ -112,6 +116,7 @@ def test_a_forced_executorch_engine_serves_each_file_with_the_host_result(
     assert info["engine"] == "executorch" and info["runtimes"]["executorch"].startswith("1.")
 
 
+@pytest.mark.e2e
 def test_without_executorch_check_says_so_and_runs_another_engine(bundle: Path) -> None:
     """A board without the executorch package: its row says how to add it, auto runs one of
     the other two, and model.engine=executorch is one line and exit 2."""
@@ -131,6 +136,7 @@ def test_without_executorch_check_says_so_and_runs_another_engine(bundle: Path) 
     assert "engine executorch cannot run on this board" in lines[0] and "not installed" in lines[0]
 
 
+@pytest.mark.e2e
 def test_a_damaged_executorch_program_is_one_line_and_another_engine_runs(
         bundle: Path, tmp_path: Path) -> None:
     """A .pte that is not a program (its sha256 updated in the manifest, as a bad export
@@ -165,6 +171,7 @@ class FakeBindings:
         self.resets.append(threads)
 
 
+@pytest.mark.unit
 def test_a_runtime_whose_bindings_differ_is_one_line_and_its_pool_is_sized_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A release without a call the engine uses is a BundleError naming the call (the proof

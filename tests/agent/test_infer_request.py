@@ -11,6 +11,8 @@ from paho.mqtt.properties import Properties
 
 from agent.infer_request import MAX_REQUEST_ID, check_request, response_topic_problem
 
+pytestmark = pytest.mark.unit
+
 
 def props(response: object = None, correlation: object = None,
           user: list[tuple[str, str]] | None = None) -> Properties:

@@ -13,6 +13,8 @@ import pytest
 
 from tests.support import ROOT
 
+pytestmark = pytest.mark.e2e
+
 
 def run(code: str, *, module_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
     """`code` in a fresh Python: by `-c`, or as `python -m` of a module in `module_dir` (the

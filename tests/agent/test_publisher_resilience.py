@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agent.config import MqttConfig
 from agent.publisher import Publisher
 from agent.sources import FrameQueue
 from agent.spool import Spool
 from agent.stats import ResourceStats
+
+pytestmark = pytest.mark.unit
 
 
 class ExplodingMessage:

@@ -8,6 +8,8 @@ import pytest
 
 from agent.regression import compare, mann_whitney_greater, thin
 
+pytestmark = pytest.mark.unit
+
 
 def test_mann_whitney_is_small_only_when_the_first_sample_is_larger() -> None:
     low, high = [float(i) for i in range(1, 31)], [float(i) for i in range(31, 61)]

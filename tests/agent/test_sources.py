@@ -30,6 +30,7 @@ def frame(i: int) -> Frame:
     return Frame(str(i), 0.0, 0.0)
 
 
+@pytest.mark.e2e
 def test_the_boards_tensor_of_a_png_is_the_hosts_tensor_of_the_same_test_image(
         bundle: Path, small_config: Path, tmp_path: Path) -> None:
     """The host evaluates the stand-in test set through Preprocess.batch; the board decodes
@@ -46,6 +47,7 @@ def test_the_boards_tensor_of_a_png_is_the_hosts_tensor_of_the_same_test_image(
         assert np.array_equal(board, host[i].numpy()), f"image {i} differs"
 
 
+@pytest.mark.unit
 def test_resize_policies_give_the_input_size_and_the_host_batch_runs_the_same_steps() -> None:
     prep = Preprocess((32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     wide = np.zeros((48, 96, 3), np.uint8)
@@ -63,6 +65,7 @@ def test_resize_policies_give_the_input_size_and_the_host_batch_runs_the_same_st
         assert np.array_equal(host[i].numpy(), prep.encoded(png_bytes(images[i])))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("data, problem", [
     (b"", "empty"),
     (b"garbage, not an image" * 10, "not an image of a format read here"),
@@ -79,6 +82,7 @@ def test_unusable_images_raise_one_clear_image_error(data: bytes | None, problem
         prep.encoded(data)
 
 
+@pytest.mark.unit
 def test_a_huge_image_is_refused_before_it_is_decoded() -> None:
     buf = io.BytesIO()
     Image.new("L", (10_000, 6_000)).save(buf, "PNG")  # 60 MP of zeros: a small file
@@ -86,6 +90,7 @@ def test_a_huge_image_is_refused_before_it_is_decoded() -> None:
         Preprocess((32, 32), (0.0,) * 3, (1.0,) * 3).encoded(buf.getvalue())
 
 
+@pytest.mark.unit
 def test_newest_policy_keeps_the_latest_frames_and_counts_every_drop() -> None:
     q = FrameQueue(2, "newest")
     for i in range(5):
@@ -94,6 +99,7 @@ def test_newest_policy_keeps_the_latest_frames_and_counts_every_drop() -> None:
     assert [f.source_id for f in q.take(10, 0.0)] == ["3", "4"]
 
 
+@pytest.mark.unit
 def test_refuse_policy_returns_false_and_counts_and_wait_policy_blocks_until_room() -> None:
     q = FrameQueue(1, "refuse")
     assert q.put(frame(0)) and not q.put(frame(1))
@@ -106,6 +112,7 @@ def test_refuse_policy_returns_false_and_counts_and_wait_policy_blocks_until_roo
     assert w.put(frame(2), timeout_s=0.05)
 
 
+@pytest.mark.unit
 def test_publishing_policies_every_change_and_rate() -> None:
     def top(label: str) -> list[dict[str, object]]:
         return [{"label": label, "score": 0.9}]
@@ -124,6 +131,7 @@ def test_publishing_policies_every_change_and_rate() -> None:
     assert all(folder.wanted(top("cat"), t) for t in itertools.islice(times, 5))
 
 
+@pytest.mark.unit
 def test_top_k_is_best_first_with_manifest_labels_and_the_threshold() -> None:
     probs = np.array([0.05, 0.6, 0.3, 0.05])
     p = Predictor(SourceConfig(kind="mqtt", top_k=3, min_score=0.1))
@@ -131,6 +139,7 @@ def test_top_k_is_best_first_with_manifest_labels_and_the_threshold() -> None:
                                                   {"label": "c", "score": 0.3}]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("override, message", [
     ("source.kind=folder", "source.path: source.kind folder needs source.path"),
     ("source.kind=webcam", "source.kind: must be one of random, sample, folder"),
@@ -142,6 +151,7 @@ def test_source_config_mistakes_name_the_key(override: str, message: str) -> Non
         load_config(None, [override], AgentConfig)
 
 
+@pytest.mark.unit
 def test_an_old_config_with_loop_input_is_read_as_source_kind_with_a_warning(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A board upgraded in place keeps its config.yaml: it must keep running."""

@@ -9,6 +9,8 @@ import pytest
 from agent.errors import ConfigError
 from agent.spool import ROW_OVERHEAD, Spool
 
+pytestmark = pytest.mark.unit
+
 
 class Clock:
     """A hand-driven clock, so age limits are tested without waiting."""

@@ -13,6 +13,8 @@ from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError
 from agent.untrusted import Untrusted, loads_json, loads_yaml, shown
 
+pytestmark = pytest.mark.unit
+
 MERGES = """\
 defaults: &defaults {host: broker.local, port: 1883, qos: 1}
 board: &board

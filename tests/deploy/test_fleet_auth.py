@@ -11,12 +11,15 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 import yaml
 
 from deploy.broker import mosquitto_conf
 from tests.deploy.test_fleet_update import request, results, send, signed, start_agent
 from tests.support import Agent, make_store, run_cli, signed_copy
 from tests.support.broker import Broker, Subscriber
+
+pytestmark = pytest.mark.e2e
 
 
 def restarted(current: Path, broker: Broker, tmp_path: Path, key: Path

@@ -23,6 +23,8 @@ from tests.support import ROOT, model_sha, run_cli, signed_copy, tree, wrong_log
 from tests.support.broker import Broker, Subscriber, free_port
 from tests.support.sshd import Sshd
 
+pytestmark = pytest.mark.e2e
+
 
 def fake_systemctl_restart(prefix: Path) -> str:
     """The fake of `systemctl restart edge-agent`: stop the last agent, start one detached."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from agent.command_auth import sign_command
 from deploy.keys import load_private_key
@@ -28,6 +29,8 @@ from tests.support import (
 )
 from tests.support.broker import Broker, Subscriber
 from tests.support.media import png_bytes, sample_images
+
+pytestmark = pytest.mark.e2e
 
 # Windows of 0.5 s at full rate: a trial of 3 windows takes 1.5 s. The p99 limit is loose so
 # a busy CI machine does not roll back a good update; the slow model is far beyond it.

@@ -23,6 +23,8 @@ from deploy.monitor.history import History
 from tests.support import ROOT, Agent, run_cli
 from tests.support.broker import Broker, Subscriber, free_port
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def fleet(bundle: Path, broker: Broker, tmp_path: Path) -> Iterator[dict[str, Agent]]:

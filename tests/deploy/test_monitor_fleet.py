@@ -68,6 +68,7 @@ class Monitors:
             log.close()
 
 
+@pytest.mark.e2e
 def test_once_and_check_see_every_board_and_every_slow_one_at_subscribe(tmp_path: Path) -> None:
     """10,000 boards' retained state, 30 of them slow and 2 that never sent a window: `--once`
     lists every board with its info and its last window's age the moment it subscribes, and
@@ -114,6 +115,7 @@ def test_once_and_check_see_every_board_and_every_slow_one_at_subscribe(tmp_path
         broker.stop()
 
 
+@pytest.mark.e2e
 def test_check_is_ok_only_when_it_has_judged_every_board(tmp_path: Path) -> None:
     """No slow and no silent board: OK, with the age of the data it judged by."""
     broker = Broker(tmp_path / "broker")
@@ -131,6 +133,7 @@ def test_check_is_ok_only_when_it_has_judged_every_board(tmp_path: Path) -> None
         broker.stop()
 
 
+@pytest.mark.e2e
 def test_recorders_that_open_one_new_history_file_at_once_all_get_it(tmp_path: Path) -> None:
     """Eight processes opening a history file that does not exist yet, at the same moment:
     each waits its turn to set it up and none is told the file is unusable."""
@@ -151,6 +154,7 @@ def test_recorders_that_open_one_new_history_file_at_once_all_get_it(tmp_path: P
     history.close()
 
 
+@pytest.mark.unit
 def test_history_stores_numbers_in_batches_and_prunes_in_slices(tmp_path: Path) -> None:
     """20,000 windows of 200 boards: under 150 bytes a window on disk, read back as sent,
     and the clean-up of expired rows goes through the index in bounded slices."""
@@ -193,6 +197,7 @@ def test_history_stores_numbers_in_batches_and_prunes_in_slices(tmp_path: Path) 
     history.close()
 
 
+@pytest.mark.e2e
 def test_two_recorders_of_one_share_group_store_every_window_once(tmp_path: Path) -> None:
     """`record --share g` twice on one history file: the broker splits the telemetry between
     them (both store some), and together they store every window the fleet sent, once."""
@@ -229,6 +234,7 @@ def test_two_recorders_of_one_share_group_store_every_window_once(tmp_path: Path
         h.close()
 
 
+@pytest.mark.e2e
 def test_two_serve_shards_split_the_boards_each_board_in_one_every_window_once(
         tmp_path: Path) -> None:
     """`serve --shard 0/2` and `--shard 1/2`: each board's metrics are on exactly one of the

@@ -7,8 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from deploy.monitor.paging import PAGE, Pager
+
+pytestmark = pytest.mark.unit
 
 
 class FakeClient:

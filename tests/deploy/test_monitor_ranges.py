@@ -17,6 +17,8 @@ from deploy.monitor.fleet import RANGES, Fleet, check_telemetry
 from deploy.monitor.history import History
 from tests.test_bad_input_sweep import good_telemetry
 
+pytestmark = pytest.mark.unit
+
 NUMERIC = [key for key, _, _ in RANGES]
 EXTREMES: list[Any] = [2**63, 2**64 + 1, 10**40, -(10**40), 1e300, -1e300, 1.7e308,
                        2**63 - 1, -1, 0, 1e-300, 5e-324]

@@ -41,6 +41,7 @@ def aged(folder: Path) -> None:
         os.utime(p, (old, old))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("factory,layout", [
     ("tests.support.residual_model:ResidualCNN", "val"),
     ("torchvision.models:mobilenet_v3_small", "split"),
@@ -100,6 +101,7 @@ def test_a_model_and_an_image_folder_become_a_static_int8_bundle_the_board_serve
         assert got[name]["top"] == host[got[name]["engine"]][i], name
 
 
+@pytest.mark.e2e
 def test_a_pretrained_start_offline_names_train_checkpoint(tmp_path: Path) -> None:
     """train.weights downloads torchvision's file; with no way out (a proxy that refuses),
     one line says so and how to give the weights as a file."""
@@ -127,6 +129,7 @@ def test_a_pretrained_start_offline_names_train_checkpoint(tmp_path: Path) -> No
     assert not (out / "baseline_cnn.pth").exists()
 
 
+@pytest.mark.e2e
 def test_a_frozen_backbone_trains_only_the_head(tmp_path: Path) -> None:
     """train.freeze_backbone: every weight but the classifier's is the one it started as."""
     import torch
@@ -177,6 +180,7 @@ BAD = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", list(BAD))
 def test_a_bad_folder_or_model_is_one_line_and_nothing_is_written(case: str,
                                                                    tmp_path: Path) -> None:
@@ -192,6 +196,7 @@ def test_a_bad_folder_or_model_is_one_line_and_nothing_is_written(case: str,
     assert not out.exists() or list(out.iterdir()) == [], list(out.iterdir())
 
 
+@pytest.mark.e2e
 def test_one_unreadable_image_under_the_limit_is_skipped_and_named(tmp_path: Path) -> None:
     import numpy as np
 

@@ -12,6 +12,8 @@ import torch
 from optimizer.model import SimpleCNN
 from tests.support import ROOT, run_cli
 
+pytestmark = pytest.mark.e2e
+
 TINY = ["--data", "synthetic", "--set", "data.synthetic_train=20",
         "--set", "data.synthetic_test=20"]
 

@@ -50,6 +50,7 @@ def make_archive(tmp: Path) -> tuple[Path, str]:
     return archive, hashlib.md5(archive.read_bytes()).hexdigest()
 
 
+@pytest.mark.unit
 def test_reads_the_official_python_format(tmp_path: Path) -> None:
     written = write_cifar_folder(tmp_path / data.CIFAR10_DIR)
     d = data.cifar10(tmp_path, download=False)
@@ -61,11 +62,13 @@ def test_reads_the_official_python_format(tmp_path: Path) -> None:
     assert d.train_labels.dtype == torch.int64 and d.source == "cifar10"
 
 
+@pytest.mark.unit
 def test_missing_dataset_without_download_says_how_to_fix(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="--data synthetic"):
         data.cifar10(tmp_path, download=False)
 
 
+@pytest.mark.unit
 def test_archive_with_wrong_checksum_is_refused(tmp_path: Path) -> None:
     archive, _ = make_archive(tmp_path)
     (tmp_path / "root").mkdir()
@@ -96,6 +99,7 @@ def http_root(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     server.server_close()
 
 
+@pytest.mark.e2e
 def test_download_checks_md5_then_extracts(tmp_path: Path,
                                            http_root: tuple[str, Path]) -> None:
     base, www = http_root
@@ -105,6 +109,7 @@ def test_download_checks_md5_then_extracts(tmp_path: Path,
     assert d.train_images.shape[0] == 100
 
 
+@pytest.mark.e2e
 def test_download_failure_names_the_url_and_the_offline_option(
         tmp_path: Path, http_root: tuple[str, Path]) -> None:
     base, _ = http_root
@@ -113,6 +118,7 @@ def test_download_failure_names_the_url_and_the_offline_option(
     assert list((tmp_path / "root").iterdir()) == []  # no partial download left behind
 
 
+@pytest.mark.unit
 def test_batch_file_that_unpickles_code_is_refused(tmp_path: Path) -> None:
     write_cifar_folder(tmp_path / data.CIFAR10_DIR)
     evil = io.BytesIO()
@@ -122,6 +128,7 @@ def test_batch_file_that_unpickles_code_is_refused(tmp_path: Path) -> None:
         data.cifar10(tmp_path, download=False)
 
 
+@pytest.mark.unit
 def test_truncated_batch_file_is_a_data_error(tmp_path: Path) -> None:
     write_cifar_folder(tmp_path / data.CIFAR10_DIR)
     path = tmp_path / data.CIFAR10_DIR / "data_batch_3"
@@ -130,6 +137,7 @@ def test_truncated_batch_file_is_a_data_error(tmp_path: Path) -> None:
         data.cifar10(tmp_path, download=False)
 
 
+@pytest.mark.unit
 def test_stand_in_is_deterministic_by_seed() -> None:
     a, b, c = data.synthetic(50, 20, seed=1), data.synthetic(50, 20, seed=1), \
         data.synthetic(50, 20, seed=2)
@@ -140,6 +148,7 @@ def test_stand_in_is_deterministic_by_seed() -> None:
     assert "not CIFAR-10" in a.describe()["description"]
 
 
+@pytest.mark.unit
 def test_augmentation_crops_and_flips_but_keeps_shape() -> None:
     d = data.synthetic(64, 10)
     gen = torch.Generator().manual_seed(0)
@@ -151,6 +160,7 @@ def test_augmentation_crops_and_flips_but_keeps_shape() -> None:
     assert torch.equal(y, d.train_labels)
 
 
+@pytest.mark.unit
 def test_folder_calibration_is_read_in_batches_the_same_each_time(tmp_path: Path) -> None:
     from optimizer.config import DataConfig
     from optimizer.folder import FolderData

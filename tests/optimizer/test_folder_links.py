@@ -8,9 +8,13 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from optimizer.config import DataConfig
 from optimizer.folder import FolderData
 from tests.support.image_folder import write
+
+pytestmark = pytest.mark.unit
 
 
 def scan(root: Path) -> FolderData:

@@ -16,6 +16,8 @@ from tests.support import Agent, run_cli
 from tests.support.broker import Broker, Subscriber
 from tests.support.media import host_top, png_bytes, results, sample_images, write_pngs
 
+pytestmark = pytest.mark.e2e
+
 FP32_NAMES = ("onnxruntime-fp32", "executorch-fp32")
 
 

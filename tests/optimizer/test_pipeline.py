@@ -27,6 +27,7 @@ from tests.support import copy_bundle, run_cli
 FILES = ["baseline_cnn.pth", "pruned_cnn.pth", "quantized_cnn.pt", BOARD_MODEL]
 
 
+@pytest.mark.e2e
 def test_run_writes_the_four_model_files_manifest_and_report(bundle: Path) -> None:
     for name in [*FILES, "manifest.json", "sample.pt", "report.md", "report.json",
                  "report.png"]:
@@ -34,6 +35,7 @@ def test_run_writes_the_four_model_files_manifest_and_report(bundle: Path) -> No
     assert (bundle / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.e2e
 def test_manifest_lists_every_file_with_its_true_sha256(bundle: Path) -> None:
     m = Manifest.read(bundle)
     for name in FILES:
@@ -44,6 +46,7 @@ def test_manifest_lists_every_file_with_its_true_sha256(bundle: Path) -> None:
     assert m.quantization["mode"] in quantize.MODES
 
 
+@pytest.mark.e2e
 def test_reports_say_which_data_was_used(bundle: Path) -> None:
     assert "synthetic" in (bundle / "report.md").read_text()
     assert "not CIFAR-10" in (bundle / "report.md").read_text()
@@ -69,6 +72,7 @@ def test_reports_say_which_data_was_used(bundle: Path) -> None:
         assert row["threads"] == 1 and row["throughput_ips"] > 0
 
 
+@pytest.mark.e2e
 def test_pruning_pays_in_transfer_size_not_raw_size(bundle: Path) -> None:
     rows = {r["variant"]: r for r in json.loads((bundle / "report.json").read_text())["rows"]}
     base, pruned = rows["fp32 baseline"], rows["pruned fp32"]
@@ -76,6 +80,7 @@ def test_pruning_pays_in_transfer_size_not_raw_size(bundle: Path) -> None:
     assert pruned["xz_bytes"] < 0.6 * base["xz_bytes"]
 
 
+@pytest.mark.e2e
 def test_scripted_file_embeds_metadata_for_the_board(bundle: Path) -> None:
     meta = exporting.read_metadata(bundle / BOARD_MODEL)
     assert meta["engine"] == "qnnpack" and meta["input_shape"] == [3, 32, 32]
@@ -83,6 +88,7 @@ def test_scripted_file_embeds_metadata_for_the_board(bundle: Path) -> None:
     assert meta["torch_version"] == torch.__version__
 
 
+@pytest.mark.e2e
 def test_quantized_pt_loads_with_weights_only_in_a_fresh_process(bundle: Path) -> None:
     """No pickled code: plain torch.load(weights_only=True) reads it in a new interpreter."""
     code = ("import torch,sys; p=torch.load(sys.argv[1], weights_only=True); "
@@ -93,6 +99,7 @@ def test_quantized_pt_loads_with_weights_only_in_a_fresh_process(bundle: Path) -
     assert proc.stdout.split()[0] == quantize.FORMAT
 
 
+@pytest.mark.e2e
 def test_project_loader_rebuilds_the_same_model_as_the_board_file(bundle: Path) -> None:
     module, payload = quantize.load_quantized(bundle / "quantized_cnn.pt")
     m = Manifest.read(bundle)
@@ -107,6 +114,7 @@ def test_project_loader_rebuilds_the_same_model_as_the_board_file(bundle: Path) 
     assert np.array_equal(legacy["logits"].numpy(), sample["logits"]["logits.torchscript"])
 
 
+@pytest.mark.e2e
 def test_the_onnx_file_is_int8_qdq_and_reproduces_its_sample_in_a_fresh_process(
         bundle: Path) -> None:
     import onnx
@@ -126,6 +134,7 @@ def test_the_onnx_file_is_int8_qdq_and_reproduces_its_sample_in_a_fresh_process(
     assert abs(entry["accuracy_pct"] - m.metrics["accuracy_pct"]) <= 5.0
 
 
+@pytest.mark.e2e
 def test_the_executorch_program_is_lowered_to_xnnpack_and_reproduces_its_sample(
         bundle: Path) -> None:
     """quantized_cnn.pte: listed with its sha256, int8 by PT2E, delegated to XNNPACK, and a
@@ -145,6 +154,7 @@ def test_the_executorch_program_is_lowered_to_xnnpack_and_reproduces_its_sample(
     assert abs(entry["accuracy_pct"] - m.metrics["accuracy_pct"]) <= 5.0
 
 
+@pytest.mark.e2e
 def test_fresh_process_verification_catches_a_mismatch(bundle: Path) -> None:
     m = Manifest.read(bundle)
     sample = m.load_sample(bundle)
@@ -159,6 +169,7 @@ def test_fresh_process_verification_catches_a_mismatch(bundle: Path) -> None:
                                           logits + 0.5, 1e-4)
 
 
+@pytest.mark.unit
 def test_gate_falls_back_in_order_and_records_why() -> None:
     d = synthetic(200, 100)
     x = torch.from_numpy(normalize(d.test_images.numpy(), d.mean, d.std))
@@ -177,12 +188,14 @@ def test_gate_falls_back_in_order_and_records_why() -> None:
     assert lenient.mode == "static_per_channel" and len(lenient.attempts) == 1
 
 
+@pytest.mark.unit
 def test_observer_that_never_saw_data_is_an_error() -> None:
     with pytest.raises(QuantizationError, match="saw no data"):
         quantize.quantize_static(SimpleCNN(), "qnnpack",
                                  Calibration.of(torch.zeros(0, 3, 32, 32)))
 
 
+@pytest.mark.unit
 def test_pruning_hits_the_amount_and_makes_masks_permanent() -> None:
     d = synthetic(64, 10)
     model = SimpleCNN()
@@ -199,6 +212,7 @@ def test_pruning_hits_the_amount_and_makes_masks_permanent() -> None:
     assert all(abs(v["sparsity"] - 0.5) < 0.01 for v in sparsity(per_layer)["layers"].values())
 
 
+@pytest.mark.e2e
 def test_a_dynamic_int8_bundle_passes_its_own_board_check(bundle: Path, small_config: Path,
                                                           tmp_path: Path) -> None:
     """Dynamic quantization scales activations per batch: the sample's logits must come from
@@ -223,6 +237,7 @@ def test_a_dynamic_int8_bundle_passes_its_own_board_check(bundle: Path, small_co
         check.stdout + check.stderr
 
 
+@pytest.mark.e2e
 def test_a_residual_model_without_a_fuse_list_becomes_a_static_int8_bundle_the_board_checks(
         small_config: Path, tmp_path: Path) -> None:
     """Skip connection, BatchNorm, depthwise convolution, hardswish, squeeze-excite and
@@ -253,6 +268,7 @@ def test_a_residual_model_without_a_fuse_list_becomes_a_static_int8_bundle_the_b
         check.stdout
 
 
+@pytest.mark.unit
 def test_batchnorm_statistics_are_the_training_images_own_after_a_short_run() -> None:
     d = synthetic(64, 16)
     torch.manual_seed(0)
@@ -291,6 +307,7 @@ class _SkewedAdd(torch.nn.Module):
         return self.fc((self.a(x) + self.b(x)).mean((2, 3)))
 
 
+@pytest.mark.e2e
 def test_an_int8_model_the_engine_cannot_run_fails_its_mode_and_the_gate_goes_on() -> None:
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     model = _SkewedAdd().eval()

@@ -25,6 +25,7 @@ from tests.support.residual_model import ResidualCNN
 STRUCTURED = ["--set", "prune.method=structured", "--set", "prune.finetune_epochs=1"]
 
 
+@pytest.mark.e2e
 def test_structured_run_halves_the_macs_and_the_board_file_and_the_board_checks_it(
         bundle: Path, small_config: Path, tmp_path: Path) -> None:
     """The session bundle's baseline pruned again with channels removed: MACs and parameters
@@ -77,6 +78,7 @@ def prune_in_process(model: nn.Module, cfg: PruneConfig) -> dict[str, object]:
                                         lambda m: None)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("factory, importance", [
     (lambda: ResidualCNN(10), "l2"),
     (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), "taylor")],
@@ -106,6 +108,7 @@ def test_residual_and_depthwise_models_prune_and_rebuild_from_their_structure(
         assert torch.equal(fresh.eval()(x), model.eval()(x))
 
 
+@pytest.mark.unit
 def test_a_params_target_and_channel_rounding_are_followed() -> None:
     model = ResidualCNN(10)
     s = prune_in_process(model, PruneConfig(method="structured", target_params_ratio=0.5,
@@ -117,12 +120,14 @@ def test_a_params_target_and_channel_rounding_are_followed() -> None:
     assert convs and all(m.out_channels % 4 == 0 for m in convs)
 
 
+@pytest.mark.unit
 def test_ignore_naming_no_layer_is_a_config_error_naming_it() -> None:
     with pytest.raises(ConfigError, match="prune.ignore: stem.9 is not a layer"):
         prune_in_process(ResidualCNN(10), PruneConfig(method="structured", ignore=["stem.9"],
                                                       finetune_epochs=0))
 
 
+@pytest.mark.unit
 def test_ignored_layers_keep_their_channels() -> None:
     model = ResidualCNN(10)
     first = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
@@ -132,6 +137,7 @@ def test_ignored_layers_keep_their_channels() -> None:
     assert dict(model.named_modules())[first].out_channels == before
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key, value, message", [
     ("target_macs_ratio", "1.0", "between 0 and 1"), ("target_macs_ratio", "0", "between 0"),
     ("target_params_ratio", "-0.2", "between 0 and 1"), ("importance", "random", "l1, l2"),
@@ -144,6 +150,7 @@ def test_bad_structured_settings_are_one_line_and_exit_2(key: str, value: str, m
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.e2e
 def test_ignore_naming_no_layer_stops_the_run_and_keeps_the_old_model(
         bundle: Path, small_config: Path, tmp_path: Path) -> None:
     out = copy_bundle(bundle, tmp_path)
@@ -155,6 +162,7 @@ def test_ignore_naming_no_layer_stops_the_run_and_keeps_the_old_model(
     assert not (out / structured.STRUCTURE).exists()
 
 
+@pytest.mark.e2e
 def test_a_model_that_fixes_a_layer_size_in_code_is_one_line_unless_told_to_skip(
         small_config: Path, tmp_path: Path) -> None:
     """tests/support/fixed_view_model.py (x.view(-1, 16 * 8 * 8)) stops running once conv's
@@ -185,6 +193,7 @@ def test_a_model_that_fixes_a_layer_size_in_code_is_one_line_unless_told_to_skip
     assert payload["layers"] == {} and payload["record"]["pruning"]["method"] == "none"
 
 
+@pytest.mark.e2e
 def test_a_damaged_structure_file_is_one_line(bundle: Path, tmp_path: Path) -> None:
     out = copy_bundle(bundle, tmp_path)
     (out / structured.STRUCTURE).write_text("{not json")
