@@ -88,8 +88,8 @@ def test_auto_runs_the_engine_that_passes_and_says_why_the_others_failed(
     assert proc.returncode == 0, proc.stderr
     assert "engine onnxruntime 1." in proc.stderr and "failed" in proc.stderr
     assert "not a loadable ONNX model" in proc.stderr
-    assert "engine executorch 1." in proc.stderr and "not a loadable ExecuTorch program" \
-        in proc.stderr
+    assert "engine executorch 1." in proc.stderr and "not an ExecuTorch program (no ETnn " \
+        "file identifier" in proc.stderr
     assert "running torchscript" in proc.stderr and "the only proven engine" in proc.stderr
 
 
