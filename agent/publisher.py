@@ -83,6 +83,11 @@ STALL_S = 20.0  # no pass through the publisher's loop for this long: it is stuc
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 60.0
 CONNECT_TIMEOUT_S = 3.0
+# The agent's own windows, results and changes that fail in a row before the thread gives up
+# (the runner then exits 1 for systemd to restart it): one that fails is counted and skipped,
+# but a path that fails every time would lose every window in silence. What arrives from
+# outside (requests, commands) is only ever counted and skipped.
+OWN_FAILURES_MAX = 3
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,7 @@ class Publisher(threading.Thread):
         self._request_count = 0
         self.requests_refused = 0  # requests whose properties failed their checks
         self.message_errors = 0  # messages whose handling raised (a bug): counted, skipped
+        self._own_failures = 0  # the agent's own queued items failed in a row
         self._live_seq = int(spool.get("seq.result", 1) or 1)
         self.live_unsent = 0  # live results not sent: no broker at the time
         self._spool_down = False  # the last write to the spool failed (said once)
@@ -255,7 +261,11 @@ class Publisher(threading.Thread):
                 return
             try:
                 self._take(item)
-            except Exception:  # noqa: BLE001 -- one message never stops the thread
+                self._own_failures = 0
+            except Exception:  # one message never stops the thread; a run of them does
+                self._own_failures += 1
+                if self._own_failures >= OWN_FAILURES_MAX:
+                    raise  # the agent's own path fails every time: a bug, exit 1 and restart
                 self._message_failed(f"a queued {type(item).__name__}")
 
     def _message_failed(self, what: str) -> None:
