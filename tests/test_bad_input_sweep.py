@@ -629,6 +629,9 @@ def test_bad_images_over_mqtt_get_one_answer_each_and_the_agent_lives_on(
         request.getfixturevalue("cpu_hog")
     images, _ = sample_images(bundle)
     cases = image_cases(images[0].permute(1, 2, 0).contiguous().numpy())
+    # An empty MQTT message is how a retained request is cleared: no answer, by design
+    # (tests/test_hostile_requests.py); as a file it is still an empty image.
+    del cases["empty"]
     cases["over max_image_mb"] = (b"\x89PNG" + bytes(1_100_000), "over source.max_image_mb")
     sub = Subscriber(broker.port)
     agent = Agent(bundle, broker.port, tmp_path, "source.kind=mqtt", "source.queue=256",

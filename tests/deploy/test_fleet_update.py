@@ -109,6 +109,8 @@ def test_a_signed_update_is_applied_watched_confirmed_and_reported(
         vid = f"2-{new_sha[:12]}"
         row = proc.stdout.splitlines()[1].split()
         assert row[:4] == ["testboard", f"1-{model_sha(bundle)[:12]}", vid, "confirmed"]
+        # edge-deploy saw the confirmation; this subscriber's copy may still be on its way
+        sub.wait_for(lambda: len(results(sub)) >= 2, 15, "the confirmation")
         assert [m["result"] for m in results(sub)] == ["applied", "confirmed"]
         assert os.readlink(current) == f"versions/{vid}"
         sub.wait_for(lambda: info_sha(sub) == new_sha, 10, "info naming the new model")
@@ -358,6 +360,8 @@ def test_an_idle_serving_board_still_judges_and_confirms_an_update(
         proc = deploy("update", "--device", "testboard", new, "--key", fleet_key,
                       "--timeout", "90", port=broker.port)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        # edge-deploy saw the confirmation; this subscriber's copy may still be on its way
+        sub.wait_for(lambda: len(results(sub)) >= 2, 15, "the confirmation")
         assert [m["result"] for m in results(sub)] == ["applied", "confirmed"]
         send_image = png_bytes(sample_images(tmp_path / "v2")[0][0])
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="app")
