@@ -105,9 +105,10 @@ class Bundle:
 
     def check_loads(self) -> list[str]:
         """Check that every model file loads: an ExecuTorch program's header always, and each
-        file whose runtime is installed here proven in a child process (agent/first_load.py;
-        once per file and runtime release on this machine). Returns the files not loaded for
-        want of their runtime.
+        file whose runtime is installed here loaded and run once in a child process
+        (agent/first_load.py; once per file and runtime release on this machine; the sample's
+        logits are the board's to compare). Returns the files not loaded for want of their
+        runtime.
 
         Raises:
             BundleError: a file does not load (for `edge-deploy sign`: never sign it).
@@ -125,7 +126,7 @@ class Bundle:
                 continue
             sha = hashlib.sha256(data).hexdigest()
             if not first_load.proven_before(sha, runtime, version):
-                first_load.prove_in_child(self.dir, name, 1, sha)
+                first_load.prove_in_child(self.dir, name, 1, sha, load_only=True)
                 first_load.remember(sha, runtime, version)
         return unchecked
 
@@ -156,11 +157,15 @@ class Bundle:
             return proof, self.load(engine, threads)
         return self.prove_here(engine, sample, threads)
 
-    def prove_here(self, engine: str, sample: dict[str, Any], threads: int
-                   ) -> tuple[dict[str, Any], Runner]:
-        """prove() in this process, and the runner it proved."""
+    def load_and_run_once(self, engine: str, threads: int = 1) -> tuple[Runner, float]:
+        """The file `engine` loaded and run once on a zero image at the manifest's input
+        shape; (runner, load time in ms).
+
+        Raises:
+            BundleError: it does not load, does not take the input shape, or gives another
+                output shape than the manifest's classes.
+        """
         m, path = self.manifest, self.path_of(engine)
-        entry = m.engine_entries[engine]
         t0 = time.perf_counter()
         runner = self.load(engine, threads)
         load_ms = (time.perf_counter() - t0) * 1000
@@ -173,9 +178,18 @@ class Bundle:
                 raise BundleError(f"{path}: one inference on input [1, "
                                   f"{', '.join(map(str, shape))}] failed ({first}): the model "
                                   f"does not take the manifest's input shape") from None
-            if tuple(out.shape) != (1, len(m.classes)):
-                raise BundleError(f"{path}: output shape {tuple(out.shape)}, the manifest "
-                                  f"expects (1, {len(m.classes)})")
+        if tuple(out.shape) != (1, len(m.classes)):
+            raise BundleError(f"{path}: output shape {tuple(out.shape)}, the manifest "
+                              f"expects (1, {len(m.classes)})")
+        return runner, load_ms
+
+    def prove_here(self, engine: str, sample: dict[str, Any], threads: int
+                   ) -> tuple[dict[str, Any], Runner]:
+        """prove() in this process, and the runner it proved."""
+        m, path = self.manifest, self.path_of(engine)
+        entry = m.engine_entries[engine]
+        runner, load_ms = self.load_and_run_once(engine, threads)
+        with runner.session():
             logits = np.asarray(runner(normalize(sample["images"], m.mean, m.std)))
         host = sample["logits"][str(entry["sample_logits"])]
         diff = float(np.abs(logits - host).max())

@@ -14,9 +14,10 @@ A file proven this way is remembered by its sha256, runtime and version in the c
 ~/.cache/edgeforge), so later starts prove it in the agent's own process. An unwritable
 cache only costs the child again.
 
-    python -m agent.first_load <bundle dir> <engine> <threads> <sha256>
+    python -m agent.first_load <bundle dir> <engine> <threads> <sha256> [--load-only]
         prints the proof as one JSON line and exits 0, or prints a BundleError's message and
-        exits 2; a runtime that kills the process ends it by that signal.
+        exits 2; a runtime that kills the process ends it by that signal. --load-only: load
+        the file and run one inference, without the sample's logits.
 """
 
 from __future__ import annotations
@@ -67,15 +68,18 @@ def remember(sha256: str, runtime: str, version: str) -> None:
 
 
 def prove_in_child(directory: Path, engine: str, threads: int, sha256: str,
-                   timeout_s: float = CHILD_TIMEOUT_S) -> dict[str, Any]:
-    """`Bundle.prove(engine)` run in a child process; its proof row.
+                   timeout_s: float = CHILD_TIMEOUT_S, load_only: bool = False
+                   ) -> dict[str, Any]:
+    """`Bundle.prove(engine)` run in a child process; its proof row. With `load_only`, the
+    child loads the file and runs one inference at the input shape, without comparing the
+    sample's logits (`edge-deploy sign` on a machine other than the board or the host).
 
     Raises:
         BundleError: the proof failed (the child's own message), or the runtime killed the
             child (the signal and the runtime's last log line), or it did not finish.
     """
     argv = [sys.executable, "-m", "agent.first_load", str(directory), engine, str(threads),
-            sha256]
+            sha256, *(["--load-only"] if load_only else [])]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
                               timeout=timeout_s, env={**os.environ, RAW_LOG_ENV: "1"})
@@ -88,7 +92,7 @@ def prove_in_child(directory: Path, engine: str, threads: int, sha256: str,
             proof = json.loads(out[-1])
         except ValueError:
             proof = None
-        if isinstance(proof, dict) and proof.get("status") == "proven":
+        if isinstance(proof, dict) and proof.get("status") in ("proven", "loaded"):
             return proof
     raise child_failure(proc, directory, engine)
 
@@ -125,7 +129,11 @@ def main(argv: list[str]) -> int:
                 hashlib.sha256(bundle.files[engine]).hexdigest() != sha256:
             raise BundleError(f"{directory}: the {engine} file changed while it was proven "
                               f"(copy the bundle again)")
-        proof = bundle.prove_here(engine, bundle.sample(), threads)[0]
+        if "--load-only" in argv[4:]:
+            bundle.load_and_run_once(engine, threads)
+            proof = {"engine": engine, "status": "loaded"}
+        else:
+            proof = bundle.prove_here(engine, bundle.sample(), threads)[0]
     except BundleError as exc:
         print(str(exc).replace("\n", " "))
         return 2

@@ -427,14 +427,14 @@ class Publisher(threading.Thread):
                 ) -> None:
         """An image on <id>/infer[/<request_id>]: onto the loop's queue, or a busy answer.
 
-        A retained request is answered once: every request's marker (topic and payload
-        digest) is spooled with its result, and the broker's retained copy of one already
-        answered (at any later connect) is skipped. MQTT 5 subscriptions keep the retain
-        flag as published, so only retained requests are marked; over MQTT 3.1.1 a live
-        delivery loses it, so every request is marked. An empty payload is the MQTT way to
-        clear a retained request: it is not a request and gets no answer. The request's
-        properties are checked first (agent/infer_request.py): one that fails is answered
-        on <id>/result alone, its error naming the reason.
+        A retained request is answered once: its marker (topic and payload digest) is
+        spooled with its result, and the broker's retained copy of one already answered (at
+        any later connect) is skipped. The MQTT 5 subscription keeps the retain flag as
+        published, so a request published retained while the agent runs is marked too;
+        over MQTT 3.1.1 a live delivery loses the flag, so every request is marked. An empty
+        payload is the MQTT way to clear a retained request: it is not a request and gets no
+        answer. The request's properties are checked first (agent/infer_request.py): one
+        that fails is answered on <id>/result alone, its error naming the reason.
         """
         assert self.requests is not None
         if not payload:
