@@ -11,7 +11,6 @@ runner (`load`).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import engines, first_load
 from agent.engines import TORCHSCRIPT, Runner
+from agent.engines.executorch import check_header
 from agent.errors import BundleError
 from agent.manifest import MANIFEST, Manifest, embedded_metadata, manifest_bytes
 from agent.preprocess import normalize
@@ -113,8 +113,6 @@ class Bundle:
         Raises:
             BundleError: a file does not load (for `edge-deploy sign`: never sign it).
         """
-        from agent.engines.executorch import check_header
-
         unchecked = []
         for name, data in self.files.items():
             runtime = engines.engine_of(name)
@@ -123,11 +121,8 @@ class Bundle:
             version = engines.installed(runtime)
             if version is None:
                 unchecked.append(name)
-                continue
-            sha = hashlib.sha256(data).hexdigest()
-            if not first_load.proven_before(sha, runtime, version):
-                first_load.prove_in_child(self.dir, name, 1, sha, load_only=True)
-                first_load.remember(sha, runtime, version)
+            else:
+                first_load.prove_once(self.dir, name, data, runtime, version, 1, load_only=True)
         return unchecked
 
     def sample(self) -> dict[str, Any]:
@@ -149,11 +144,9 @@ class Bundle:
         runtime release is proven in a child process first (agent/first_load.py): a file
         that kills its runtime costs the child, not this process."""
         runtime = engines.engine_of(engine)
-        sha = hashlib.sha256(self.files[engine]).hexdigest()
-        version = engines.installed(runtime) or "unknown"
-        if not first_load.proven_before(sha, runtime, version):
-            proof = first_load.prove_in_child(self.dir, engine, threads, sha)
-            first_load.remember(sha, runtime, version)
+        proof = first_load.prove_once(self.dir, engine, self.files[engine], runtime,
+                                      engines.installed(runtime) or "unknown", threads)
+        if proof is not None:
             return proof, self.load(engine, threads)
         return self.prove_here(engine, sample, threads)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.errors import ConfigError
-from agent.untrusted import Untrusted, loads_yaml, read_regular, shown
+from agent.untrusted import NotYAML, Untrusted, loads_yaml, read_regular, shown
 
 MAX_CONFIG_BYTES = 1_000_000  # config.yaml is a few kB; anything larger is not a config
 
@@ -433,25 +433,22 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
         return section, key, None
     if not text.strip():
         raise ConfigError(f"--set {shown(item)}: no value (write {dotted.strip()}=null for "
-                          f"none, "
-                          f"or quote an empty string: {dotted.strip()}='\"\"')")
+                          f"none, or quote an empty string: {dotted.strip()}='\"\"')")
     try:
         value = loads_yaml(text, f"--set {shown(item)}")
-    except Untrusted as exc:
-        if "not valid YAML" not in str(exc):
-            raise ConfigError(str(exc)) from None
+    except NotYAML:
         value = text  # not YAML: take the text as a string and let the type check decide
+    except Untrusted as exc:
+        raise ConfigError(str(exc)) from None
     if "#" in text and not (isinstance(value, str) and "#" in value):
         # YAML starts a comment at "#": what follows it would be dropped without a word
         read = "nothing" if value is None else repr(value)
         raise ConfigError(f"--set {shown(item)}: YAML reads {shown(text.strip())} as {read} "
-                          f"(a '#' "
-                          f"starts a comment): quote the value, e.g. "
+                          f"(a '#' starts a comment): quote the value, e.g. "
                           f"{dotted.strip()}='\"{text.strip()}\"'")
     if value is None:
         raise ConfigError(f"--set {shown(item)}: YAML reads {shown(text.strip())} as null: "
-                          f"write null "
-                          f"if that is meant, or quote the value")
+                          f"write null if that is meant, or quote the value")
     return section, key, value
 
 

@@ -67,6 +67,22 @@ def remember(sha256: str, runtime: str, version: str) -> None:
         pass
 
 
+def prove_once(directory: Path, engine: str, data: bytes, runtime: str, version: str,
+               threads: int, load_only: bool = False) -> dict[str, Any] | None:
+    """`prove_in_child` the first time this file meets this runtime release on this machine
+    (remembered once it comes through); None when it already has.
+
+    Raises:
+        BundleError: as prove_in_child.
+    """
+    sha = hashlib.sha256(data).hexdigest()
+    if proven_before(sha, runtime, version):
+        return None
+    proof = prove_in_child(directory, engine, threads, sha, load_only=load_only)
+    remember(sha, runtime, version)
+    return proof
+
+
 def prove_in_child(directory: Path, engine: str, threads: int, sha256: str,
                    timeout_s: float = CHILD_TIMEOUT_S, load_only: bool = False
                    ) -> dict[str, Any]:

@@ -172,6 +172,8 @@ def _check_fields(raw: dict[str, Any], origin: str) -> None:
         problems.append("engine must be a name")
     engines = raw.get("engines", {})
     files = raw.get("files") or {}
+    quantization = raw.get("quantization")
+    mode = quantization.get("mode") if isinstance(quantization, dict) else None
     if not isinstance(engines, dict):
         problems.append("engines must map engine names to their files")
     else:
@@ -187,8 +189,6 @@ def _check_fields(raw: dict[str, Any], origin: str) -> None:
                 continue
             precision = entry.get("precision")
             fp32_name = name.endswith("-fp32")
-            mode = (raw.get("quantization") or {}).get("mode") \
-                if isinstance(raw.get("quantization"), dict) else None
             if precision is not None and (
                     (fp32_name and precision != "fp32")
                     or (not fp32_name and precision == "fp32" and mode != "fp32")):

@@ -53,6 +53,10 @@ class TooLarge(Untrusted):
     """A file larger than its limit."""
 
 
+class NotYAML(Untrusted):
+    """Text that does not parse as YAML at all."""
+
+
 def read_regular(path: Path | str, limit: int, what: str = "file") -> bytes:
     """The bytes of regular file `path` (symlinks followed), refused if larger than `limit`.
 
@@ -139,7 +143,6 @@ def loads_json(data: bytes | str, what: str = "payload", max_bytes: int = MAX_JS
         raise Untrusted(f"{what} is not JSON ({exc})") from None
 
 
-
 class _LongInt(Exception):
     def __init__(self, digits: int) -> None:
         super().__init__(digits)
@@ -219,9 +222,6 @@ def expanded_size(root: yaml.Node, limit: int) -> int:
             continue
         if key in sizes:
             continue
-        if key in open_:
-            raise Untrusted(f"an alias at line {node.start_mark.line + 1} refers to a "
-                            f"collection that contains it; write the values out")
         open_.add(key)
         stack.append((node, True))
         for child in _children(node):
@@ -246,8 +246,9 @@ def loads_yaml(text: str, what: str = "YAML", max_nodes: int = MAX_YAML_NODES) -
     expand past `max_nodes` values (checked on the composed graph, before construction).
 
     Raises:
-        Untrusted: not valid YAML (with its line), a key given twice, an alias bomb, a
-            collection that contains itself, or nested too deeply to compose.
+        NotYAML: not valid YAML (with its line).
+        Untrusted: a key given twice, an alias bomb, a collection that contains itself, or
+            nested too deeply to compose.
     """
     loader = StrictLoader(text)
     try:
@@ -262,7 +263,7 @@ def loads_yaml(text: str, what: str = "YAML", max_nodes: int = MAX_YAML_NODES) -
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise Untrusted(f"{what}: not valid YAML{where} ({problem[:200]})") from None
+        raise NotYAML(f"{what}: not valid YAML{where} ({problem[:200]})") from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise Untrusted(f"{what}: nested too deeply to be a config file") from None
     except ValueError as exc:  # an integer past Python's 4,300-digit conversion limit

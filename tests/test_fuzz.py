@@ -115,6 +115,17 @@ def malformed_json(count: int, rng: random.Random) -> list[bytes]:
     return out
 
 
+def monitor_listens(pub: mqtt.Client, port: int) -> None:
+    """Publish a good window until `serve` on metrics `port` counts it: its subscription is
+    in place."""
+    wait(lambda: metrics(port) != "", 30, "the metrics endpoint")
+    probe = json.dumps(good_telemetry("probe-board")).encode()
+    until_answered(lambda n: pub.publish("edgeforge/probe-board/telemetry", probe, qos=1)
+                   .wait_for_publish(10),
+                   lambda: 'edgeforge_monitor_windows_total{device="probe-board"' in
+                   metrics(port))
+
+
 def rss_mb(pid: int) -> float:
     return float(psutil.Process(pid).memory_info().rss) / 1e6
 
@@ -133,7 +144,6 @@ def test_a_running_agent_and_monitor_live_through_generated_malformed_inputs(
                   "loop.window_s=2")
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fuzzer")
     try:
-        wait(lambda: metrics(port) != "", 30, "the metrics endpoint")
         pub.connect("127.0.0.1", broker.port)
         pub.loop_start()
 
@@ -146,11 +156,7 @@ def test_a_running_agent_and_monitor_live_through_generated_malformed_inputs(
             return len(ours("/result"))
 
         # every subscription in place first: the agent's requests and commands, the monitor's
-        probe = json.dumps(good_telemetry("probe-board")).encode()
-        until_answered(lambda n: pub.publish("edgeforge/probe-board/telemetry", probe, qos=1)
-                       .wait_for_publish(10),
-                       lambda: 'edgeforge_monitor_windows_total{device="probe-board"' in
-                       metrics(port))
+        monitor_listens(pub, port)
         until_answered(lambda n: pub.publish(f"edgeforge/testboard/infer/probe-{n}",
                                              pictures[0], qos=1).wait_for_publish(10),
                        lambda: len(sub.on("/result")) > 0)
@@ -339,14 +345,9 @@ def test_record_serve_and_once_live_through_random_telemetry_from_2000_devices(
                         "record")
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="telemetry-fuzzer")
     try:
-        wait(lambda: metrics(port) != "", 30, "the metrics endpoint")
         pub.connect("127.0.0.1", broker.port)
         pub.loop_start()
-        probe = json.dumps(good_telemetry("probe-board")).encode()
-        until_answered(lambda n: pub.publish("edgeforge/probe-board/telemetry", probe, qos=1)
-                       .wait_for_publish(10),
-                       lambda: 'edgeforge_monitor_windows_total{device="probe-board"' in
-                       metrics(port))
+        monitor_listens(pub, port)
         wait(lambda: history.exists(), 30, "the history file")
         now = time.time()
         for i in range(TELEMETRY):

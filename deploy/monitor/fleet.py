@@ -30,16 +30,16 @@ from agent.telemetry import (
     decode_telemetry,
 )
 from agent.untrusted import loads_json, shown
+from deploy.monitor.history import INTEGER_MAX  # what its columns (and Prometheus) hold
 
 HOUR_MS = 3_600_000.0
-COUNTER_MAX = 2**63 - 1  # what SQLite's INTEGER and Prometheus' counters hold
 MAX_CORES = 1024  # a process's CPU percent is 0-100 per core
 # What a real board can send: (key, lowest, highest) for every numeric telemetry and summary
 # key. Outside it a value is a bug or a forgery, and is refused (counted for its device), so
 # nothing stored, shown or exported can overflow.
 RANGES = (
-    ("seq", 0, COUNTER_MAX), ("ts", 0, 1e11), ("window_s", 0, 86_400.0),
-    ("batch_size", 1, 1 << 20), ("inferences", 0, COUNTER_MAX), ("throughput_ips", 0, 1e7),
+    ("seq", 0, INTEGER_MAX), ("ts", 0, 1e11), ("window_s", 0, 86_400.0),
+    ("batch_size", 1, 1 << 20), ("inferences", 0, INTEGER_MAX), ("throughput_ips", 0, 1e7),
     *((key, 0, HOUR_MS) for key in (
         "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_max_ms",
         "latency_mean_ms", "capture_p50_ms", "preprocess_p50_ms", "preprocess_p99_ms",
@@ -48,7 +48,7 @@ RANGES = (
     ("rss_mb", 0, 1024.0 * 1024), ("mem_percent", 0, 100.0), ("load_1m", 0, 1e6),
     ("soc_temp_c", -40.0, 150.0), ("cpu_freq_mhz", 0, 100_000.0), ("throttled", 0, 2**32 - 1),
     ("accuracy_pct", 0, 100.0),
-    *((key, 0, COUNTER_MAX) for key in (
+    *((key, 0, INTEGER_MAX) for key in (
         "spool_depth", "dropped_total", "frames_in", "frames_dropped", "frames_failed",
         "results_published")),
 )

@@ -71,16 +71,13 @@ INTEGER_MAX = 2**63 - 1  # SQLite's INTEGER
 def _fixed(value: Any, scale: int) -> int | None:
     if value is None:
         return None
-    if isinstance(value, int):  # exact: a float would round 2**63 - 1 up past the limit
-        scaled_int = int(value) * scale
-    else:
-        scaled = float(value) * scale
-        if not -(2.0**63) < scaled < 2.0**63:  # NaN fails too
-            raise ValueError(f"{value!r:.40} does not fit a history column (x{scale})")
-        scaled_int = int(round(scaled))
-    if not -INTEGER_MAX <= scaled_int <= INTEGER_MAX:
+    try:  # an int stays exact: as a float, 2**63 - 1 would round up past the limit
+        scaled = value * scale if isinstance(value, int) else round(float(value) * scale)
+    except (OverflowError, ValueError):  # infinity, NaN
+        scaled = None
+    if scaled is None or not -INTEGER_MAX <= scaled <= INTEGER_MAX:
         raise ValueError(f"{value!r:.40} does not fit a history column (x{scale})")
-    return scaled_int
+    return int(scaled)
 
 
 class History:
